@@ -1,0 +1,134 @@
+"""The tiny BGE-M3 stand-in: an XLM-RoBERTa-shaped checkpoint built offline and deterministically.
+
+It has BGE-M3's architecture and files (config, safetensors weights, XLM-R special tokens,
+``colbert_linear.pt``, ``sparse_linear.pt``) at toy dimensions, so FlagEmbedding's own loading and
+training code runs on it unchanged on a CPU. ``resolve_model`` makes choosing it one argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REAL_MODEL = "BAAI/bge-m3"
+STANDIN = "tiny-bge-m3"  # the name users pass instead of "BAAI/bge-m3"
+
+# BGE-M3's geometry, for reference and for the predictor: XLM-RoBERTa-large with 8194 positions.
+BGE_M3_CONFIG = dict(
+    vocab_size=250_002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1,
+    pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+)
+
+# The stand-in keeps everything but the sizes; max_position_embeddings stays 8194 so that the
+# long-context lessons can run on it too.
+STANDIN_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+STANDIN_VOCAB_SIZE = 4000  # SentencePiece pieces; the tokenizer adds <s>, <pad>, </s>, <mask>
+SPECIAL_TOKEN_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # XLM-R's; <mask> is the last id
+SEED = 0
+BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are rebuilt
+
+
+def _corpus_texts(corpus_path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in corpus_path.read_text(encoding="utf-8").splitlines()]
+
+
+def default_corpus_path() -> Path:
+    from m3lab.sample_data import DATA_DIR
+
+    return DATA_DIR / "corpus.jsonl"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("M3LAB_CACHE", Path.home() / ".cache" / "m3lab"))
+
+
+def _train_tokenizer(texts: list[str], workdir: Path):
+    """An XLM-R tokenizer over a SentencePiece Unigram model trained on the bundled corpus.
+
+    SentencePiece is what XLM-R's own tokenizer was trained with; with one thread it learns the
+    same model every time (the ``tokenizers`` Unigram trainer does not: tie-scored pieces come out
+    in hash order). ``XLMRobertaTokenizerFast`` then adds XLM-R's fairseq numbering, <s>=0,
+    <pad>=1, </s>=2, <unk>=3, <mask> last, and converts it to a ``tokenizers`` fast tokenizer.
+    """
+    import sentencepiece
+    from transformers import XLMRobertaTokenizerFast
+
+    model_file = workdir / "sentencepiece.bpe.model"  # the file name XLM-R checkpoints use
+    with model_file.open("wb") as handle:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=handle, vocab_size=STANDIN_VOCAB_SIZE,
+            model_type="unigram", character_coverage=1.0, num_threads=1, max_sentence_length=1 << 20,
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2,
+        )
+    return XLMRobertaTokenizerFast(
+        vocab_file=str(model_file), model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2
+    )
+
+
+def build(target: Path, corpus_path: Path | None = None) -> Path:
+    """Build the stand-in checkpoint into ``target`` (which must not exist) and return it."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    target = Path(target)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; pass a new folder or delete it first.")
+    texts = _corpus_texts(corpus_path or default_corpus_path())
+
+    staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None,
+                                    prefix=f".{target.name}."))
+    try:
+        tokenizer = _train_tokenizer(texts, staging)
+        config = XLMRobertaConfig(**{**BGE_M3_CONFIG, **STANDIN_SIZES, "vocab_size": len(tokenizer)})
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(SEED)
+        try:
+            model = XLMRobertaModel(config, add_pooling_layer=True)
+            colbert_linear = torch.nn.Linear(config.hidden_size, config.hidden_size)
+            sparse_linear = torch.nn.Linear(config.hidden_size, 1)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        torch.save(colbert_linear.state_dict(), staging / "colbert_linear.pt")
+        torch.save(sparse_linear.state_dict(), staging / "sparse_linear.pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _cache_key(corpus_path: Path) -> str:
+    digest = hashlib.sha256(corpus_path.read_bytes())
+    digest.update(json.dumps([STANDIN_SIZES, STANDIN_VOCAB_SIZE, SEED, BUILD_VERSION]).encode())
+    return digest.hexdigest()[:12]
+
+
+def standin_path(cache_dir: Path | None = None, corpus_path: Path | None = None) -> Path:
+    """The cached stand-in checkpoint, built on first use."""
+    corpus_path = corpus_path or default_corpus_path()
+    target = (cache_dir or default_cache_dir()) / f"{STANDIN}-{_cache_key(corpus_path)}"
+    if not target.exists():
+        try:
+            build(target, corpus_path)
+        except FileExistsError:  # another process built it meanwhile
+            pass
+    return target
+
+
+def resolve_model(model: str) -> str:
+    """What FlagEmbedding's ``--model_name_or_path`` gets for ``model``: a hub id, a folder, or the stand-in."""
+    if model == STANDIN:
+        return str(standin_path())
+    return model
+
+
+def is_standin(model: str) -> bool:
+    return model == STANDIN or Path(model).name.startswith(STANDIN + "-")
