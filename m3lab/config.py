@@ -1,0 +1,318 @@
+"""The training configuration: FlagEmbedding M3's knobs as one typed object, checked before launch.
+
+From a ``TrainConfig`` m3lab renders the exact ``torchrun -m FlagEmbedding...m3`` command line and
+the DeepSpeed JSON it names; both print as they are and can be copied into a project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3lab.standin import REAL_MODEL, STANDIN
+
+FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
+DEFAULT_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "data" / "train.jsonl")
+# FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
+# ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
+REDUCE_BUCKET_SIZE = 500_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run as asked; the message lists every problem and its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("This training configuration cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the launch will run on, as far as the configuration checks care."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    supports_bf16: bool = False
+
+    @classmethod
+    def detect(cls) -> "Hardware":
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls()
+        return cls("cuda", torch.cuda.get_device_name(0), torch.cuda.device_count(), torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class TrainConfig:
+    """FlagEmbedding M3 fine-tuning arguments, named as FlagEmbedding names them."""
+
+    model: str = REAL_MODEL  # a hub id, a local folder, or "tiny-bge-m3" for the offline stand-in
+    train_data: list[str] = field(default_factory=lambda: [DEFAULT_TRAIN_DATA])
+    train_group_size: int = 8
+    query_max_len: int = 512
+    passage_max_len: int = 512
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    warmup_ratio: float = 0.1
+    fp16: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed_stage: int | None = 0  # None: no DeepSpeed (plain HF Trainer / DDP)
+    offload_optimizer: bool = False
+    reduce_bucket_size: int = REDUCE_BUCKET_SIZE  # elements; ZeRO 1/2 gradient bucket
+    deepspeed_config_file: str | None = None  # your own JSON instead of the rendered one
+    fix_encoder: bool = False
+    negatives_cross_device: bool = False
+    same_dataset_within_batch: bool = False
+    unified_finetuning: bool = True
+    use_self_distill: bool = False
+    self_distill_start_step: int = 0
+    knowledge_distillation: bool = False
+    temperature: float = 0.02
+    pad_to_multiple_of: int | None = None
+    num_processes: int = 1
+    seed: int = 42
+    logging_steps: int = 1
+    dataloader_drop_last: bool = True
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def upstream_example(cls, **changes) -> "TrainConfig":
+        """FlagEmbedding's own M3 example (examples/finetune/embedder/encoder_only/m3.sh), on one GPU."""
+        return cls(**{**dict(
+            train_group_size=8, query_max_len=512, passage_max_len=512, per_device_train_batch_size=2,
+            fp16=True, gradient_checkpointing=True, deepspeed_stage=0, num_train_epochs=2,
+            unified_finetuning=True, use_self_distill=True, self_distill_start_step=0,
+            pad_to_multiple_of=8, same_dataset_within_batch=True,
+        ), **changes})
+
+    @classmethod
+    def common_t4_advice(cls, **changes) -> "TrainConfig":
+        """The advice usually given for a T4 (see FlagEmbedding issue #1218 and the README)."""
+        return cls(**{**dict(
+            train_group_size=6, query_max_len=64, passage_max_len=392, per_device_train_batch_size=1,
+            fp16=True, gradient_checkpointing=True, deepspeed_stage=1, negatives_cross_device=False,
+            unified_finetuning=True, use_self_distill=True, same_dataset_within_batch=True,
+        ), **changes})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- checks --------------------------------------------------------------------------
+    def problems(self, hardware: Hardware | None = None) -> list[str]:
+        """Every reason this configuration would fail or silently not do what it says."""
+        found: list[str] = []
+        positive = ["train_group_size", "query_max_len", "passage_max_len", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "num_processes", "logging_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                found.append(f"{name} is {getattr(self, name)}; it must be at least 1.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            found.append("Set max_steps > 0 or num_train_epochs > 0: as given, nothing would train.")
+        if self.learning_rate <= 0:
+            found.append(f"learning_rate is {self.learning_rate}; it must be positive.")
+        if self.fp16 and self.bf16:
+            found.append("fp16 and bf16 are both on; choose one (a T4 can only do fp16).")
+        if self.fix_encoder and not self.unified_finetuning:
+            found.append("fix_encoder freezes everything but colbert_linear and sparse_linear, and with "
+                         "unified_finetuning off those heads do not exist: nothing would train. Turn "
+                         "unified_finetuning on, or fix_encoder off.")
+        if self.use_self_distill and not self.unified_finetuning:
+            found.append("use_self_distill needs unified_finetuning (it distils the dense/sparse/ColBERT "
+                         "ensemble); turn unified_finetuning on or use_self_distill off.")
+        if self.negatives_cross_device and self.num_processes == 1:
+            found.append("negatives_cross_device shares negatives between processes, and with "
+                         "num_processes=1 there are none to share: it has no effect. Turn it off, or "
+                         "run 2+ processes.")
+        if self.deepspeed_stage is not None and self.deepspeed_stage not in (0, 1, 2):
+            found.append(f"deepspeed_stage is {self.deepspeed_stage}; m3lab renders stages 0, 1 and 2 "
+                         "(or None for no DeepSpeed).")
+        if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
+            found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
+        if self.deepspeed_config_file is not None:
+            if self.deepspeed_stage is None:
+                found.append("deepspeed_config_file is set but deepspeed_stage is None; set the stage "
+                             "your JSON uses.")
+            else:
+                found += self._deepspeed_file_problems(Path(self.deepspeed_config_file))
+        if hardware is not None:
+            found += self._hardware_problems(hardware)
+        return found
+
+    def check(self, hardware: Hardware | None = None) -> None:
+        """Raise ConfigError listing every problem, or return quietly."""
+        found = self.problems(hardware)
+        if found:
+            raise ConfigError(found)
+
+    def _hardware_problems(self, hw: Hardware) -> list[str]:
+        found = []
+        if hw.device == "cpu":
+            if self.fp16 or self.bf16:
+                found.append("fp16/bf16 mixed precision needs a CUDA GPU, and this machine has none; "
+                             "set fp16=False and bf16=False for a CPU run.")
+        else:
+            if self.bf16 and not hw.supports_bf16:
+                found.append(f"bf16 is on but {hw.gpu_name} has no bf16 (a T4 is sm75); use fp16=True instead.")
+            if self.num_processes > hw.gpu_count:
+                found.append(f"num_processes is {self.num_processes} but this machine has {hw.gpu_count} "
+                             f"GPU(s); lower num_processes to {hw.gpu_count}.")
+        return found
+
+    def _deepspeed_file_problems(self, path: Path) -> list[str]:
+        if not path.is_file():
+            return [f"deepspeed_config_file {path} does not exist; give the path of a DeepSpeed JSON."]
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            return [f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file."]
+        found = []
+        expected = self._batch_figures()
+        for key, value in expected.items():
+            given = ds.get(key, "auto")
+            if given != "auto" and given != value:
+                found.append(f"{path}: {key} is {given} but this configuration gives {value}; write "
+                             f'"auto" or {value}.')
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage != self.deepspeed_stage:
+            found.append(f"{path}: zero_optimization.stage is {stage} but deepspeed_stage is "
+                         f"{self.deepspeed_stage}; make them agree.")
+        for precision in ("fp16", "bf16"):
+            enabled = ds.get(precision, {}).get("enabled", False)
+            if enabled not in ("auto", getattr(self, precision)):
+                found.append(f"{path}: {precision}.enabled is {enabled} but {precision}={getattr(self, precision)}; "
+                             'write "auto" or make them agree.')
+        return found
+
+    def _batch_figures(self) -> dict[str, int]:
+        return {
+            "train_micro_batch_size_per_gpu": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "train_batch_size": self.per_device_train_batch_size * self.gradient_accumulation_steps
+            * self.num_processes,
+        }
+
+    # ---- rendering ------------------------------------------------------------------------
+    def deepspeed_config(self) -> dict | None:
+        """The DeepSpeed JSON for this configuration (None without DeepSpeed).
+
+        Batch figures are written out, not "auto", and train_batch_size is left for DeepSpeed to
+        compute (micro x accumulation x processes): on multi-process CPU runs HF fills "auto" and
+        checks an explicit figure with a world size of 1, and either way the launch fails.
+        """
+        if self.deepspeed_stage is None:
+            return None
+        zero: dict = {"stage": self.deepspeed_stage}
+        if self.deepspeed_stage >= 1:
+            zero.update(reduce_bucket_size=self.reduce_bucket_size, allgather_bucket_size=self.reduce_bucket_size,
+                        overlap_comm=False, contiguous_gradients=True)
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        figures = self._batch_figures()
+        return {
+            "train_micro_batch_size_per_gpu": figures["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": figures["gradient_accumulation_steps"],
+            "zero_optimization": zero,
+            "fp16": {"enabled": self.fp16, "loss_scale": 0, "loss_scale_window": 1000,
+                     "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1},
+            "bf16": {"enabled": self.bf16},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                      "weight_decay": "auto", "torch_adam": True}},
+            # An offloaded optimizer is an ordinary torch AdamW on the CPU; DeepSpeed's compiled
+            # CPUAdam is faster but needs a build step that Colab does not always survive.
+            **({"zero_force_ds_cpu_optimizer": False} if self.offload_optimizer else {}),
+            "gradient_clipping": "auto",
+            "steps_per_print": 100,
+            "wall_clock_breakdown": False,
+        }
+
+    def deepspeed_json(self) -> str | None:
+        ds = self.deepspeed_config()
+        return None if ds is None else json.dumps(ds, indent=2) + "\n"
+
+    def flagembedding_args(self, output_dir: str, deepspeed_json_path: str | None = None,
+                           model_path: str | None = None) -> list[str]:
+        """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3``."""
+        def flag(value: bool) -> str:
+            return "True" if value else "False"
+
+        args = ["--model_name_or_path", model_path or self.model,
+                "--train_data", *self.train_data,
+                "--train_group_size", str(self.train_group_size),
+                "--query_max_len", str(self.query_max_len),
+                "--passage_max_len", str(self.passage_max_len)]
+        if self.pad_to_multiple_of:
+            args += ["--pad_to_multiple_of", str(self.pad_to_multiple_of)]
+        args += ["--knowledge_distillation", flag(self.knowledge_distillation),
+                 "--same_dataset_within_batch", flag(self.same_dataset_within_batch),
+                 "--output_dir", output_dir,
+                 "--learning_rate", f"{self.learning_rate:g}",
+                 "--per_device_train_batch_size", str(self.per_device_train_batch_size),
+                 "--gradient_accumulation_steps", str(self.gradient_accumulation_steps)]
+        if self.max_steps > 0:
+            args += ["--max_steps", str(self.max_steps)]
+        else:
+            args += ["--num_train_epochs", f"{self.num_train_epochs:g}"]
+        args += ["--warmup_ratio", f"{self.warmup_ratio:g}",
+                 "--fp16", flag(self.fp16),
+                 "--bf16", flag(self.bf16),
+                 "--gradient_checkpointing", flag(self.gradient_checkpointing),
+                 "--dataloader_drop_last", flag(self.dataloader_drop_last)]
+        if self.deepspeed_stage is not None:
+            args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path
+                     or f"ds_stage{self.deepspeed_stage}.json"]
+        args += ["--logging_steps", str(self.logging_steps),
+                 "--save_strategy", "no",
+                 "--seed", str(self.seed),
+                 "--report_to", "none",
+                 "--negatives_cross_device", flag(self.negatives_cross_device),
+                 "--temperature", f"{self.temperature:g}",
+                 "--sentence_pooling_method", "cls",
+                 "--normalize_embeddings", "True",
+                 "--kd_loss_type", "m3_kd_loss",
+                 "--unified_finetuning", flag(self.unified_finetuning),
+                 "--use_self_distill", flag(self.use_self_distill),
+                 "--self_distill_start_step", str(self.self_distill_start_step),
+                 "--fix_encoder", flag(self.fix_encoder)]
+        return args
+
+    def command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
+                model_path: str | None = None, module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
+        """The torchrun command line as a list of arguments."""
+        return ["torchrun", "--standalone", "--nproc_per_node", str(self.num_processes), "-m", module,
+                *self.flagembedding_args(output_dir, deepspeed_json_path, model_path)]
+
+    def shell_command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
+                      model_path: str | None = None) -> str:
+        """The command as you would type it: one option per line, quoted where the shell needs it."""
+        return format_command(self.command(output_dir, deepspeed_json_path, model_path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def format_command(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """``argv`` as a shell command: the launcher on the first line, then one option per line."""
+    lines: list[list[str]] = []
+    current = [f"{key}={shlex.quote(value)}" for key, value in (env or {}).items()]
+    after_module = False
+    for arg in argv:
+        if current and (arg == "-m" or (after_module and arg.startswith("--"))):
+            lines.append(current)
+            current = []
+        after_module = after_module or arg == "-m"
+        current.append(shlex.quote(arg))
+    lines.append(current)
+    return " \\\n    ".join(" ".join(line) for line in lines)
+
+
+__all__ = ["TrainConfig", "ConfigError", "Hardware", "format_command", "FLAGEMBEDDING_M3_MODULE", "STANDIN",
+           "REAL_MODEL"]
