@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from m3lab.standin import REAL_MODEL, STANDIN
+from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
 DEFAULT_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "data" / "train.jsonl")
@@ -244,7 +244,7 @@ class TrainConfig:
         def flag(value: bool) -> str:
             return "True" if value else "False"
 
-        args = ["--model_name_or_path", model_path or self.model,
+        args = ["--model_name_or_path", model_path or resolve_model(self.model),
                 "--train_data", *self.train_data,
                 "--train_group_size", str(self.train_group_size),
                 "--query_max_len", str(self.query_max_len),

@@ -204,7 +204,7 @@ def token_lengths(texts: list[str], tokenizer, batch_size: int = 256) -> np.ndar
 
 
 def _stats(name: str, lengths: np.ndarray, max_len: int | None) -> TokenLengthStats:
-    p50, p90, p95, p99 = (int(np.percentile(lengths, q, method="higher")) for q in (50, 90, 95, 99))
+    p50, p90, p95, p99 = (int(np.percentile(lengths, q, method="inverted_cdf")) for q in (50, 90, 95, 99))
     cut = 0.0 if max_len is None else float(np.clip(lengths - max_len, 0, None).sum() / lengths.sum())
     share = 0.0 if max_len is None else float((lengths > max_len).mean())
     return TokenLengthStats(name, int(lengths.size), p50, p90, p95, p99, int(lengths.max()), max_len, share, cut)

@@ -52,7 +52,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.limit_bytes = limit_bytes
         self._refs: dict[int, weakref.ref] = {}
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
+            if issubclass(type(obj), torch.Tensor):  # isinstance would poke lazy deprecated modules
                 self._see_all([obj])
         for root in roots:
             self._see_all([root, getattr(root, "grad", None)])

@@ -136,9 +136,9 @@ class TrainResult:
         return data
 
 
-def _new_run_dir(run_dir: str | os.PathLike | None) -> Path:
+def _new_run_dir(run_dir: str | os.PathLike | None, runs_root: str | os.PathLike | None = None) -> Path:
     if run_dir is None:
-        root = Path(os.environ.get(RUNS_DIR_ENV, "runs"))
+        root = Path(runs_root or os.environ.get(RUNS_DIR_ENV, "runs"))
         run_dir = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -175,9 +175,13 @@ def _read_ranks(run_dir: Path) -> list[RankResult]:
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
-          memory_limit_bytes: int | None = None, timeout_s: float = 3600.0,
+          runs_root: str | os.PathLike | None = None, memory_limit_bytes: int | None = None, timeout_s: float = 3600.0,
           hardware: Hardware | None = None) -> TrainResult:
     """Run FlagEmbedding's M3 trainer for ``config`` in a torchrun child and return what it measured.
+
+    The run's files (command, DeepSpeed JSON, log, per-rank metrics, result.json, the model) go to
+    ``run_dir``, which must be new or empty; without one, a fresh timestamped folder under
+    ``runs_root`` (default ``$M3LAB_RUNS`` or ``./runs``).
 
     ``memory_limit_bytes`` caps the child's memory: on CUDA through
     ``torch.cuda.set_per_process_memory_fraction`` (to imitate a T4 on a bigger card), on CPU by
@@ -191,7 +195,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
     for path in train_data:
         load_jsonl(path, knowledge_distillation=config.knowledge_distillation,
                    need_negatives=config.train_group_size > 1)
-    run_dir = _new_run_dir(run_dir)
+    run_dir = _new_run_dir(run_dir, runs_root)
     model_path = resolve_model(config.model)
 
     ds_path = None

@@ -1,0 +1,69 @@
+"""Plots for the lessons: loss curves, memory bars with provenance, token-length histograms.
+
+Every memory plot is in GiB, titled, and labelled "measured on <device>" or "predicted for <GPU>";
+pass ``usable_bytes`` to draw the card's usable-memory line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless machines fall back to Agg on their own
+
+GIB = 2**30
+
+
+def _save(fig, path: str | Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def loss_curve(result, path: str | Path | None = None, title: str | None = None):
+    """Training loss per step of a ``TrainResult``."""
+    steps = [s.step for s in result.steps if s.loss is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, result.losses, marker="o", markersize=3, label=f"loss, {result.provenance}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (M3 unified)")
+    ax.set_title(title or "Fine-tuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def memory_bars(labels: list[str], values_bytes: list[float], provenance: str, path: str | Path | None = None,
+                title: str = "Peak memory per configuration", usable_bytes: float | None = None,
+                usable_label: str = "usable memory", ylabel: str = "peak memory (GiB)"):
+    """One bar per configuration, in GiB, with the provenance in the legend."""
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(labels) + 2), 4.0))
+    bars = ax.bar(range(len(labels)), [v / GIB for v in values_bytes], color="tab:blue", label=provenance)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    if usable_bytes is not None:
+        ax.axhline(usable_bytes / GIB, color="tab:red", linestyle="--", label=f"{usable_label} ({usable_bytes / GIB:.2f} GiB)")
+    ax.set_ylim(0, max([v / GIB for v in values_bytes] + [(usable_bytes or 0) / GIB]) * 1.3 or 1)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def token_length_histogram(lengths: dict[str, "list[int]"], path: str | Path | None = None,
+                           max_lens: dict[str, int] | None = None, tokenizer_name: str = ""):
+    """Histograms of token counts per field, with the chosen max lengths marked."""
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4))
+    axes = [axes] if len(lengths) == 1 else list(axes)
+    for ax, (name, values) in zip(axes, lengths.items()):
+        ax.hist(values, bins=40, color="tab:green")
+        if max_lens and name in max_lens:
+            ax.axvline(max_lens[name], color="tab:red", linestyle="--", label=f"max_len {max_lens[name]}")
+            ax.legend()
+        ax.set_xlabel("tokens per text")
+        ax.set_ylabel("texts")
+        ax.set_title(f"{name} ({len(values)} texts)")
+    fig.suptitle(f"Token lengths{', ' + tokenizer_name + ' tokenizer' if tokenizer_name else ''}")
+    fig.tight_layout()
+    return _save(fig, path)
