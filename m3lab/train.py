@@ -123,7 +123,8 @@ class TrainResult:
 
     def summary(self) -> str:
         if self.status == "oom":
-            return (f"OUT OF MEMORY at step {self.oom_step} ({self.provenance}): "
+            where = f"at step {self.oom_step}" if self.oom_step else "before the first step (loading the model)"
+            return (f"OUT OF MEMORY {where} ({self.provenance}): "
                     f"{(self.oom_message or '').splitlines()[0][:300]}")
         gib = self.peak_allocated_bytes / 2**30
         loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, " if self.losses else ""

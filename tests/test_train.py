@@ -108,3 +108,11 @@ def test_bad_config_and_bad_data_are_refused_before_launch(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl:1"):
         train(TINY.replace(train_data=[str(bad)]), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_zero2_with_optimizer_offload_runs(runs_root):
+    result = train(TINY.replace(deepspeed_stage=2, offload_optimizer=True, max_steps=2), runs_root=runs_root)
+    assert result.status == "ok"
+    ds = (result.run_dir / "ds_stage2.json").read_text()
+    assert '"offload_optimizer"' in ds and '"zero_force_ds_cpu_optimizer": false' in ds
+    assert result.optimizer_state_bytes(0) == pytest.approx(8 * result.ranks[0].trainable_params, rel=0.001)
