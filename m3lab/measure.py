@@ -159,8 +159,10 @@ class StepRecorder(TrainerCallback):
     def apply_cuda_limit(self) -> None:
         """Cap this process's CUDA allocator, to imitate a smaller card on a bigger one."""
         if self.cuda and self.memory_limit_bytes:
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.memory_limit_bytes / total))
+            # Called before HF picks this rank's device, so name the device explicitly.
+            device = int(os.environ.get("LOCAL_RANK", "0"))
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.memory_limit_bytes / total), device)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         params = list(model.parameters()) if model is not None else []
