@@ -120,13 +120,15 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def fp32_master_tensors(optimizer) -> list[torch.Tensor]:
-    """DeepSpeed's fp32 master copies (ZeRO 1/2 partitions or stage-0 FP16_Optimizer groups)."""
+    """DeepSpeed's fp32 master copies: ZeRO 1/2 partitions, or the stage-0 fp16 optimizers' groups
+    (``fp32_groups_flat`` in FP16_Optimizer, per-parameter ``fp32_groups`` in FP16_UnfusedOptimizer)."""
     masters = []
     node, seen = optimizer, set()
     while node is not None and id(node) not in seen:
         seen.add(id(node))
-        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat"):
-            masters += [t for t in getattr(node, name, None) or [] if isinstance(t, torch.Tensor)]
+        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat", "fp32_groups"):
+            flat, _ = tree_flatten(getattr(node, name, None) or [])
+            masters += [t for t in flat if isinstance(t, torch.Tensor)]
         node = getattr(node, "optimizer", None)
     return masters
 

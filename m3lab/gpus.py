@@ -1,0 +1,61 @@
+"""GPU profiles for the predictor: usable memory, fixed overheads and the kernels each card runs.
+
+``usable_bytes`` is the card's memory as ``torch.cuda.get_device_properties(i).total_memory``
+reports it (the T4's 14.74 GiB is from ../shared/FINDINGS.md; the others are the cards' usual
+reported totals). ``context_bytes`` (CUDA context, cuBLAS/cuDNN workspaces and the kernels'
+images, which ``max_memory_allocated`` does not count) is an estimate, labelled as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    usable_bytes: int
+    context_bytes: int  # estimate: CUDA context + library workspaces, outside the caching allocator
+    compute_capability: tuple[int, int]
+    count: int = 1  # how many of them the platform gives (Kaggle: 2 x T4)
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.compute_capability >= (8, 0)
+
+    @property
+    def has_flash_attention(self) -> bool:
+        # PyTorch's SDPA flash kernel needs sm80+; older cards use the memory-efficient kernel.
+        return self.compute_capability >= (8, 0)
+
+    def sdpa_kernel(self, dtype_is_half: bool) -> str:
+        """The SDPA backend PyTorch picks on this card for training (no flash on sm75/sm70)."""
+        return "flash" if self.has_flash_attention and dtype_is_half else "efficient"
+
+
+def _gib(x: float) -> int:
+    return int(round(x * GIB))
+
+
+PROFILES: dict[str, GPU] = {g.key: g for g in [
+    GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5)),
+    GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2),
+    GPU("l4", "NVIDIA L4 24 GB", _gib(22.05), _gib(0.45), (8, 9)),
+    GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.06), _gib(0.45), (8, 6)),
+    GPU("v100", "Tesla V100 16 GB", _gib(15.77), _gib(0.40), (7, 0)),
+    GPU("a100-40", "NVIDIA A100 40 GB", _gib(39.39), _gib(0.50), (8, 0)),
+    GPU("a100-80", "NVIDIA A100 80 GB", _gib(79.15), _gib(0.50), (8, 0)),
+    GPU("h100", "NVIDIA H100 80 GB", _gib(79.11), _gib(0.55), (9, 0)),
+]}
+ALIASES = {"a100": "a100-40", "kaggle": "t4x2", "colab": "t4", "a10": "a10g", "h100-80": "h100"}
+
+
+def gpu_profile(name: str) -> GPU:
+    key = name.lower().replace("_", "-").replace(" ", "")
+    key = ALIASES.get(key, key)
+    if key not in PROFILES:
+        raise ValueError(f"unknown GPU {name!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[key]

@@ -1,0 +1,706 @@
+"""The memory predictor: the peak GPU memory of one training step, traced on a CPU with fake tensors.
+
+``predict(config, gpu="t4")`` builds the full-size model on fake tensors (shapes and dtypes, no
+data, no memory), wraps it in the real DeepSpeed engine over a fake process group (rank r of N),
+and runs FlagEmbedding's own M3 forward, backward and optimizer step. Every tensor storage is
+recorded as the operators create it and Python frees it, rounded as the CUDA caching allocator
+rounds, and labelled (weights, gradients, optimizer states, activations, temporaries, other).
+What a GPU does differently from the CPU trace is emulated: its attention kernel (T4: SDPA's
+memory-efficient kernel, no flash) and its precision (fp16 weights under DeepSpeed, or fp32
+weights under autocast for HF AMP). Inputs are assumed full length (every text reaches its max
+length), the worst case, under which transformers drops the attention mask as it does for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from m3lab.gpus import GIB, GPU, gpu_profile
+
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries", "other")
+SMALL_BLOCK = 1 << 20  # the caching allocator's small/large pool boundary
+SMALL_SEGMENT = 2 << 20
+LARGE_SEGMENT = 20 << 20
+ROUND_LARGE = 2 << 20  # allocations over 10 MiB are rounded up to 2 MiB segments
+MIN_BLOCK = 512
+
+
+def allocator_round(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator hands out for a request of ``nbytes`` (multiples of 512)."""
+    if nbytes <= 0:
+        return 0
+    return ((nbytes + MIN_BLOCK - 1) // MIN_BLOCK) * MIN_BLOCK
+
+
+def segment_size(rounded: int) -> int:
+    """Size of the cudaMalloc segment the allocator opens for a block it cannot serve from cache."""
+    if rounded <= SMALL_BLOCK:
+        return SMALL_SEGMENT
+    if rounded < 10 * SMALL_BLOCK:
+        return LARGE_SEGMENT
+    return ((rounded + ROUND_LARGE - 1) // ROUND_LARGE) * ROUND_LARGE
+
+
+class _Allocator:
+    """A simplified CUDA caching allocator: segments are opened, split, cached and never returned.
+
+    Blocks are served best-fit from the free blocks of their pool; a large free block is split
+    when more than 1 MiB would be left (small ones when 512 B would be), and neighbours in a
+    segment merge again when freed. This is how the real allocator behaves in the common case;
+    it does not model streams, expandable segments or ``empty_cache``.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.out_of_memory = False  # a segment could not be opened even after emptying the cache
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.free: dict[bool, list[list]] = {True: [], False: []}  # pool -> [size, segment, offset]
+        self.blocks: dict[int, tuple] = {}  # key -> (small, segment, offset, size)
+        self.segments: dict[int, list] = {}  # segment -> sorted [offset, size, key-or-None]
+        self._next_segment = 0
+
+    def malloc(self, key: int, nbytes: int) -> None:
+        size = allocator_round(nbytes)
+        if size == 0:
+            return
+        small = size <= SMALL_BLOCK
+        pool = self.free[small]
+        best = None
+        for i, (free_size, seg, off) in enumerate(pool):
+            if free_size >= size and (best is None or free_size < pool[best][0]):
+                # The real allocator will not hand a large cached block to a much smaller request
+                # (max_split_size); oversize blocks stay for requests of their own size.
+                best = i
+        if best is None:
+            seg_size = segment_size(size)
+            if self.capacity is not None and self.reserved + seg_size > self.capacity:
+                # What PyTorch does before giving up: return every wholly free cached segment.
+                self._release_free_segments()
+                if self.reserved + seg_size > self.capacity:
+                    self.out_of_memory = True
+            seg = self._next_segment
+            self._next_segment += 1
+            self.segments[seg] = [[0, seg_size, None]]
+            self.reserved += seg_size
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            free_size, off = seg_size, 0
+        else:
+            free_size, seg, off = pool.pop(best)
+        remaining = free_size - size
+        threshold = MIN_BLOCK if small else SMALL_BLOCK
+        parts = self.segments[seg]
+        index = next(i for i, part in enumerate(parts) if part[0] == off)
+        if remaining >= threshold:
+            parts[index] = [off, size, key]
+            parts.insert(index + 1, [off + size, remaining, None])
+            pool.append([remaining, seg, off + size])
+        else:
+            parts[index] = [off, free_size, key]
+            size = free_size
+        self.blocks[key] = (small, seg, off, size)
+
+    def _release_free_segments(self) -> None:
+        for seg, parts in list(self.segments.items()):
+            if len(parts) == 1 and parts[0][2] is None:
+                self.reserved -= parts[0][1]
+                del self.segments[seg]
+                for small in (True, False):
+                    self.free[small] = [f for f in self.free[small] if f[1] != seg]
+
+    def release(self, key: int) -> None:
+        block = self.blocks.pop(key, None)
+        if block is None:
+            return
+        small, seg, off, size = block
+        parts = self.segments[seg]
+        pool = self.free[small]
+        index = next(i for i, part in enumerate(parts) if part[0] == off)
+        parts[index][2] = None
+        # merge with free neighbours
+        for neighbour in (index + 1, index - 1):
+            if 0 <= neighbour < len(parts) and parts[neighbour][2] is None and neighbour != index:
+                lo, hi = sorted((index, neighbour))
+                pool[:] = [f for f in pool if not (f[1] == seg and f[2] in (parts[lo][0], parts[hi][0]))]
+                parts[lo] = [parts[lo][0], parts[lo][1] + parts[hi][1], None]
+                del parts[hi]
+                index = lo
+        pool.append([parts[index][1], seg, parts[index][0]])
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    category: str
+    phase: str
+    where: str
+    born: int = 0
+    died: int | None = None
+
+
+class MemoryTrace(TorchDispatchMode):
+    """Records every storage the traced step creates and frees, with its category and origin."""
+
+    def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None):
+        super().__init__()
+        self.rounding = rounding
+        self.live: dict[int, _Storage] = {}
+        self.refs: dict[int, object] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_where = ("", "", "")
+        self.phase = "setup"
+        self.module = ""
+        self.allocator = _Allocator(capacity) if rounding else None
+        self.events: list[tuple] | None = [] if record_events else None
+        self.category_override: str | None = None
+        self.clock = 0  # counts allocations; the peak is a moment on this clock
+        self.peak_at = 0
+        self.history: list[_Storage] = []  # storages alive at some point since the last reset
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _size(self, nbytes: int) -> int:
+        return allocator_round(nbytes) if self.rounding else nbytes
+
+    def _forget(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        self.refs.pop(key, None)
+        if entry is None:
+            return
+        entry.died = self.clock
+        self.current -= entry.nbytes
+        if self.allocator is not None:
+            self.allocator.release(key)
+        if self.events is not None:
+            self.events.append(("free", key, entry.nbytes, entry.where))
+
+    def _category_for_new(self) -> str:
+        if self.category_override:
+            return self.category_override
+        return {"forward": "activations", "backward": "temporaries", "optimizer": "temporaries",
+                "setup": "other"}.get(self.phase, "other")
+
+    def see(self, storage, func_name: str = "") -> None:
+        import weakref
+
+        key = storage._cdata
+        nbytes = self._size(storage.nbytes())
+        entry = self.live.get(key)
+        if entry is not None:
+            if entry.nbytes != nbytes:  # resized in place
+                self.current += nbytes - entry.nbytes
+                entry.nbytes = nbytes
+            return
+        where = f"{self.phase}:{self.module}:{func_name}"
+        self.clock += 1
+        entry = _Storage(nbytes, self._category_for_new(), self.phase, where, born=self.clock)
+        self.live[key] = entry
+        self.history.append(entry)
+        self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget(key))
+        self.current += nbytes
+        if self.allocator is not None:
+            self.allocator.malloc(key, storage.nbytes())
+        if self.events is not None:
+            self.events.append(("alloc", key, nbytes, where))
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_at = self.clock
+            self.peak_where = (self.phase, self.module, func_name)
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes per category alive at the peak, with the labels known now (gradients and
+        optimizer states are recognised only after backward and step, so this is read late)."""
+        breakdown = dict.fromkeys(CATEGORIES, 0)
+        for entry in self.history:
+            if entry.born <= self.peak_at and (entry.died is None or entry.died >= self.peak_at):
+                breakdown[entry.category] += entry.nbytes
+        return breakdown
+
+    def relabel(self, tensors, category: str) -> None:
+        """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
+        for storage in _storages(tensors):
+            self.see(storage)
+            self.live[storage._cdata].category = category
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_at = self.clock
+        self.history = list(self.live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default:
+            # Half of all calls in a DeepSpeed step are `tensor.device`; answer them without
+            # a trip through the fake-tensor dispatcher, which allocates nothing for them anyway.
+            return args[0].fake_device
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # A value read back to Python (overflow flags, norms). Fake tensors have none; the
+            # trace assumes the healthy case: flags are 0 (no inf/NaN, no overflow), norms are 1.
+            return 1.0 if args[0].dtype.is_floating_point else 0
+        # Everything the trace touches is created inside it, so only outputs need looking at.
+        out = func(*args, **kwargs)
+        for storage in _storages(out):
+            self.see(storage, func.__name__)
+        return out
+
+
+def _storages(obj):
+    flat, _ = tree_flatten(obj)
+    for item in flat:
+        if isinstance(item, torch.Tensor) and not item.is_meta:
+            try:
+                storage = item.untyped_storage()
+            except (NotImplementedError, RuntimeError):
+                continue
+            if storage.nbytes():
+                yield storage
+
+
+# ---- what to simulate ------------------------------------------------------------------------
+@dataclass
+class PredictSpec:
+    """Everything the trace needs, from a TrainConfig (FlagEmbedding) or the CLI (HF Trainer)."""
+
+    trainer: str = "flagembedding-m3"  # or "hf"
+    model_config: object = None  # a transformers PretrainedConfig
+    batch_size: int = 1
+    # flagembedding-m3
+    query_max_len: int = 512
+    passage_max_len: int = 512
+    train_group_size: int = 8
+    unified_finetuning: bool = True
+    use_self_distill: bool = False
+    fix_encoder: bool = False
+    negatives_cross_device: bool = False
+    # hf
+    task: str = "sequence-classification"
+    seq_len: int = 512
+    num_labels: int = 2
+    # both
+    precision: str = "fp32"  # fp32, fp16, bf16
+    optim: str = "adamw_torch"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    deepspeed: dict | None = None  # a DeepSpeed JSON as a dict, or None
+    num_gpus: int = 1
+
+
+def spec_from_config(config, model_config=None) -> PredictSpec:
+    """The PredictSpec of a ``TrainConfig`` (the full-size BGE-M3 geometry unless told otherwise)."""
+    return PredictSpec(
+        trainer="flagembedding-m3", model_config=model_config or bge_m3_config(),
+        batch_size=config.per_device_train_batch_size, query_max_len=config.query_max_len,
+        passage_max_len=config.passage_max_len, train_group_size=config.train_group_size,
+        unified_finetuning=config.unified_finetuning, use_self_distill=config.use_self_distill,
+        fix_encoder=config.fix_encoder, negatives_cross_device=config.negatives_cross_device,
+        precision="fp16" if config.fp16 else ("bf16" if config.bf16 else "fp32"),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        deepspeed=config.deepspeed_config() if config.deepspeed_config_file is None
+        else _read_json(config.deepspeed_config_file),
+        num_gpus=config.num_processes,
+    )
+
+
+def _read_json(path):
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def bge_m3_config():
+    from transformers import XLMRobertaConfig
+
+    from m3lab.standin import BGE_M3_CONFIG
+
+    return XLMRobertaConfig(**BGE_M3_CONFIG)
+
+
+# ---- the report ------------------------------------------------------------------------------
+@dataclass
+class StepPeak:
+    peak_allocated_bytes: int
+    predicted_reserved_bytes: int
+    breakdown: dict[str, int]
+    peak_phase: str
+    peak_module: str
+    peak_op: str
+
+
+@dataclass
+class RankPrediction:
+    rank: int
+    peak_allocated_bytes: int
+    predicted_reserved_bytes: int
+    context_bytes: int
+    total_bytes: int
+    usable_bytes: int
+    fits: bool
+    breakdown: dict[str, int]
+    peak_phase: str
+    peak_module: str
+    peak_op: str
+    first_step: StepPeak
+    steady_step: StepPeak
+    model_state_bytes: dict[str, int]
+
+
+@dataclass
+class MemoryReport:
+    """A prediction; ``provenance`` says what it is, e.g. "predicted for Tesla T4 (Colab)"."""
+
+    gpu: str
+    provenance: str
+    peak_allocated_bytes: int
+    predicted_reserved_bytes: int
+    context_bytes: int
+    total_bytes: int
+    usable_bytes: int
+    fits: bool
+    breakdown: dict[str, int]
+    peak_phase: str
+    peak_module: str
+    peak_op: str
+    first_step_peak_bytes: int
+    steady_step_peak_bytes: int
+    per_rank: list[RankPrediction]
+    attention_kernel: str
+    seconds: float
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        spare = (self.usable_bytes - self.total_bytes) / GIB
+        return f"fits with {spare:.2f} GiB to spare" if spare >= 0 else f"OOM by {-spare:.2f} GiB"
+
+    def summary(self) -> str:
+        return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB, "
+                f"reserved {self.predicted_reserved_bytes / GIB:.2f} GiB + context {self.context_bytes / GIB:.2f} GiB"
+                f" = {self.total_bytes / GIB:.2f} GiB of {self.usable_bytes / GIB:.2f} GiB: {self.verdict} "
+                f"(peak in {self.peak_phase}, {self.peak_module or 'outside modules'}, {self.peak_op})")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["verdict"] = self.verdict
+        return data
+
+
+# ---- the trace ---------------------------------------------------------------------------------
+def _sdpa_emulation(kernel: str):
+    """F.scaled_dot_product_attention as the GPU runs it: the memory-efficient or flash kernel.
+
+    Both keep only the output and a log-sum-exp per row for backward, never the (L x L) scores;
+    on a fake CPU tensor PyTorch would pick a CPU kernel instead, so the trace calls the CUDA
+    kernels' ATen ops directly (their shape functions run on fake tensors).
+    """
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if kernel == "flash" and attn_mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, query.requires_grad or key.requires_grad, dropout_p, is_causal,
+            scale=scale)[0]
+    return sdpa
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _no_padding_mask(mask, dtype, tgt_len=None):
+    # Inputs are full length, so every mask is all ones, and transformers returns None for it;
+    # its own check (torch.all(mask == 1)) reads data, which fake tensors do not have.
+    return None
+
+
+@contextlib.contextmanager
+def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int):
+    """Fake process group (rank of world), CPU DeepSpeed accelerator, GPU kernels; all undone after."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from transformers import modeling_utils
+
+    if dist.is_initialized():
+        raise RuntimeError("m3lab.memory.predict needs a process without torch.distributed initialised; "
+                           "call it from a notebook or script, not inside a training run.")
+    saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(LOCAL_RANK="0", RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="29400")
+    saved_accelerator = get_accelerator()
+    accelerator = CPU_Accelerator()
+    # The trace emulates a CUDA card's precision: let DeepSpeed build its fp16/bf16 optimizers.
+    accelerator.is_fp16_supported = lambda: True
+    accelerator.is_bf16_supported = lambda: True
+    set_accelerator(accelerator)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(_patched(modeling_utils.PreTrainedModel, "warn_if_padding_and_no_attention_mask",
+                                     lambda *args, **kwargs: None))
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("transformers.models.") and \
+                    hasattr(module, "_prepare_4d_attention_mask_for_sdpa"):
+                stack.enter_context(_patched(module, "_prepare_4d_attention_mask_for_sdpa", _no_padding_mask))
+        if gpu is not None:
+            stack.enter_context(_patched(torch.nn.functional, "scaled_dot_product_attention", _sdpa_emulation(kernel)))
+            # torch optimizers pick their foreach (multi-tensor) path for CUDA tensors and the
+            # single-tensor path on CPU; their temporaries differ, so take the GPU's path.
+            def gpu_default(params, differentiable, use_fused=False):
+                return False, not differentiable
+
+            for module in list(sys.modules.values()):
+                if getattr(module, "__name__", "").startswith("torch.optim") and \
+                        hasattr(module, "_default_to_fused_or_foreach"):
+                    stack.enter_context(_patched(module, "_default_to_fused_or_foreach", gpu_default))
+        yield
+    finally:
+        stack.close()
+        dist.destroy_process_group()
+        ds_comm.cdb = None
+        importlib.reload(ds_groups)  # DeepSpeed caches its process groups in module globals
+        set_accelerator(saved_accelerator)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _FakeTokenizer:
+    """What EncoderOnlyEmbedderM3Model reads from its tokenizer: XLM-R's special token ids."""
+
+    cls_token_id, pad_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
+    padding_side = "right"
+
+
+def _build_m3_model(spec: PredictSpec):
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_config(spec.model_config, attn_implementation=spec.attn_implementation)
+    hidden = spec.model_config.hidden_size
+    parts = {"model": encoder, "colbert_linear": torch.nn.Linear(hidden, hidden),
+             "sparse_linear": torch.nn.Linear(hidden, 1)}
+    # The keyword arguments FlagEmbedding's runner passes (m3/runner.py), at the tutorial's values.
+    model = EncoderOnlyEmbedderM3Model(
+        parts, tokenizer=_FakeTokenizer(), negatives_cross_device=spec.negatives_cross_device,
+        temperature=0.02, sub_batch_size=None, kd_loss_type="m3_kd_loss", sentence_pooling_method="cls",
+        normalize_embeddings=True, unified_finetuning=spec.unified_finetuning,
+        use_self_distill=spec.use_self_distill, self_distill_start_step=0)
+    if spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if spec.fix_encoder:
+        for name, param in model.named_parameters():
+            if "colbert_linear" not in name and "sparse_linear" not in name:
+                param.requires_grad = False
+    return model
+
+
+def _m3_inputs(spec: PredictSpec):
+    def features(rows, length):
+        return {"input_ids": torch.ones(rows, length, dtype=torch.long),
+                "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+
+    return {"queries": features(spec.batch_size, spec.query_max_len),
+            "passages": features(spec.batch_size * spec.train_group_size, spec.passage_max_len),
+            "teacher_scores": None, "no_in_batch_neg_flag": False}
+
+
+def _module_hooks(model, trace: MemoryTrace):
+    """Forward hooks that tell the trace which module is running (for 'where the peak happens')."""
+    handles, stack = [], []
+
+    def pre(name):
+        def hook(module, args):
+            stack.append(name)
+            trace.module = name
+        return hook
+
+    def post(module, args, output):
+        if stack:
+            stack.pop()
+        trace.module = stack[-1] if stack else ""
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def _deepspeed_buffers(engine) -> list:
+    """DeepSpeed's own working buffers (the ZeRO gradient bucket), reported under "other"."""
+    return [t for t in getattr(engine.optimizer, "ipg_buffer", None) or [] if isinstance(t, torch.Tensor)]
+
+
+def _grad_tensors(engine, model) -> list:
+    found = [p.grad for p in model.parameters() if p.grad is not None]
+    optimizer = engine.optimizer
+    for name in ("averaged_gradients",):
+        value = getattr(optimizer, name, None)
+        if isinstance(value, dict):
+            for item in value.values():
+                found += [t for t in (item or []) if isinstance(t, torch.Tensor)]
+    for group in getattr(optimizer, "single_partition_of_fp32_groups", []) or []:
+        if group.grad is not None:
+            found.append(group.grad)
+    return found
+
+
+def _fill_auto(ds: dict, spec: PredictSpec) -> dict:
+    """Replace DeepSpeed's "auto" values as HF Trainer fills them from its defaults."""
+    import copy
+
+    hf = {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "gradient_clipping": 1.0,
+          "train_micro_batch_size_per_gpu": spec.batch_size,
+          "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+          "train_batch_size": spec.batch_size * spec.gradient_accumulation_steps * spec.num_gpus,
+          "enabled": None}
+    ds = copy.deepcopy(ds)
+
+    def walk(node):
+        for key, value in list(node.items()):
+            if isinstance(value, dict):
+                walk(value)
+            elif value == "auto":
+                if key == "enabled":
+                    node[key] = False
+                elif key in hf:
+                    node[key] = hf[key]
+                else:
+                    del node[key]
+    walk(ds)
+    if "fp16" in ds and spec.precision == "fp16":
+        ds["fp16"]["enabled"] = True
+    if "bf16" in ds and spec.precision == "bf16":
+        ds["bf16"]["enabled"] = True
+    ds.setdefault("train_micro_batch_size_per_gpu", spec.batch_size)
+    ds.setdefault("gradient_accumulation_steps", spec.gradient_accumulation_steps)
+    ds.pop("scheduler", None)  # the learning-rate schedule holds no tensors
+    return ds
+
+
+def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events: bool = False):
+    """Two training steps of one rank on fake tensors; returns (first, steady, model states, trace)."""
+    import deepspeed
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+
+    half = spec.precision in ("fp16", "bf16")
+    kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
+    capacity = gpu.usable_bytes - gpu.context_bytes if gpu is not None else None
+    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity)
+    steps: list[StepPeak] = []
+    with _simulation(gpu, kernel, rank, spec.num_gpus), FakeTensorMode(allow_non_fake_inputs=True), trace:
+        model = _build_m3_model(spec)
+        model.to = lambda *args, **kwargs: model  # already on the (fake) CPU; DeepSpeed's .to() would swap
+        trace.relabel(list(model.parameters()), "weights")
+        ds_config = _fill_auto(spec.deepspeed or {}, spec)
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        trace.relabel(list(model.parameters()), "weights")
+        states = optimizer_state_tensors(engine.optimizer) + fp32_master_tensors(engine.optimizer)
+        trace.relabel(states, "optimizer_states")
+        inputs = _m3_inputs(spec)
+        trace.relabel(tree_flatten(inputs)[0], "other")
+        handles = _module_hooks(model, trace)
+        for param in model.parameters():
+            if param.requires_grad:  # a gradient is labelled the moment autograd stores it
+                handles.append(param.register_post_accumulate_grad_hook(
+                    lambda p: trace.relabel([p.grad], "gradients") if p.grad is not None else None))
+        try:
+            for _ in range(2):
+                trace.reset_peak()
+                for _ in range(spec.gradient_accumulation_steps):
+                    trace.phase = "forward"
+                    loss = engine(**inputs).loss
+                    trace.phase = "backward"
+                    trace.module = ""
+                    engine.backward(loss)
+                    del loss
+                    trace.relabel(_grad_tensors(engine, model), "gradients")
+                    trace.relabel(_deepspeed_buffers(engine), "other")
+                trace.phase = "optimizer"
+                engine.step()
+                states = optimizer_state_tensors(engine.optimizer) + fp32_master_tensors(engine.optimizer)
+                trace.relabel(states, "optimizer_states")
+                reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
+                steps.append(StepPeak(trace.peak, reserved, dict(trace.peak_breakdown), *trace.peak_where))
+                trace.phase = "between steps"
+        finally:
+            for handle in handles:
+                handle.remove()
+        model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category == "weights"),
+                        "optimizer_states": sum(e.nbytes for e in trace.live.values()
+                                                if e.category == "optimizer_states")}
+        del engine, model
+    return steps[0], steps[1], model_states, trace, kernel
+
+
+def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = None,
+            record_events: bool = False) -> MemoryReport:
+    """Predict the peak memory of one training step of ``config`` on ``gpu`` ("t4", "l4", ...).
+
+    ``gpu=None`` predicts live tensor bytes on a CPU (no allocator rounding, CPU kernels): the
+    figure that a real CPU run of the same configuration measures, which the tests compare.
+    """
+    started = time.perf_counter()
+    spec = spec or spec_from_config(config)
+    profile = gpu_profile(gpu) if gpu is not None else None
+    world = spec.num_gpus
+    ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
+    per_rank = []
+    for rank in ranks:
+        first, steady, model_states, trace, kernel = _simulate_rank(spec, profile, rank, record_events)
+        worst = max((first, steady), key=lambda s: s.peak_allocated_bytes)
+        context = profile.context_bytes if profile else 0
+        reserved = max(first.predicted_reserved_bytes, steady.predicted_reserved_bytes)
+        usable = profile.usable_bytes if profile else 0
+        total = reserved + context
+        per_rank.append(RankPrediction(
+            rank, worst.peak_allocated_bytes, reserved, context, total, usable, total <= usable if profile else True,
+            worst.breakdown, worst.peak_phase, worst.peak_module, worst.peak_op, first, steady, model_states))
+    if world > 2:  # the middle ranks hold exactly what rank 0 holds
+        per_rank = [per_rank[0]] + [RankPrediction(**{**asdict(per_rank[0]), "rank": r,
+                                                      "first_step": per_rank[0].first_step,
+                                                      "steady_step": per_rank[0].steady_step})
+                                    for r in range(1, world - 1)] + per_rank[1:]
+    top = max(per_rank, key=lambda r: r.total_bytes)
+    provenance = f"predicted for {profile.name}" if profile else "predicted live tensor bytes on CPU"
+    return MemoryReport(
+        gpu=profile.key if profile else "cpu", provenance=provenance,
+        peak_allocated_bytes=top.peak_allocated_bytes, predicted_reserved_bytes=top.predicted_reserved_bytes,
+        context_bytes=top.context_bytes, total_bytes=top.total_bytes, usable_bytes=top.usable_bytes,
+        fits=top.fits, breakdown=top.breakdown, peak_phase=top.peak_phase, peak_module=top.peak_module,
+        peak_op=top.peak_op, first_step_peak_bytes=top.first_step.peak_allocated_bytes,
+        steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank,
+        attention_kernel=kernel, seconds=time.perf_counter() - started,
+        spec={k: v for k, v in asdict(spec).items() if k != "model_config"})
