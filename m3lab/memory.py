@@ -246,8 +246,9 @@ class MemoryTrace(TorchDispatchMode):
             # a trip through the fake-tensor dispatcher, which allocates nothing for them anyway.
             return args[0].fake_device
         if func is torch.ops.aten._local_scalar_dense.default:
-            # A value read back to Python (overflow flags, norms). Fake tensors have none; the
-            # trace assumes the healthy case: flags are 0 (no inf/NaN, no overflow), norms are 1.
+            # A value read back to Python: overflow flags, gradient norms, Adam's step count. Fake
+            # tensors hold no values; the trace takes the healthy step: integer and boolean flags
+            # are 0 (no inf/NaN, no overflow), floating-point values are 1 (norms, step counts).
             return 1.0 if args[0].dtype.is_floating_point else 0
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
@@ -560,9 +561,8 @@ def _deepspeed_buffers(engine) -> list:
     return [t for t in getattr(engine.optimizer, "ipg_buffer", None) or [] if isinstance(t, torch.Tensor)]
 
 
-def _grad_tensors(engine, model) -> list:
+def _grad_tensors(optimizer, model) -> list:
     found = [p.grad for p in model.parameters() if p.grad is not None]
-    optimizer = engine.optimizer
     for name in ("averaged_gradients",):
         value = getattr(optimizer, name, None)
         if isinstance(value, dict):
@@ -607,9 +607,130 @@ def _fill_auto(ds: dict, spec: PredictSpec) -> dict:
     return ds
 
 
+class _DeepSpeedDriver:
+    """A training step as HF Trainer runs it with DeepSpeed: the engine's forward, backward, step."""
+
+    def __init__(self, model, spec: PredictSpec):
+        import deepspeed
+
+        model.to = lambda *args, **kwargs: model  # already on the (fake) CPU; DeepSpeed's .to() would swap
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=_fill_auto(spec.deepspeed or {}, spec))
+        self.optimizer = self.engine.optimizer
+
+    def loss(self, inputs):
+        return self.engine(**inputs).loss
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self):
+        self.engine.step()
+
+    def buffers(self):
+        return _deepspeed_buffers(self.engine)
+
+
+class _PlainDriver:
+    """A training step as HF Trainer runs it without DeepSpeed: autocast and GradScaler for
+    fp16/bf16 (weights stay fp32), gradient clipping at max_grad_norm 1.0, the chosen optimizer."""
+
+    def __init__(self, model, spec: PredictSpec):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(spec.optim, self.params)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
+        # CPU autocast stands in for CUDA autocast: both run matmuls and linears in half precision
+        # and keep reductions (softmax, layer norm, losses) in fp32.
+        self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler("cpu") if spec.precision == "fp16" else None
+
+    def loss(self, inputs):
+        with self.autocast():
+            return self.model(**inputs).loss
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self):
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        # GradScaler.step() only skips the update when found_inf (a float flag, which the trace
+        # cannot read) is set; the healthy step is the optimizer's own.
+        self.optimizer.step()
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def buffers(self):
+        return []
+
+
+class EightBitAdamWShape(torch.optim.Optimizer):
+    """The memory of bitsandbytes' AdamW8bit (block-wise 8-bit states), which needs CUDA to run.
+
+    Per parameter of 4096+ elements: exp_avg and exp_avg_sq as uint8 plus one fp32 absmax per
+    block of 256 each; smaller parameters keep fp32 states (bitsandbytes' min_8bit_size). The
+    update itself is one fused kernel with no temporaries, so step() only creates the states.
+    """
+
+    def __init__(self, params, lr=1e-5):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p in self.state:
+                    continue
+                if p.numel() >= 4096:
+                    blocks = math.ceil(p.numel() / 256)
+                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.uint8),
+                                     "state2": torch.zeros_like(p, dtype=torch.uint8),
+                                     "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks)}
+                else:
+                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.float32),
+                                     "state2": torch.zeros_like(p, dtype=torch.float32)}
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
+
+
+def _make_optimizer(name: str, params):
+    """The optimizer HF Trainer builds for ``--optim NAME`` (lr does not affect memory)."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-5)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
+    if name == "adamw_bnb_8bit":
+        return EightBitAdamWShape(params)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _build_hf_model(spec: PredictSpec):
+    from transformers import AutoModelForSequenceClassification
+
+    if spec.task != "sequence-classification":
+        raise ValueError(f"task {spec.task!r} is not modelled; use sequence-classification")
+    config = spec.model_config
+    config.num_labels = spec.num_labels
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=spec.attn_implementation)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inputs = {"input_ids": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
+              "attention_mask": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
+              "labels": torch.zeros(spec.batch_size, dtype=torch.long)}
+    return model, inputs
+
+
 def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events: bool = False):
     """Two training steps of one rank on fake tensors; returns (first, steady, model states, trace)."""
-    import deepspeed
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
@@ -620,16 +741,19 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity)
     steps: list[StepPeak] = []
     with _simulation(gpu, kernel, rank, spec.num_gpus), FakeTensorMode(allow_non_fake_inputs=True), trace:
-        model = _build_m3_model(spec)
-        model.to = lambda *args, **kwargs: model  # already on the (fake) CPU; DeepSpeed's .to() would swap
+        if spec.trainer == "flagembedding-m3":
+            model, inputs = _build_m3_model(spec), _m3_inputs(spec)
+        else:
+            model, inputs = _build_hf_model(spec)
         trace.relabel(list(model.parameters()), "weights")
-        ds_config = _fill_auto(spec.deepspeed or {}, spec)
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        driver = (_DeepSpeedDriver if spec.deepspeed is not None else _PlainDriver)(model, spec)
         trace.relabel(list(model.parameters()), "weights")
-        states = optimizer_state_tensors(engine.optimizer) + fp32_master_tensors(engine.optimizer)
-        trace.relabel(states, "optimizer_states")
-        inputs = _m3_inputs(spec)
+
+        def label_states():
+            states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
+            trace.relabel(states, "optimizer_states")
+
+        label_states()
         trace.relabel(tree_flatten(inputs)[0], "other")
         handles = _module_hooks(model, trace)
         for param in model.parameters():
@@ -641,17 +765,16 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
                 trace.reset_peak()
                 for _ in range(spec.gradient_accumulation_steps):
                     trace.phase = "forward"
-                    loss = engine(**inputs).loss
+                    loss = driver.loss(inputs)
                     trace.phase = "backward"
                     trace.module = ""
-                    engine.backward(loss)
+                    driver.backward(loss)
                     del loss
-                    trace.relabel(_grad_tensors(engine, model), "gradients")
-                    trace.relabel(_deepspeed_buffers(engine), "other")
+                    trace.relabel(_grad_tensors(driver.optimizer, model), "gradients")
+                    trace.relabel(driver.buffers(), "other")
                 trace.phase = "optimizer"
-                engine.step()
-                states = optimizer_state_tensors(engine.optimizer) + fp32_master_tensors(engine.optimizer)
-                trace.relabel(states, "optimizer_states")
+                driver.step()
+                label_states()
                 reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
                 steps.append(StepPeak(trace.peak, reserved, dict(trace.peak_breakdown), *trace.peak_where))
                 trace.phase = "between steps"
@@ -661,7 +784,7 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
         model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category == "weights"),
                         "optimizer_states": sum(e.nbytes for e in trace.live.values()
                                                 if e.category == "optimizer_states")}
-        del engine, model
+        del driver, model
     return steps[0], steps[1], model_states, trace, kernel
 
 
