@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _run(args) -> int:
@@ -36,6 +38,82 @@ def _command(args) -> int:
     return 0
 
 
+def _predict_spec(args):
+    """A PredictSpec from ``m3lab predict``'s options (FlagEmbedding's and HF's defaults)."""
+    from m3lab.config import TrainConfig
+    from m3lab.memory import PredictSpec, bge_m3_config, load_model_config
+
+    model_config = bge_m3_config() if args.model_config == "bge-m3" else load_model_config(args.model_config)
+    if args.deepspeed in (None, "none"):
+        deepspeed = None
+    elif args.deepspeed in ("0", "1", "2"):
+        precision = args.precision
+        deepspeed = TrainConfig(deepspeed_stage=int(args.deepspeed), offload_optimizer=args.offload_optimizer,
+                                fp16=precision == "fp16", bf16=precision == "bf16",
+                                per_device_train_batch_size=args.batch_size,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                num_processes=args.num_gpus).deepspeed_config()
+    else:
+        deepspeed = json.loads(Path(args.deepspeed).read_text())
+        if args.offload_optimizer:
+            deepspeed.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu"}
+    return PredictSpec(
+        trainer=args.trainer, model_config=model_config, batch_size=args.batch_size,
+        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+        train_group_size=args.train_group_size, unified_finetuning=args.unified_finetuning,
+        use_self_distill=args.use_self_distill, fix_encoder=args.fix_encoder,
+        negatives_cross_device=args.negatives_cross_device, task=args.task, seq_len=args.seq_len,
+        precision=args.precision, optim=args.optim, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
+        deepspeed=deepspeed, num_gpus=args.num_gpus)
+
+
+def _predict(args) -> int:
+    from m3lab.memory import GIB, predict
+
+    report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot))
+    if args.snapshot:
+        report.save_snapshot(args.snapshot)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(report.summary())
+    print("breakdown at the peak: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in report.breakdown.items()))
+    print(f"first step {report.first_step_peak_bytes / GIB:.2f} GiB, steady state "
+          f"{report.steady_step_peak_bytes / GIB:.2f} GiB; attention kernel: {report.attention_kernel}")
+    for rank in report.per_rank if len(report.per_rank) > 1 else []:
+        print(f"  rank {rank.rank}: peak {rank.peak_allocated_bytes / GIB:.2f} GiB, total {rank.total_bytes / GIB:.2f} GiB")
+    return 0
+
+
+def _add_predict_options(parser) -> None:
+    from m3lab.memory import OPTIMIZERS
+
+    parser.add_argument("--trainer", choices=["flagembedding-m3", "hf"], default="flagembedding-m3")
+    parser.add_argument("--model-config", default="bge-m3", help='"bge-m3" (built in) or a config.json path')
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (HF default 8)")
+    parser.add_argument("--task", default="sequence-classification", choices=["sequence-classification"])
+    parser.add_argument("--seq-len", type=int, default=512, help="hf: tokens per example")
+    parser.add_argument("--query-max-len", type=int, default=32, help="FlagEmbedding's default 32")
+    parser.add_argument("--passage-max-len", type=int, default=128, help="FlagEmbedding's default 128")
+    parser.add_argument("--train-group-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--optim", choices=list(OPTIMIZERS), default="adamw_torch")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="sdpa")
+    parser.add_argument("--deepspeed", default="none", help="none, 0, 1, 2, or a DeepSpeed JSON path")
+    parser.add_argument("--offload-optimizer", action="store_true")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--fix-encoder", action="store_true")
+    parser.add_argument("--unified-finetuning", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--use-self-distill", action="store_true")
+    parser.add_argument("--negatives-cross-device", action="store_true")
+    parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m3lab", description="Fine-tune BGE-M3 on a T4 without OOM.")
     sub = parser.add_subparsers(dest="verb")
@@ -51,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("preset", choices=["upstream-example", "t4-advice"])
     command.add_argument("--model", default="BAAI/bge-m3")
     command.set_defaults(func=_command)
+    predict = sub.add_parser("predict", help="predict the peak GPU memory of one training step")
+    _add_predict_options(predict)
+    predict.set_defaults(func=_predict)
     args = parser.parse_args(argv)
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])

@@ -70,8 +70,19 @@ class _Allocator:
         self.blocks: dict[int, tuple] = {}  # key -> (small, segment, offset, size)
         self.segments: dict[int, list] = {}  # segment -> sorted [offset, size, key-or-None]
         self._next_segment = 0
+        self.bases: dict[int, tuple[int, bool]] = {}  # segment -> (address, small pool)
+        self._next_address = 1 << 32
+        self.events: list[dict] | None = None  # torch.cuda.memory._snapshot() trace entries
+        self._clock = 0
 
-    def malloc(self, key: int, nbytes: int) -> None:
+    def _event(self, action: str, addr: int, size: int, where: str = "") -> None:
+        if self.events is not None:
+            self._clock += 1
+            frames = [{"filename": where or "m3lab-trace", "line": 0, "name": where.rsplit(":", 1)[-1] or action}]
+            self.events.append({"action": action, "addr": addr, "size": size, "stream": 0,
+                                "time_us": self._clock, "frames": frames})
+
+    def malloc(self, key: int, nbytes: int, where: str = "") -> None:
         size = allocator_round(nbytes)
         if size == 0:
             return
@@ -93,6 +104,9 @@ class _Allocator:
             seg = self._next_segment
             self._next_segment += 1
             self.segments[seg] = [[0, seg_size, None]]
+            self.bases[seg] = (self._next_address, small)
+            self._event("segment_alloc", self._next_address, seg_size)
+            self._next_address += seg_size
             self.reserved += seg_size
             self.peak_reserved = max(self.peak_reserved, self.reserved)
             free_size, off = seg_size, 0
@@ -110,11 +124,29 @@ class _Allocator:
             parts[index] = [off, free_size, key]
             size = free_size
         self.blocks[key] = (small, seg, off, size)
+        self._event("alloc", self.bases[seg][0] + off, size, where)
+
+    def snapshot(self) -> dict:
+        """The allocator state and trace in ``torch.cuda.memory._snapshot()``'s format."""
+        segments = []
+        for seg, parts in self.segments.items():
+            base, small = self.bases[seg]
+            blocks = [{"address": base + off, "size": size, "requested_size": size,
+                       "state": "inactive" if key is None else "active_allocated", "frames": []}
+                      for off, size, key in parts]
+            used = sum(b["size"] for b in blocks if b["state"] != "inactive")
+            segments.append({"device": 0, "address": base, "total_size": sum(p[1] for p in parts),
+                             "allocated_size": used, "active_size": used, "requested_size": used, "stream": 0,
+                             "segment_type": "small" if small else "large", "segment_pool_id": [0, 0],
+                             "is_expandable": False, "frames": [], "blocks": blocks})
+        return {"segments": segments, "device_traces": [list(self.events or [])],
+                "allocator_settings": {"PYTORCH_CUDA_ALLOC_CONF": "m3lab simulation"}}
 
     def _release_free_segments(self) -> None:
         for seg, parts in list(self.segments.items()):
             if len(parts) == 1 and parts[0][2] is None:
                 self.reserved -= parts[0][1]
+                self._event("segment_free", self.bases[seg][0], parts[0][1])
                 del self.segments[seg]
                 for small in (True, False):
                     self.free[small] = [f for f in self.free[small] if f[1] != seg]
@@ -124,6 +156,8 @@ class _Allocator:
         if block is None:
             return
         small, seg, off, size = block
+        self._event("free_requested", self.bases[seg][0] + off, size)
+        self._event("free_completed", self.bases[seg][0] + off, size)
         parts = self.segments[seg]
         pool = self.free[small]
         index = next(i for i, part in enumerate(parts) if part[0] == off)
@@ -163,7 +197,8 @@ class MemoryTrace(TorchDispatchMode):
         self.phase = "setup"
         self.module = ""
         self.allocator = _Allocator(capacity) if rounding else None
-        self.events: list[tuple] | None = [] if record_events else None
+        if self.allocator is not None and record_events:
+            self.allocator.events = []
         self.category_override: str | None = None
         self.clock = 0  # counts allocations; the peak is a moment on this clock
         self.peak_at = 0
@@ -182,8 +217,6 @@ class MemoryTrace(TorchDispatchMode):
         self.current -= entry.nbytes
         if self.allocator is not None:
             self.allocator.release(key)
-        if self.events is not None:
-            self.events.append(("free", key, entry.nbytes, entry.where))
 
     def _category_for_new(self) -> str:
         if self.category_override:
@@ -210,9 +243,7 @@ class MemoryTrace(TorchDispatchMode):
         self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget(key))
         self.current += nbytes
         if self.allocator is not None:
-            self.allocator.malloc(key, storage.nbytes())
-        if self.events is not None:
-            self.events.append(("alloc", key, nbytes, where))
+            self.allocator.malloc(key, storage.nbytes(), where)
         if self.current > self.peak:
             self.peak = self.current
             self.peak_at = self.clock
@@ -322,6 +353,22 @@ def _read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def load_model_config(path: str | Path):
+    """A transformers config from a config.json (or a folder holding one); no download."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json there; pass a model's config.json or its folder.")
+    if path.is_file() and path.name != "config.json":
+        import json
+
+        data = json.loads(path.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    return AutoConfig.from_pretrained(folder)
+
+
 def bge_m3_config():
     from transformers import XLMRobertaConfig
 
@@ -381,6 +428,7 @@ class MemoryReport:
     attention_kernel: str
     seconds: float
     spec: dict = field(default_factory=dict)
+    snapshot: dict | None = field(default=None, repr=False)  # rank 0's trace, memory_viz format
 
     @property
     def verdict(self) -> str:
@@ -395,8 +443,20 @@ class MemoryReport:
 
     def to_json(self) -> dict:
         data = asdict(self)
+        data.pop("snapshot")
         data["verdict"] = self.verdict
         return data
+
+    def save_snapshot(self, path: str | Path) -> None:
+        """Write the simulated allocation trace as ``torch.cuda.memory._dump_snapshot`` would;
+        drop the file on https://pytorch.org/memory_viz to see it."""
+        import pickle
+
+        from m3lab.io import write_bytes_atomic
+
+        if self.snapshot is None:
+            raise ValueError("this report has no trace; predict(..., record_events=True) records one")
+        write_bytes_atomic(path, pickle.dumps(self.snapshot))
 
 
 # ---- the trace ---------------------------------------------------------------------------------
@@ -801,8 +861,11 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     world = spec.num_gpus
     ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
     per_rank = []
+    snapshot = None
     for rank in ranks:
         first, steady, model_states, trace, kernel = _simulate_rank(spec, profile, rank, record_events)
+        if record_events and rank == 0 and trace.allocator is not None:
+            snapshot = trace.allocator.snapshot()
         worst = max((first, steady), key=lambda s: s.peak_allocated_bytes)
         context = profile.context_bytes if profile else 0
         reserved = max(first.predicted_reserved_bytes, steady.predicted_reserved_bytes)
@@ -826,4 +889,4 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         peak_op=top.peak_op, first_step_peak_bytes=top.first_step.peak_allocated_bytes,
         steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank,
         attention_kernel=kernel, seconds=time.perf_counter() - started,
-        spec={k: v for k, v in asdict(spec).items() if k != "model_config"})
+        spec={k: v for k, v in asdict(spec).items() if k != "model_config"}, snapshot=snapshot)
