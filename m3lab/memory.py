@@ -427,6 +427,7 @@ class MemoryReport:
     per_rank: list[RankPrediction]
     attention_kernel: str
     seconds: float
+    extrapolated: bool = False  # traced at 2 and 3 layers and extrapolated (see predict)
     spec: dict = field(default_factory=dict)
     snapshot: dict | None = field(default=None, repr=False)  # rank 0's trace, memory_viz format
 
@@ -934,8 +935,10 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
     per_rank = []
     snapshot = None
+    extrapolated = False
     for rank in ranks:
         first, steady, model_states, trace, kernel = _rank_result(spec, profile, rank, record_events, exact)
+        extrapolated = extrapolated or trace is None
         if record_events and rank == 0 and trace is not None and trace.allocator is not None:
             snapshot = trace.allocator.snapshot()
         worst = max((first, steady), key=lambda s: s.peak_allocated_bytes)
@@ -952,7 +955,7 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
                                                       "steady_step": per_rank[0].steady_step})
                                     for r in range(1, world - 1)] + per_rank[1:]
     top = max(per_rank, key=lambda r: r.total_bytes)
-    if profile is not None and not exact and abs(top.usable_bytes - top.total_bytes) < NEAR_THE_LIMIT:
+    if profile is not None and extrapolated and abs(top.usable_bytes - top.total_bytes) < NEAR_THE_LIMIT:
         # Extrapolation is exact for allocated bytes but only estimates the allocator's cache;
         # near the card's limit the verdict deserves the full trace and its simulated allocator.
         return predict(config, gpu, spec=spec, record_events=record_events, exact=True)
@@ -964,5 +967,5 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         fits=top.fits, breakdown=top.breakdown, peak_phase=top.peak_phase, peak_module=top.peak_module,
         peak_op=top.peak_op, first_step_peak_bytes=top.first_step.peak_allocated_bytes,
         steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank,
-        attention_kernel=kernel, seconds=time.perf_counter() - started,
+        attention_kernel=kernel, seconds=time.perf_counter() - started, extrapolated=extrapolated,
         spec={k: v for k, v in asdict(spec).items() if k != "model_config"}, snapshot=snapshot)
