@@ -203,6 +203,7 @@ class MemoryTrace(TorchDispatchMode):
         self.clock = 0  # counts allocations; the peak is a moment on this clock
         self.peak_at = 0
         self.history: list[_Storage] = []  # storages alive at some point since the last reset
+        self.phase_peaks: dict[str, tuple] = {}  # phase -> (bytes, clock, where) of its peak
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _size(self, nbytes: int) -> int:
@@ -248,16 +249,27 @@ class MemoryTrace(TorchDispatchMode):
             self.peak = self.current
             self.peak_at = self.clock
             self.peak_where = (self.phase, self.module, func_name)
+        if self.current > self.phase_peaks.get(self.phase, (-1,))[0]:
+            self.phase_peaks[self.phase] = (self.current, self.clock, (self.phase, self.module, func_name))
+
+    def enter(self, phase: str) -> None:
+        """Start a phase of the step; its peak is at least what is live as it starts."""
+        self.phase = phase
+        if self.current > self.phase_peaks.get(phase, (-1,))[0]:
+            self.phase_peaks[phase] = (self.current, self.clock, (phase, self.module, "(start)"))
+
+    def breakdown_at(self, at: int) -> dict[str, int]:
+        """Bytes per category alive at allocation ``at``, with the labels known now (gradients
+        and optimizer states are recognised only after backward and step, so this is read late)."""
+        breakdown = dict.fromkeys(CATEGORIES, 0)
+        for entry in self.history:
+            if entry.born <= at and (entry.died is None or entry.died >= at):
+                breakdown[entry.category] += entry.nbytes
+        return breakdown
 
     @property
     def peak_breakdown(self) -> dict[str, int]:
-        """Bytes per category alive at the peak, with the labels known now (gradients and
-        optimizer states are recognised only after backward and step, so this is read late)."""
-        breakdown = dict.fromkeys(CATEGORIES, 0)
-        for entry in self.history:
-            if entry.born <= self.peak_at and (entry.died is None or entry.died >= self.peak_at):
-                breakdown[entry.category] += entry.nbytes
-        return breakdown
+        return self.breakdown_at(self.peak_at)
 
     def relabel(self, tensors, category: str) -> None:
         """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
@@ -268,6 +280,7 @@ class MemoryTrace(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.current
         self.peak_at = self.clock
+        self.phase_peaks = {}
         self.history = list(self.live.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -434,7 +447,10 @@ class MemoryReport:
     @property
     def verdict(self) -> str:
         spare = (self.usable_bytes - self.total_bytes) / GIB
-        return f"fits with {spare:.2f} GiB to spare" if spare >= 0 else f"OOM by {-spare:.2f} GiB"
+        text = f"fits with {spare:.2f} GiB to spare" if spare >= 0 else f"OOM by {-spare:.2f} GiB"
+        if abs(self.usable_bytes - self.total_bytes) < NEAR_THE_LIMIT:
+            text += " (close call: the allocator's cache and the CUDA context are estimates)"
+        return text
 
     def summary(self) -> str:
         return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB, "
@@ -825,19 +841,20 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
             for _ in range(2):
                 trace.reset_peak()
                 for _ in range(spec.gradient_accumulation_steps):
-                    trace.phase = "forward"
+                    trace.enter("forward")
                     loss = driver.loss(inputs)
-                    trace.phase = "backward"
                     trace.module = ""
+                    trace.enter("backward")
                     driver.backward(loss)
                     del loss
                     trace.relabel(_grad_tensors(driver.optimizer, model), "gradients")
                     trace.relabel(driver.buffers(), "other")
-                trace.phase = "optimizer"
+                trace.enter("optimizer")
                 driver.step()
                 label_states()
                 reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
-                steps.append(StepPeak(trace.peak, reserved, dict(trace.peak_breakdown), *trace.peak_where))
+                steps.append({phase: StepPeak(value, reserved, trace.breakdown_at(at), *where)
+                              for phase, (value, at, where) in trace.phase_peaks.items()})
                 trace.phase = "between steps"
         finally:
             for handle in handles:
@@ -850,13 +867,19 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     return steps[0], steps[1], model_states, trace, kernel
 
 
+def _overall(phases: dict[str, StepPeak]) -> StepPeak:
+    return max(phases.values(), key=lambda p: p.peak_allocated_bytes)
+
+
 # Extrapolating from shallow copies of the model: layers are identical, so every figure of a
 # step (each category at the peak, the peak itself) grows by the same bytes per layer, as long as
 # the peak stays at the same point of the step. DeepSpeed breaks that when its gradient buckets
 # fill up part-way through backward, so those configurations are always traced in full.
 EXTRAPOLATE_FROM = (2, 3)
 DEEPSPEED_ALLREDUCE_BUCKET = 500_000_000  # stage 0's gradient all-reduce buffer (elements)
-NEAR_THE_LIMIT = int(1.5 * GIB)
+# Within this of the card's limit, the verdict rests on the caching allocator's share, which is
+# simulated (full traces) or carried over from the 3-layer trace (extrapolation): say so.
+NEAR_THE_LIMIT = int(1.0 * GIB)
 
 
 def _with_layers(spec: PredictSpec, layers: int) -> PredictSpec:
@@ -888,15 +911,21 @@ def _line(a: int, b: int, steps: int) -> int:
     return a + steps * (b - a)
 
 
-def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int) -> StepPeak:
+def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached: int,
+                      capacity: int | None) -> StepPeak:
+    """One phase's peak at full depth from its peaks at the two shallow depths."""
     module = b.peak_module
     last = EXTRAPOLATE_FROM[1] - 1
     if f"layer.{last}." in module + ".":  # the last layer of the shallow copy is the model's last
         module = module.replace(f"layer.{last}", f"layer.{layers - 1}")
     peak = _line(a.peak_allocated_bytes, b.peak_allocated_bytes, steps)
-    # The allocator's cache is not linear in depth (it empties itself near the card's limit);
-    # take the cached-but-unused bytes of the deeper copy as they are.
-    return StepPeak(peak, peak + max(0, b.predicted_reserved_bytes - b.peak_allocated_bytes),
+    # The allocator's cache is not linear in depth: take the cached-but-unused bytes of the
+    # deeper copy (``cached``) as they are, and, as the allocator empties its cache before it
+    # gives up, no more than the card holds while the live tensors themselves fit.
+    reserved = peak + cached
+    if capacity is not None and peak <= capacity:
+        reserved = min(reserved, capacity)
+    return StepPeak(peak, reserved,
                     {k: _line(a.breakdown[k], b.breakdown[k], steps) for k in a.breakdown},
                     b.peak_phase, module, b.peak_op)
 
@@ -908,14 +937,24 @@ def _rank_result(spec: PredictSpec, profile: GPU | None, rank: int, record_event
             and not _buckets_crossed(spec, _trainable_params(spec)):
         small = [_simulate_rank(_with_layers(spec, n), profile, rank) for n in EXTRAPOLATE_FROM]
         steps = layers - EXTRAPOLATE_FROM[0]
-        same_peak_point = all(small[0][i].peak_phase == small[1][i].peak_phase and
-                              small[0][i].peak_op == small[1][i].peak_op for i in (0, 1))
-        if same_peak_point:
+        # Each phase's peak is linear in depth if it sits at the same operation at both depths;
+        # the step's peak is the largest of them, which may be another phase at full depth.
+        same_peak_points = all(a[phase].peak_op == b[phase].peak_op and a.keys() == b.keys()
+                               for a, b in ((small[0][0], small[1][0]), (small[0][1], small[1][1])) for phase in a)
+        if same_peak_points:
             (a1, a2, a_states, _, kernel), (b1, b2, b_states, _, _) = small
             states = {k: _line(a_states[k], b_states[k], steps) for k in a_states}
-            return (_extrapolate_step(a1, b1, steps, layers), _extrapolate_step(a2, b2, steps, layers),
-                    states, None, kernel)
-    return _simulate_rank(spec, profile, rank, record_events)
+            def cached(phases):
+                top = _overall(phases)
+                return max(0, top.predicted_reserved_bytes - top.peak_allocated_bytes)
+
+            capacity = profile.usable_bytes - profile.context_bytes if profile else None
+
+            first = {ph: _extrapolate_step(a1[ph], b1[ph], steps, layers, cached(b1), capacity) for ph in a1}
+            steady = {ph: _extrapolate_step(a2[ph], b2[ph], steps, layers, cached(b2), capacity) for ph in a2}
+            return _overall(first), _overall(steady), states, None, kernel
+    first, steady, states, trace, kernel = _simulate_rank(spec, profile, rank, record_events)
+    return _overall(first), _overall(steady), states, trace, kernel
 
 
 def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = None,
@@ -955,10 +994,6 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
                                                       "steady_step": per_rank[0].steady_step})
                                     for r in range(1, world - 1)] + per_rank[1:]
     top = max(per_rank, key=lambda r: r.total_bytes)
-    if profile is not None and extrapolated and abs(top.usable_bytes - top.total_bytes) < NEAR_THE_LIMIT:
-        # Extrapolation is exact for allocated bytes but only estimates the allocator's cache;
-        # near the card's limit the verdict deserves the full trace and its simulated allocator.
-        return predict(config, gpu, spec=spec, record_events=record_events, exact=True)
     provenance = f"predicted for {profile.name}" if profile else "predicted live tensor bytes on CPU"
     return MemoryReport(
         gpu=profile.key if profile else "cpu", provenance=provenance,

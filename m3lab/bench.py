@@ -1,0 +1,43 @@
+"""How fast the predictor is: a 10-point sweep at full BGE-M3 size, seconds per configuration.
+
+``python -m m3lab.bench`` prints one line per configuration (predicted peak for a T4, seconds,
+and whether the step was extrapolated from shallow traces or traced layer by layer), then the
+median and the slowest time after the first call, which pays for imports and caches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from m3lab.config import TrainConfig
+from m3lab.memory import GIB, predict
+
+
+def sweep() -> list[tuple[str, TrainConfig]]:
+    advice_zero0 = TrainConfig.common_t4_advice(deepspeed_stage=0)
+    points = [(f"advice, ZeRO-0, passage {p}", advice_zero0.replace(passage_max_len=p))
+              for p in (128, 256, 392, 512, 1024, 2048)]
+    points += [(f"advice, ZeRO-0, group {g}", advice_zero0.replace(train_group_size=g)) for g in (2, 4)]
+    points += [("advice (ZeRO-1)", TrainConfig.common_t4_advice()),
+               ("advice, fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True))]
+    return points
+
+
+def main() -> None:
+    timings = []
+    print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
+    for name, config in sweep():
+        started = time.perf_counter()
+        report = predict(config, "t4")
+        seconds = time.perf_counter() - started
+        timings.append(seconds)
+        method = "extrapolated" if report.extrapolated else "full trace"
+        print(f"{name:36} {report.peak_allocated_bytes / GIB:9.2f} {seconds:8.2f}  {method}", flush=True)
+    after_first = timings[1:]
+    print(f"after the first call: median {statistics.median(after_first):.2f} s, "
+          f"slowest {max(after_first):.2f} s per configuration (target: 3 s)")
+
+
+if __name__ == "__main__":
+    main()
