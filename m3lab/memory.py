@@ -370,16 +370,17 @@ def load_model_config(path: str | Path):
     """A transformers config from a config.json (or a folder holding one); no download."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json there; pass a model's config.json or its folder.")
-    if path.is_file() and path.name != "config.json":
-        import json
+    import json
 
-        data = json.loads(path.read_text())
-        return AutoConfig.for_model(data.pop("model_type"), **data)
-    return AutoConfig.from_pretrained(folder)
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a model's config.json or the folder holding it.")
+    data = json.loads(path.read_text())
+    if "model_type" not in data:
+        raise ValueError(f"{path} has no \"model_type\"; it does not look like a transformers config.json.")
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def bge_m3_config():
@@ -902,6 +903,9 @@ def _buckets_crossed(spec: PredictSpec, trainable_params: int) -> bool:
 
 def _trainable_params(spec: PredictSpec) -> int:
     """Trainable parameters of the full model, counted on the meta device (no memory, no trace)."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
     with torch.device("meta"):
         model = _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

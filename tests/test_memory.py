@@ -1,0 +1,246 @@
+"""The memory predictor: its allocator model, its trace, its CLI contract, and checks of its
+figures against the ZeRO paper's accounting and against real DeepSpeed."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3lab import memory
+from m3lab.cli import main as cli_main
+from m3lab.config import TrainConfig
+from m3lab.gpus import GIB, gpu_profile
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BERT_TINY = FIXTURES / "bert-tiny-config.json"
+
+
+# ---- the caching allocator's arithmetic ------------------------------------------------------
+def test_allocator_rounding_and_segments():
+    assert memory.allocator_round(1) == 512
+    assert memory.allocator_round(512) == 512
+    assert memory.allocator_round(513) == 1024
+    assert memory.segment_size(512) == 2 << 20  # small pool: 2 MiB segments
+    assert memory.segment_size(5 << 20) == 20 << 20  # 1-10 MiB: 20 MiB segments
+    assert memory.segment_size((30 << 20) + 1) == 32 << 20  # large: rounded up to 2 MiB
+
+
+def test_allocator_reuses_splits_and_merges_cached_blocks():
+    alloc = memory._Allocator()
+    alloc.malloc(1, 64 << 20)
+    alloc.malloc(2, 64 << 20)
+    assert alloc.reserved == 128 << 20
+    alloc.release(1)
+    alloc.malloc(3, 32 << 20)  # served from the cached 64 MiB block, split
+    alloc.malloc(4, 32 << 20)  # and from its remainder
+    assert alloc.reserved == 128 << 20
+    alloc.release(3)
+    alloc.release(4)
+    alloc.malloc(5, 64 << 20)  # the two halves merged back into one 64 MiB block
+    assert alloc.reserved == 128 << 20
+    alloc.malloc(6, 16 << 20)  # nothing cached is free: a new segment
+    assert alloc.reserved == (128 + 16) << 20
+
+
+def test_allocator_empties_its_cache_before_it_runs_out():
+    alloc = memory._Allocator(capacity=100 << 20)
+    alloc.malloc(1, 60 << 20)
+    alloc.release(1)
+    alloc.malloc(2, 80 << 20)  # the cached 60 MiB segment is too small; freeing it makes room
+    assert alloc.reserved == 80 << 20 and not alloc.out_of_memory
+    alloc.malloc(3, 40 << 20)
+    assert alloc.out_of_memory
+
+
+# ---- the trace -----------------------------------------------------------------------------------
+def test_trace_counts_fake_tensors_by_category():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), memory.MemoryTrace(rounding=False) as trace:
+        weight = torch.empty(1000, 1000)  # 4 MB
+        trace.relabel([weight], "weights")
+        trace.reset_peak()
+        trace.enter("forward")
+        hidden = weight @ weight  # 4 MB activation
+        temp = hidden * 2  # 4 MB more
+        del temp
+        trace.enter("backward")
+        grad = torch.ones_like(weight)
+        trace.relabel([grad], "gradients")
+    assert trace.peak == 12_000_000
+    assert trace.peak_breakdown == {**dict.fromkeys(memory.CATEGORIES, 0), "weights": 4_000_000,
+                                    "activations": 8_000_000}
+    assert trace.phase_peaks["backward"][0] == 12_000_000
+
+
+def test_gpu_profiles():
+    t4 = gpu_profile("t4")
+    assert t4.usable_bytes == pytest.approx(14.74 * GIB, rel=1e-3)
+    assert not t4.supports_bf16 and t4.sdpa_kernel(True) == "efficient"
+    assert gpu_profile("a100-80").sdpa_kernel(True) == "flash"
+    assert gpu_profile("kaggle").count == 2
+    with pytest.raises(ValueError, match="unknown GPU"):
+        gpu_profile("tpu")
+
+
+# ---- the CLI contract ---------------------------------------------------------------------------
+def _cli_json(capsys, *args):
+    assert cli_main(["predict", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_json_has_the_contracted_fields(capsys):
+    out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "4",
+                    "--seq-len", "128", "--precision", "fp16", "--optim", "adamw_torch", "--gpu", "t4")
+    for key in ("peak_allocated_bytes", "predicted_reserved_bytes", "context_bytes", "total_bytes",
+                "usable_bytes", "fits", "breakdown", "peak_phase", "per_rank"):
+        assert key in out, key
+    assert set(out["breakdown"]) == {"weights", "gradients", "optimizer_states", "activations", "temporaries", "other"}
+    assert out["total_bytes"] == out["predicted_reserved_bytes"] + out["context_bytes"]
+    assert out["fits"] is True and out["provenance"] == "predicted for Tesla T4 (Colab)"
+    assert out["peak_allocated_bytes"] % 512 == 0  # the allocator's rounding
+    assert out["per_rank"][0]["peak_allocated_bytes"] == out["peak_allocated_bytes"]
+
+
+def _expected_state_bytes(optim: str) -> int:
+    """Optimizer state per the optimizers' own definitions, with the allocator's 512-byte rounding."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = memory.load_model_config(BERT_TINY)
+    config.num_labels = 2
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    r = memory.allocator_round
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if optim in ("adamw_torch", "adamw_torch_fused"):  # exp_avg, exp_avg_sq (fp32) and a step tensor
+            total += 2 * r(4 * n) + r(4)
+        elif optim == "adafactor":  # factored second moment for matrices (rows + columns), full for
+            # vectors, and the RMS of the weights, which transformers' Adafactor keeps as a tensor
+            total += (r(4 * p.shape[0]) + r(4 * p.shape[1]) if p.dim() == 2 else r(4 * n)) + r(4)
+        elif optim == "adamw_bnb_8bit":  # two uint8 states and one fp32 absmax per 256 values; fp32 if small
+            total += 2 * r(n) + 2 * r(4 * -(-n // 256)) if n >= 4096 else 2 * r(4 * n)
+    return total
+
+
+@pytest.mark.parametrize("optim", memory.OPTIMIZERS)
+def test_each_optimizer_holds_what_it_should(capsys, optim):
+    out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "2",
+                    "--seq-len", "64", "--optim", optim, "--gpu", "a100-80")
+    assert out["per_rank"][0]["model_state_bytes"]["optimizer_states"] == _expected_state_bytes(optim)
+
+
+def test_attention_kernel_follows_the_card(capsys):
+    common = ["--trainer", "hf", "--model-config", str(BERT_TINY), "--seq-len", "256", "--precision", "fp16"]
+    eager = _cli_json(capsys, *common, "--attn-implementation", "eager", "--gpu", "t4")
+    sdpa = _cli_json(capsys, *common, "--attn-implementation", "sdpa", "--gpu", "t4")
+    assert sdpa["attention_kernel"] == "efficient"
+    assert sdpa["peak_allocated_bytes"] < eager["peak_allocated_bytes"]  # no (L x L) scores kept
+
+
+def test_snapshot_is_readable_by_pytorchs_memory_viz(tmp_path, capsys):
+    from torch.cuda import _memory_viz
+
+    path = tmp_path / "snap.pickle"
+    assert cli_main(["predict", "--trainer", "hf", "--model-config", str(BERT_TINY), "--seq-len", "64",
+                     "--gpu", "t4", "--snapshot", str(path)]) == 0
+    snapshot = pickle.loads(path.read_bytes())
+    text = _memory_viz.trace(snapshot)
+    assert "cudaMalloc" in text and "entries" in text
+    assert any(e["action"] == "alloc" for e in snapshot["device_traces"][0])
+
+
+# ---- extrapolation from shallow traces is exact ---------------------------------------------------
+@pytest.mark.parametrize("changes", [dict(), dict(gradient_checkpointing=True), dict(precision="fp16", optim="adafactor")])
+def test_extrapolated_equals_full_trace_hf(changes):
+    spec = memory.PredictSpec(trainer="hf", model_config=memory.load_model_config(BERT_TINY), batch_size=2,
+                              seq_len=128, **changes)
+    fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
+    assert fast.extrapolated and not full.extrapolated
+    assert fast.peak_allocated_bytes == full.peak_allocated_bytes
+    assert fast.breakdown == full.breakdown
+    assert (fast.first_step_peak_bytes, fast.steady_step_peak_bytes) == (full.first_step_peak_bytes,
+                                                                        full.steady_step_peak_bytes)
+
+
+def test_extrapolated_equals_full_trace_m3(standin_dir):
+    config = memory.load_model_config(standin_dir)
+    config.num_hidden_layers = 6
+    for train in (TrainConfig(deepspeed_stage=0, fp16=True, gradient_checkpointing=True, use_self_distill=True,
+                              train_group_size=4, query_max_len=32, passage_max_len=256),
+                  TrainConfig(deepspeed_stage=1, fp16=True, fix_encoder=True, reduce_bucket_size=10_000_000,
+                              train_group_size=2, query_max_len=16, passage_max_len=512)):
+        spec = memory.spec_from_config(train, model_config=config)
+        fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
+        assert fast.extrapolated
+        assert fast.peak_allocated_bytes == full.peak_allocated_bytes
+        assert fast.breakdown == full.breakdown
+
+
+# ---- full-size figures against the ZeRO paper's accounting ----------------------------------------
+def _bge_m3_params() -> int:
+    return memory._trainable_params(memory.spec_from_config(TrainConfig()))
+
+
+def test_full_size_parameter_count():
+    # XLM-R large (~560M with the pooler) plus colbert_linear (1024x1024+1024) and sparse_linear (1025)
+    assert _bge_m3_params() == pytest.approx(568e6, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_zero1_model_states_match_the_zero_paper(gpus):
+    """ZeRO paper, mixed-precision Adam: fp16 weights 2 bytes/param; fp32 master + two moments,
+    12 bytes/param, partitioned over N ranks by stage 1."""
+    psi = _bge_m3_params()
+    report = memory.predict(TrainConfig.common_t4_advice(num_processes=gpus, negatives_cross_device=gpus > 1), "t4x2")
+    for rank in report.per_rank:
+        assert rank.model_state_bytes["weights"] == pytest.approx(2 * psi, rel=0.002)
+        assert rank.model_state_bytes["optimizer_states"] == pytest.approx(12 * psi / gpus, rel=0.002)
+
+
+# ---- against real DeepSpeed ------------------------------------------------------------------------
+def _real_deepspeed_states(config_path: Path, stage: int, processes: int) -> list[dict]:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    helper = Path(__file__).parent / "helpers" / "deepspeed_states.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(processes), str(helper),
+                          str(config_path), str(stage)], capture_output=True, text=True, env=env, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def _predicted_states(model_config, stage: int, processes: int) -> list[dict]:
+    train = TrainConfig(deepspeed_stage=stage, per_device_train_batch_size=1, num_processes=processes,
+                        negatives_cross_device=processes > 1, train_group_size=2, query_max_len=8,
+                        passage_max_len=8)
+    report = memory.predict(gpu=None, spec=memory.spec_from_config(train, model_config=model_config), exact=True)
+    return [r.model_state_bytes for r in report.per_rank]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, processes", [(0, 1), (1, 1), (1, 2), (2, 2)])
+def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes):
+    real = _real_deepspeed_states(standin_dir, stage, processes)
+    predicted = _predicted_states(memory.load_model_config(standin_dir), stage, processes)
+    assert len(real) == len(predicted) == processes
+    for got, want in zip(predicted, real):
+        assert got["weights"] == want["weights"]
+        assert got["optimizer_states"] == want["optimizer_states"]
+
+
+@pytest.mark.fullsize
+@pytest.mark.skipif(os.environ.get("M3LAB_FULLSIZE") != "1", reason="needs ~14 GB of RAM; set M3LAB_FULLSIZE=1")
+def test_model_states_equal_real_deepspeed_full_size(tmp_path):
+    memory.bge_m3_config().save_pretrained(tmp_path)
+    real = _real_deepspeed_states(tmp_path, 1, 1)
+    predicted = _predicted_states(memory.bge_m3_config(), 1, 1)
+    assert predicted[0]["weights"] == real[0]["weights"]
+    assert predicted[0]["optimizer_states"] == real[0]["optimizer_states"]
