@@ -1,0 +1,54 @@
+"""The predictor against real runs: the same configurations of the tiny stand-in, trained for
+real on this CPU by FlagEmbedding's trainer under torchrun, and predicted on fake tensors.
+
+Real runs pad each batch to its longest text, so the data here makes every text longer than its
+max length: then the real batches have exactly the shapes the predictor assumes.
+"""
+
+import json
+
+import pytest
+
+from m3lab import memory
+from m3lab.config import TrainConfig
+from m3lab.train import train
+
+pytestmark = pytest.mark.slow
+
+BASE = TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,
+                   per_device_train_batch_size=2, max_steps=2, learning_rate=1e-4, deepspeed_stage=1,
+                   reduce_bucket_size=1_000_000, use_self_distill=True)
+CONFIGS = {
+    "ZeRO-0, 1 process": BASE.replace(deepspeed_stage=0),
+    "ZeRO-1, 1 process": BASE,
+    "ZeRO-1 + gradient checkpointing": BASE.replace(gradient_checkpointing=True),
+    "ZeRO-1, 2 processes": BASE.replace(num_processes=2, negatives_cross_device=True),
+}
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    from m3lab.data import load_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "long.jsonl"
+    rows = load_jsonl("data/train.jsonl")[:40]
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps({"query": (row["query"] + " ") * 12,
+                                     "pos": [(text + " ") * 6 for text in row["pos"]],
+                                     "neg": [(text + " ") * 6 for text in row["neg"]]}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_predicted_live_tensor_peak_within_2_percent_of_measured(name, long_data, standin_dir, tmp_path):
+    config = CONFIGS[name].replace(train_data=[str(long_data)])
+    measured = train(config, runs_root=tmp_path)
+    assert measured.status == "ok"
+    spec = memory.spec_from_config(config, model_config=memory.load_model_config(standin_dir))
+    predicted = memory.predict(gpu=None, spec=spec, exact=True)
+    assert len(predicted.per_rank) == len(measured.ranks) == config.num_processes
+    for rank, prediction in zip(measured.ranks, predicted.per_rank):
+        first, steady = (s.peak_allocated_bytes for s in rank.steps)
+        assert prediction.first_step.peak_allocated_bytes == pytest.approx(first, rel=0.02)
+        assert prediction.steady_step.peak_allocated_bytes == pytest.approx(steady, rel=0.02)
