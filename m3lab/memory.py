@@ -403,8 +403,9 @@ class StepPeak:
 
 
 @dataclass
-class RankPrediction:
-    rank: int
+class PeakFigures:
+    """The figures of ``m3lab predict --json``'s contract, for the whole run or for one rank."""
+
     peak_allocated_bytes: int
     predicted_reserved_bytes: int
     context_bytes: int
@@ -415,32 +416,27 @@ class RankPrediction:
     peak_phase: str
     peak_module: str
     peak_op: str
-    first_step: StepPeak
-    steady_step: StepPeak
-    model_state_bytes: dict[str, int]
 
 
 @dataclass
-class MemoryReport:
+class RankPrediction(PeakFigures):
+    rank: int = 0
+    first_step: StepPeak | None = None
+    steady_step: StepPeak | None = None
+    model_state_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryReport(PeakFigures):
     """A prediction; ``provenance`` says what it is, e.g. "predicted for Tesla T4 (Colab)"."""
 
-    gpu: str
-    provenance: str
-    peak_allocated_bytes: int
-    predicted_reserved_bytes: int
-    context_bytes: int
-    total_bytes: int
-    usable_bytes: int
-    fits: bool
-    breakdown: dict[str, int]
-    peak_phase: str
-    peak_module: str
-    peak_op: str
-    first_step_peak_bytes: int
-    steady_step_peak_bytes: int
-    per_rank: list[RankPrediction]
-    attention_kernel: str
-    seconds: float
+    gpu: str = ""
+    provenance: str = ""
+    first_step_peak_bytes: int = 0
+    steady_step_peak_bytes: int = 0
+    per_rank: list[RankPrediction] = field(default_factory=list)
+    attention_kernel: str = ""
+    seconds: float = 0.0
     extrapolated: bool = False  # traced at 2 and 3 layers and extrapolated (see predict)
     spec: dict = field(default_factory=dict)
     snapshot: dict | None = field(default=None, repr=False)  # rank 0's trace, memory_viz format
@@ -990,8 +986,11 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         usable = profile.usable_bytes if profile else 0
         total = reserved + context
         per_rank.append(RankPrediction(
-            rank, worst.peak_allocated_bytes, reserved, context, total, usable, total <= usable if profile else True,
-            worst.breakdown, worst.peak_phase, worst.peak_module, worst.peak_op, first, steady, model_states))
+            peak_allocated_bytes=worst.peak_allocated_bytes, predicted_reserved_bytes=reserved,
+            context_bytes=context, total_bytes=total, usable_bytes=usable,
+            fits=total <= usable if profile else True, breakdown=worst.breakdown, peak_phase=worst.peak_phase,
+            peak_module=worst.peak_module, peak_op=worst.peak_op, rank=rank, first_step=first, steady_step=steady,
+            model_state_bytes=model_states))
     if world > 2:  # the middle ranks hold exactly what rank 0 holds
         per_rank = [per_rank[0]] + [RankPrediction(**{**asdict(per_rank[0]), "rank": r,
                                                       "first_step": per_rank[0].first_step,
