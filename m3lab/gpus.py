@@ -1,9 +1,10 @@
 """GPU profiles for the predictor: usable memory, fixed overheads and the kernels each card runs.
 
 ``usable_bytes`` is the card's memory as ``torch.cuda.get_device_properties(i).total_memory``
-reports it (the T4's 14.74 GiB is from ../shared/FINDINGS.md; the others are the cards' usual
-reported totals). ``context_bytes`` (CUDA context, cuBLAS/cuDNN workspaces and the kernels'
-images, which ``max_memory_allocated`` does not count) is an estimate, labelled as one.
+reports it: the T4's 14.74 GiB was checked (../shared/FINDINGS.md); the others are approximate
+figures of the "total capacity" that PyTorch's OOM messages print for those cards, not checked
+here. ``context_bytes`` (CUDA context, cuBLAS/cuDNN workspaces and the kernels' images, which
+``max_memory_allocated`` does not count) is an estimate for every card, labelled as one.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _gib(x: float) -> int:
 PROFILES: dict[str, GPU] = {g.key: g for g in [
     GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5)),
     GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2),
-    GPU("l4", "NVIDIA L4 24 GB", _gib(22.05), _gib(0.45), (8, 9)),
-    GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.06), _gib(0.45), (8, 6)),
+    GPU("l4", "NVIDIA L4 24 GB", _gib(22.17), _gib(0.45), (8, 9)),
+    GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.19), _gib(0.45), (8, 6)),
     GPU("v100", "Tesla V100 16 GB", _gib(15.77), _gib(0.40), (7, 0)),
     GPU("a100-40", "NVIDIA A100 40 GB", _gib(39.39), _gib(0.50), (8, 0)),
     GPU("a100-80", "NVIDIA A100 80 GB", _gib(79.15), _gib(0.50), (8, 0)),
