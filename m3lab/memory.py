@@ -236,7 +236,12 @@ class MemoryTrace(TorchDispatchMode):
                 self.current += nbytes - entry.nbytes
                 entry.nbytes = nbytes
             return
-        where = f"{self.phase}:{self.module}:{func_name}"
+        module = self.module
+        if self.phase == "backward" and not module:
+            # Backward runs outside module hooks; the autograd node says which forward op it undoes.
+            node = torch._C._current_autograd_node()
+            module = f"autograd {node.name()}" if node is not None else ""
+        where = f"{self.phase}:{module}:{func_name}"
         self.clock += 1
         entry = _Storage(nbytes, self._category_for_new(), self.phase, where, born=self.clock)
         self.live[key] = entry
@@ -248,9 +253,9 @@ class MemoryTrace(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_at = self.clock
-            self.peak_where = (self.phase, self.module, func_name)
+            self.peak_where = (self.phase, module, func_name)
         if self.current > self.phase_peaks.get(self.phase, (-1,))[0]:
-            self.phase_peaks[self.phase] = (self.current, self.clock, (self.phase, self.module, func_name))
+            self.phase_peaks[self.phase] = (self.current, self.clock, (self.phase, module, func_name))
 
     def enter(self, phase: str) -> None:
         """Start a phase of the step; its peak is at least what is live as it starts."""
