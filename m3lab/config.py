@@ -135,6 +135,11 @@ class TrainConfig:
         if self.deepspeed_stage is not None and self.deepspeed_stage not in (0, 1, 2):
             found.append(f"deepspeed_stage is {self.deepspeed_stage}; m3lab renders stages 0, 1 and 2 "
                          "(or None for no DeepSpeed).")
+        if self.deepspeed_stage == 2 and self.gradient_checkpointing:
+            found.append("ZeRO-2 with gradient_checkpointing fails in DeepSpeed with FlagEmbedding's M3 "
+                         "trainer (\"Gradient computed twice for this partition\"): the model encodes queries "
+                         "and passages in two passes, and reentrant checkpointing then fires each gradient "
+                         "hook twice. Use deepspeed_stage=1, or turn gradient_checkpointing off.")
         if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
             found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
         if self.deepspeed_config_file is not None:

@@ -173,6 +173,16 @@ class _Allocator:
         pool.append([parts[index][1], seg, parts[index][0]])
 
 
+def _breakdown_at(history, at: int) -> dict[str, int]:
+    """Bytes per category alive at allocation ``at``, with the labels known now (gradients and
+    optimizer states are recognised only after backward and step, so this is read late)."""
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for entry in history:
+        if entry.born <= at and (entry.died is None or entry.died >= at):
+            breakdown[entry.category] += entry.nbytes
+    return breakdown
+
+
 @dataclass
 class _Storage:
     nbytes: int
@@ -203,7 +213,9 @@ class MemoryTrace(TorchDispatchMode):
         self.clock = 0  # counts allocations; the peak is a moment on this clock
         self.peak_at = 0
         self.history: list[_Storage] = []  # storages alive at some point since the last reset
-        self.phase_peaks: dict[str, tuple] = {}  # phase -> (bytes, clock, where) of its peak
+        # (phase, operation) -> (bytes, clock, where): the highest point each operation of each
+        # phase reached. Extrapolation needs them all: at full depth another one may be highest.
+        self.candidates: dict[tuple[str, str], tuple] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _size(self, nbytes: int) -> int:
@@ -254,23 +266,19 @@ class MemoryTrace(TorchDispatchMode):
             self.peak = self.current
             self.peak_at = self.clock
             self.peak_where = (self.phase, module, func_name)
-        if self.current > self.phase_peaks.get(self.phase, (-1,))[0]:
-            self.phase_peaks[self.phase] = (self.current, self.clock, (self.phase, module, func_name))
+        key = (self.phase, func_name)
+        if self.current > self.candidates.get(key, (-1,))[0]:
+            self.candidates[key] = (self.current, self.clock, (self.phase, module, func_name))
 
     def enter(self, phase: str) -> None:
         """Start a phase of the step; its peak is at least what is live as it starts."""
         self.phase = phase
-        if self.current > self.phase_peaks.get(phase, (-1,))[0]:
-            self.phase_peaks[phase] = (self.current, self.clock, (phase, self.module, "(start)"))
+        key = (phase, "(start)")
+        if self.current > self.candidates.get(key, (-1,))[0]:
+            self.candidates[key] = (self.current, self.clock, (phase, self.module, "(start)"))
 
     def breakdown_at(self, at: int) -> dict[str, int]:
-        """Bytes per category alive at allocation ``at``, with the labels known now (gradients
-        and optimizer states are recognised only after backward and step, so this is read late)."""
-        breakdown = dict.fromkeys(CATEGORIES, 0)
-        for entry in self.history:
-            if entry.born <= at and (entry.died is None or entry.died >= at):
-                breakdown[entry.category] += entry.nbytes
-        return breakdown
+        return _breakdown_at(self.history, at)
 
     @property
     def peak_breakdown(self) -> dict[str, int]:
@@ -285,7 +293,7 @@ class MemoryTrace(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.current
         self.peak_at = self.clock
-        self.phase_peaks = {}
+        self.candidates = {}
         self.history = list(self.live.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -316,6 +324,10 @@ def _storages(obj):
                 continue
             if storage.nbytes():
                 yield storage
+
+
+class TrainingWouldFail(RuntimeError):
+    """The traced step raised inside FlagEmbedding/DeepSpeed/transformers: a real run would too."""
 
 
 # ---- what to simulate ------------------------------------------------------------------------
@@ -855,8 +867,7 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
                 driver.step()
                 label_states()
                 reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
-                steps.append({phase: StepPeak(value, reserved, trace.breakdown_at(at), *where)
-                              for phase, (value, at, where) in trace.phase_peaks.items()})
+                steps.append(_StepTrace(dict(trace.candidates), list(trace.history), reserved))
                 trace.phase = "between steps"
         finally:
             for handle in handles:
@@ -869,8 +880,24 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     return steps[0], steps[1], model_states, trace, kernel
 
 
-def _overall(phases: dict[str, StepPeak]) -> StepPeak:
-    return max(phases.values(), key=lambda p: p.peak_allocated_bytes)
+@dataclass
+class _StepTrace:
+    """What one traced step leaves: its peak candidates and the storages it saw."""
+
+    candidates: dict[tuple[str, str], tuple]
+    history: list
+    reserved: int
+
+    def top(self) -> tuple[str, str]:
+        return max(self.candidates, key=lambda key: self.candidates[key][0])
+
+    def peak(self, key=None) -> StepPeak:
+        value, at, where = self.candidates[key or self.top()]
+        return StepPeak(value, self.reserved, _breakdown_at(self.history, at), *where)
+
+
+def _overall(step: _StepTrace) -> StepPeak:
+    return step.peak()
 
 
 # Extrapolating from shallow copies of the model: layers are identical, so every figure of a
@@ -892,18 +919,29 @@ def _with_layers(spec: PredictSpec, layers: int) -> PredictSpec:
     return PredictSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "model_config": model_config})
 
 
-def _buckets_crossed(spec: PredictSpec, trainable_params: int) -> bool:
+def _shallow_specs(spec: PredictSpec) -> list[PredictSpec] | None:
+    """The shallow copies to trace for extrapolation, or None when only a full trace is exact.
+
+    DeepSpeed copies gradients into buckets (ZeRO-1/2: ``reduce_bucket_size`` elements; ZeRO-0
+    on several GPUs: 5e8 for the all-reduce) and empties one when the next gradient does not
+    fit. When the model has more trainable parameters than a bucket holds, where it empties
+    depends on depth, and the step is no longer linear in depth. Shrinking the shallow copies'
+    buckets to match gets the peak within a few MB but not exactly (tried: BGE-M3 ZeRO-1 on one
+    GPU, 11.6545 vs 11.6564 GiB, another operation at the peak), so those are traced in full.
+    """
+    shallow = [_with_layers(spec, n) for n in EXTRAPOLATE_FROM]
     if spec.deepspeed is None:
-        return False
+        return shallow
     zero = spec.deepspeed.get("zero_optimization", {})
-    if zero.get("stage", 0) >= 1:
-        bucket = min(int(zero.get("reduce_bucket_size", 500_000_000)), int(zero.get("allgather_bucket_size", 500_000_000)))
-        return trainable_params > bucket
-    return spec.num_gpus > 1 and trainable_params > DEEPSPEED_ALLREDUCE_BUCKET
+    trainable = _trainable_params(spec)
+    if zero.get("stage", 0) == 0:
+        return None if spec.num_gpus > 1 and trainable > DEEPSPEED_ALLREDUCE_BUCKET else shallow
+    bucket = min(int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size"))
+    return shallow if trainable <= bucket else None
 
 
 def _trainable_params(spec: PredictSpec) -> int:
-    """Trainable parameters of the full model, counted on the meta device (no memory, no trace)."""
+    """Trainable parameters of the model, counted on the meta device: no memory, no trace."""
     import dataclasses
 
     spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
@@ -938,26 +976,28 @@ def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached:
 def _rank_result(spec: PredictSpec, profile: GPU | None, rank: int, record_events: bool, exact: bool):
     """(first, steady, model states, trace or None, kernel) of one rank, traced or extrapolated."""
     layers = getattr(spec.model_config, "num_hidden_layers", 0)
-    if not exact and not record_events and layers > EXTRAPOLATE_FROM[1] + 1 \
-            and not _buckets_crossed(spec, _trainable_params(spec)):
-        small = [_simulate_rank(_with_layers(spec, n), profile, rank) for n in EXTRAPOLATE_FROM]
+    shallow = _shallow_specs(spec) if not exact and not record_events and layers > EXTRAPOLATE_FROM[1] + 1 else None
+    if shallow is not None:
+        small = [_simulate_rank(shallow_spec, profile, rank) for shallow_spec in shallow]
         steps = layers - EXTRAPOLATE_FROM[0]
-        # Each phase's peak is linear in depth if it sits at the same operation at both depths;
-        # the step's peak is the largest of them, which may be another phase at full depth.
-        same_peak_points = all(a[phase].peak_op == b[phase].peak_op and a.keys() == b.keys()
-                               for a, b in ((small[0][0], small[1][0]), (small[0][1], small[1][1])) for phase in a)
-        if same_peak_points:
-            (a1, a2, a_states, _, kernel), (b1, b2, b_states, _, _) = small
+        # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
+        # the highest candidate at full depth, which need not be the highest in the shallow copies.
+        (a1, a2, a_states, _, kernel), (b1, b2, b_states, _, _) = small
+        capacity = profile.usable_bytes - profile.context_bytes if profile else None
+
+        def extrapolate(a: _StepTrace, b: _StepTrace) -> StepPeak | None:
+            common = a.candidates.keys() & b.candidates.keys()
+            if b.top() not in common:
+                return None
+            key = max(common, key=lambda k: _line(a.candidates[k][0], b.candidates[k][0], steps))
+            b_top = b.peak()
+            cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
+            return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)
+
+        first, steady = extrapolate(a1, b1), extrapolate(a2, b2)
+        if first is not None and steady is not None:
             states = {k: _line(a_states[k], b_states[k], steps) for k in a_states}
-            def cached(phases):
-                top = _overall(phases)
-                return max(0, top.predicted_reserved_bytes - top.peak_allocated_bytes)
-
-            capacity = profile.usable_bytes - profile.context_bytes if profile else None
-
-            first = {ph: _extrapolate_step(a1[ph], b1[ph], steps, layers, cached(b1), capacity) for ph in a1}
-            steady = {ph: _extrapolate_step(a2[ph], b2[ph], steps, layers, cached(b2), capacity) for ph in a2}
-            return _overall(first), _overall(steady), states, None, kernel
+            return first, steady, states, None, kernel
     first, steady, states, trace, kernel = _simulate_rank(spec, profile, rank, record_events)
     return _overall(first), _overall(steady), states, trace, kernel
 
@@ -981,7 +1021,13 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     snapshot = None
     extrapolated = False
     for rank in ranks:
-        first, steady, model_states, trace, kernel = _rank_result(spec, profile, rank, record_events, exact)
+        try:
+            first, steady, model_states, trace, kernel = _rank_result(spec, profile, rank, record_events, exact)
+        except AssertionError as error:
+            # The traced step is the real code; when DeepSpeed's own checks fail here, a real run
+            # fails the same way (e.g. ZeRO-2 + gradient checkpointing with the M3 model).
+            raise TrainingWouldFail(f"this configuration fails in the training code itself, as a real run "
+                                    f"would: {str(error).split(chr(10))[0][:400]}") from error
         extrapolated = extrapolated or trace is None
         if record_events and rank == 0 and trace is not None and trace.allocator is not None:
             snapshot = trace.allocator.snapshot()

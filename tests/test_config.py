@@ -91,6 +91,7 @@ def test_format_command_puts_env_first():
     (dict(num_processes=2), T4, "has 1 GPU"),
     (dict(offload_optimizer=True, deepspeed_stage=0), None, "needs DeepSpeed ZeRO stage 1 or 2"),
     (dict(deepspeed_stage=3), None, "stages 0, 1 and 2"),
+    (dict(deepspeed_stage=2, gradient_checkpointing=True), None, "Gradient computed twice"),
     (dict(train_group_size=0), None, "train_group_size is 0"),
     (dict(use_self_distill=True, unified_finetuning=False), None, "use_self_distill needs unified_finetuning"),
     (dict(max_steps=-1, num_train_epochs=0), None, "nothing would train"),

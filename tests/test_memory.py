@@ -75,7 +75,8 @@ def test_trace_counts_fake_tensors_by_category():
     assert trace.peak == 12_000_000
     assert trace.peak_breakdown == {**dict.fromkeys(memory.CATEGORIES, 0), "weights": 4_000_000,
                                     "activations": 8_000_000}
-    assert trace.phase_peaks["backward"][0] == 12_000_000
+    assert trace.candidates[("backward", "(start)")][0] == 8_000_000  # what is live as backward starts
+    assert max(v[0] for (phase, _), v in trace.candidates.items() if phase == "backward") == 12_000_000
 
 
 def test_gpu_profiles():
@@ -181,6 +182,15 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
         assert fast.extrapolated
         assert fast.peak_allocated_bytes == full.peak_allocated_bytes
         assert fast.breakdown == full.breakdown
+
+
+def test_a_step_that_fails_for_real_fails_in_the_prediction(standin_dir):
+    # Seen in a real CPU run of the stand-in too: DeepSpeed asserts "Gradient computed twice".
+    config = TrainConfig(deepspeed_stage=2, gradient_checkpointing=True, train_group_size=2, query_max_len=8,
+                         passage_max_len=8)
+    spec = memory.spec_from_config(config, model_config=memory.load_model_config(standin_dir))
+    with pytest.raises(memory.TrainingWouldFail, match="Gradient computed twice"):
+        memory.predict(gpu="t4", spec=spec)
 
 
 # ---- full-size figures against the ZeRO paper's accounting ----------------------------------------
