@@ -460,10 +460,19 @@ class MemoryReport(PeakFigures):
 
     @property
     def verdict(self) -> str:
+        """Fits or OOM, with what the margin rests on: live tensors are traced; the allocator's
+        cache and the CUDA context are estimates."""
+        spare_live = (self.usable_bytes - self.peak_allocated_bytes - self.context_bytes) / GIB
         spare = (self.usable_bytes - self.total_bytes) / GIB
-        text = f"fits with {spare:.2f} GiB to spare" if spare >= 0 else f"OOM by {-spare:.2f} GiB"
+        if spare_live < 0:
+            return f"OOM by {-spare_live:.2f} GiB (live tensors alone)"
+        if spare < 0:
+            return (f"OOM by {-spare:.2f} GiB once the caching allocator's cache is counted (an estimate); "
+                    f"live tensors alone leave {spare_live:.2f} GiB")
+        text = f"fits with {spare:.2f} GiB to spare"
         if abs(self.usable_bytes - self.total_bytes) < NEAR_THE_LIMIT:
-            text += " (close call: the allocator's cache and the CUDA context are estimates)"
+            text += (f" (close call: {spare_live:.2f} GiB before the caching allocator's cache, which is an "
+                     "estimate, as is the CUDA context)")
         return text
 
     def summary(self) -> str:
