@@ -71,7 +71,11 @@ def _predict_spec(args):
 def _predict(args) -> int:
     from m3lab.memory import GIB, predict
 
-    report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot))
+    import contextlib
+
+    # DeepSpeed prints progress to stdout; with --json, stdout must hold the JSON object alone.
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot))
     if args.snapshot:
         report.save_snapshot(args.snapshot)
     if args.json:

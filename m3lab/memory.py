@@ -658,7 +658,11 @@ def _module_hooks(model, trace: MemoryTrace):
 
 def _deepspeed_buffers(engine) -> list:
     """DeepSpeed's own working buffers (the ZeRO gradient bucket), reported under "other"."""
-    return [t for t in getattr(engine.optimizer, "ipg_buffer", None) or [] if isinstance(t, torch.Tensor)]
+    optimizer = engine.optimizer
+    found = [t for t in getattr(optimizer, "ipg_buffer", None) or [] if isinstance(t, torch.Tensor)]
+    for bucket in (getattr(optimizer, "ipg_buckets", None) or {}).values():  # DeepSpeed >= 0.17
+        found += [t for t in getattr(bucket, "buffer", None) or [] if isinstance(t, torch.Tensor)]
+    return found
 
 
 def _grad_tensors(optimizer, model) -> list:
@@ -856,10 +860,16 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
         label_states()
         trace.relabel(tree_flatten(inputs)[0], "other")
         handles = _module_hooks(model, trace)
+
+        def label_gradient(param):
+            # A gradient is labelled the moment autograd stores it; DeepSpeed's gradient bucket,
+            # created at the first gradient and gone by the step, is labelled as soon as it exists.
+            trace.relabel([param.grad] if param.grad is not None else [], "gradients")
+            trace.relabel(driver.buffers(), "other")
+
         for param in model.parameters():
-            if param.requires_grad:  # a gradient is labelled the moment autograd stores it
-                handles.append(param.register_post_accumulate_grad_hook(
-                    lambda p: trace.relabel([p.grad], "gradients") if p.grad is not None else None))
+            if param.requires_grad:
+                handles.append(param.register_post_accumulate_grad_hook(label_gradient))
         try:
             for _ in range(2):
                 trace.reset_peak()
@@ -1024,6 +1034,12 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     started = time.perf_counter()
     spec = spec or spec_from_config(config)
     profile = gpu_profile(gpu) if gpu is not None else None
+    if profile is not None and (spec.deepspeed or {}).get("zero_optimization", {}).get("offload_optimizer"):
+        # On the CPU the trace runs on, offloaded states and the GPU's own tensors share one device,
+        # so the trace cannot tell what would leave the card; it would count them on the GPU.
+        raise NotImplementedError("optimizer offload is not modelled yet: the trace cannot yet separate "
+                                  "host-resident optimizer states from GPU memory. Predict without "
+                                  "--offload-optimizer for an upper bound.")
     world = spec.num_gpus
     ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
     per_rank = []

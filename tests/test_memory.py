@@ -184,6 +184,30 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
         assert fast.breakdown == full.breakdown
 
 
+def test_offload_is_refused_rather_than_counted_on_the_gpu():
+    with pytest.raises(NotImplementedError, match="offload is not modelled"):
+        memory.predict(TrainConfig(deepspeed_stage=2, offload_optimizer=True), "t4")
+
+
+def test_gradient_accumulation_keeps_gradients_between_micro_batches():
+    config = memory.load_model_config(BERT_TINY)
+    one = memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config, seq_len=128))
+    two = memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config, seq_len=128,
+                                                           gradient_accumulation_steps=2))
+    # the second micro-batch runs forward with the first one's gradients alive
+    assert two.steady_step_peak_bytes > one.steady_step_peak_bytes
+
+
+def test_hf_trainer_with_a_deepspeed_json(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(TrainConfig(deepspeed_stage=1, per_device_train_batch_size=2).deepspeed_config()))
+    out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "2",
+                    "--seq-len", "64", "--deepspeed", str(path), "--gpu", "t4")
+    # fp32 under ZeRO-1 on one GPU: weights, fp32 master partition, two moments
+    states = out["per_rank"][0]["model_state_bytes"]
+    assert states["optimizer_states"] == pytest.approx(3 * states["weights"], rel=0.05)
+
+
 def test_a_step_that_fails_for_real_fails_in_the_prediction(standin_dir):
     # Seen in a real CPU run of the stand-in too: DeepSpeed asserts "Gradient computed twice".
     config = TrainConfig(deepspeed_stage=2, gradient_checkpointing=True, train_group_size=2, query_max_len=8,
