@@ -1,7 +1,8 @@
 """The main job: check the data, measure real training runs, fine-tune, and write a report.
 
 ``m3lab run`` (or ``python -m m3lab``) writes ``results/``: ``report.md`` with the tables,
-``memory.png``, ``optimizer_state.png``, ``loss.png``, ``token_lengths.png`` and ``report.json``.
+``memory.png``, ``optimizer_state.png``, ``loss.png``, ``token_lengths.png``, ``predicted_t4.png``
+and ``report.json``.
 With no GPU it uses the tiny stand-in on CPU; with a CUDA GPU and hub access, BAAI/bge-m3.
 """
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from m3lab import plots
 from m3lab.config import Hardware, TrainConfig
 from m3lab.data import load_jsonl, resolve_data_path, token_length_stats, token_lengths
+from m3lab.gpus import gpu_profile
 from m3lab.io import write_json_atomic, write_text_atomic
+from m3lab.memory import predict
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 from m3lab.train import TrainResult, train
 
@@ -51,6 +54,23 @@ def experiments(model: str, on_gpu: bool) -> tuple[list[Experiment], TrainConfig
     if on_gpu and Hardware.detect().gpu_count < 2:
         runs = [r for r in runs if r.config.num_processes == 1]
     return runs, finetune
+
+
+def predict_t4_table() -> list[dict]:
+    """FlagEmbedding's example and the common T4 advice, predicted for a T4 at full size."""
+    configs = [
+        ("FlagEmbedding example (512)", TrainConfig.upstream_example()),
+        ("T4 advice (ZeRO-1)", TrainConfig.common_t4_advice()),
+        ("T4 advice, ZeRO-0", TrainConfig.common_t4_advice(deepspeed_stage=0)),
+        ("T4 advice + fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True)),
+    ]
+    rows = []
+    for label, config in configs:
+        report = predict(config, "t4")
+        rows.append({"configuration": label, "peak_allocated_gib": round(report.peak_allocated_bytes / GIB, 2),
+                     "total_gib": round(report.total_bytes / GIB, 2), "verdict": report.verdict,
+                     "peak_in": f"{report.peak_phase} ({report.peak_op})", "provenance": report.provenance})
+    return rows
 
 
 def _row(label: str, result: TrainResult) -> dict:
@@ -125,8 +145,17 @@ def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print
     log(f"  {finetune.summary()}")
     plots.loss_curve(finetune, out_dir / "loss.png", title=f"Fine-tuning {model} with FlagEmbedding's M3 trainer")
 
+    # 4. full-size BGE-M3 on a T4, predicted (no GPU needed)
+    log("predicting full-size BGE-M3 on a Tesla T4 ...")
+    predicted = predict_t4_table()
+    plots.memory_bars([r["configuration"] for r in predicted], [r["peak_allocated_gib"] * GIB for r in predicted],
+                      "predicted for Tesla T4 (Colab): peak allocated", out_dir / "predicted_t4.png",
+                      title="Full-size BGE-M3, one training step on a T4 (predicted)",
+                      usable_bytes=gpu_profile("t4").usable_bytes, usable_label="T4 usable memory")
+
     report = {
         "model": model, "device": where, "provenance": provenance, "token_lengths": stats_rows,
+        "predicted_t4": predicted,
         "memory": rows, "finetune": {"losses": finetune.losses, "command": finetune.command,
                                      "summary": finetune.summary()},
         "copyable_command": finetune_config.shell_command(),
@@ -140,6 +169,9 @@ def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print
         + ("of `torch.cuda.max_memory_allocated`." if on_gpu else "of live tensor bytes in the training process."),
         "## Token lengths (training data)\n\n" + _markdown_table(stats_rows),
         "## Memory of one training step\n\n" + _markdown_table(rows),
+        "## Full-size BGE-M3 on a T4, predicted\n\nPredicted by tracing the real training step on fake tensors "
+        "(`m3lab.memory`); live tensors are traced, the allocator's cache and the CUDA context are estimates.\n\n"
+        + _markdown_table(predicted) + "\n\n![predicted](predicted_t4.png)",
         "![memory](memory.png)\n\n![optimizer state](optimizer_state.png)",
         f"## Fine-tuning\n\n{finetune.summary()}\n\n![loss](loss.png)",
         "## The same run, as a command to copy\n\n```bash\n" + finetune_config.shell_command() + "\n```",

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 def test_main_job_writes_a_labelled_report(tmp_path, standin_dir):
     report = run_main_job(tmp_path, model="tiny-bge-m3", log=lambda *_: None)
-    for name in ("report.md", "report.json", "memory.png", "optimizer_state.png", "loss.png", "token_lengths.png"):
+    for name in ("report.md", "report.json", "memory.png", "optimizer_state.png", "loss.png", "token_lengths.png",
+                 "predicted_t4.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "report.json").read_text())["model"] == "tiny-bge-m3"
     assert all(row["provenance"] == "measured on CPU (tiny stand-in)" for row in report["memory"])
@@ -24,5 +25,8 @@ def test_main_job_writes_a_labelled_report(tmp_path, standin_dir):
     assert sum(losses[-5:]) < sum(losses[:5])
     assert "-m FlagEmbedding.finetune.embedder.encoder_only.m3" in report["copyable_command"]
     assert "tiny-bge-m3-" in report["copyable_command"]  # the stand-in's real folder, runnable as shown
+    predicted = {row["configuration"]: row for row in report["predicted_t4"]}
+    assert predicted["FlagEmbedding example (512)"]["verdict"].startswith("OOM")
+    assert all(row["provenance"] == "predicted for Tesla T4 (Colab)" for row in predicted.values())
     passage = next(s for s in report["token_lengths"] if s["field"] == "passage")
     assert passage["truncated_share"] > 0.1  # truncation at 392 tokens matters on this data
