@@ -52,3 +52,34 @@ def test_predicted_live_tensor_peak_within_2_percent_of_measured(name, long_data
         first, steady = (s.peak_allocated_bytes for s in rank.steps)
         assert prediction.first_step.peak_allocated_bytes == pytest.approx(first, rel=0.02)
         assert prediction.steady_step.peak_allocated_bytes == pytest.approx(steady, rel=0.02)
+
+
+# ---- plain transformers.Trainer (the predictor's "hf" trainer) ----------------------------------
+HF_CASES = {
+    "adamw_torch": ("adamw_torch", False),
+    "adafactor": ("adafactor", False),
+    "adamw_torch + gradient checkpointing": ("adamw_torch", True),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_hf_trainer_prediction_within_2_percent_of_measured(name, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from m3lab.train import _read_ranks
+
+    optim, checkpointing = HF_CASES[name]
+    config_path = Path(__file__).parent / "fixtures" / "bert-tiny-config.json"
+    helper = Path(__file__).parent / "helpers" / "hf_trainer_run.py"
+    argv = [sys.executable, str(helper), str(config_path), str(tmp_path), optim, "4", "128"]
+    run = subprocess.run(argv + (["checkpointing"] if checkpointing else []), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = [s.peak_allocated_bytes for s in _read_ranks(tmp_path)[0].steps]
+    spec = memory.PredictSpec(trainer="hf", model_config=memory.load_model_config(config_path), batch_size=4,
+                              seq_len=128, optim=optim, gradient_checkpointing=checkpointing)
+    predicted = memory.predict(gpu=None, spec=spec, exact=True)
+    assert predicted.per_rank[0].first_step.peak_allocated_bytes == pytest.approx(measured[0], rel=0.02)
+    assert predicted.per_rank[0].steady_step.peak_allocated_bytes == pytest.approx(measured[1], rel=0.02)
