@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,13 +204,11 @@ class MemoryTrace(TorchDispatchMode):
         self.refs: dict[int, object] = {}
         self.current = 0
         self.peak = 0
-        self.peak_where = ("", "", "")
         self.phase = "setup"
         self.module = ""
         self.allocator = _Allocator(capacity) if rounding else None
         if self.allocator is not None and record_events:
             self.allocator.events = []
-        self.category_override: str | None = None
         self.clock = 0  # counts allocations; the peak is a moment on this clock
         self.peak_at = 0
         self.history: list[_Storage] = []  # storages alive at some point since the last reset
@@ -232,14 +231,10 @@ class MemoryTrace(TorchDispatchMode):
             self.allocator.release(key)
 
     def _category_for_new(self) -> str:
-        if self.category_override:
-            return self.category_override
         return {"forward": "activations", "backward": "temporaries", "optimizer": "temporaries",
                 "setup": "other"}.get(self.phase, "other")
 
     def see(self, storage, func_name: str = "") -> None:
-        import weakref
-
         key = storage._cdata
         nbytes = self._size(storage.nbytes())
         entry = self.live.get(key)
@@ -265,7 +260,6 @@ class MemoryTrace(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_at = self.clock
-            self.peak_where = (self.phase, module, func_name)
         key = (self.phase, func_name)
         if self.current > self.candidates.get(key, (-1,))[0]:
             self.candidates[key] = (self.current, self.clock, (self.phase, module, func_name))
