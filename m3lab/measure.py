@@ -25,14 +25,17 @@ METRICS_DIR_ENV = "M3LAB_METRICS_DIR"
 MEMORY_LIMIT_ENV = "M3LAB_MEMORY_LIMIT_BYTES"
 
 
-def _storages(obj):
+def tensor_storages(obj):
+    """The non-empty storages behind the tensors in ``obj`` (any nesting), skipping meta tensors."""
     flat, _ = tree_flatten(obj)
     for item in flat:
-        if isinstance(item, torch.Tensor) and item.device.type == "cpu" and not item.is_meta:
+        if isinstance(item, torch.Tensor) and not item.is_meta:
             try:
-                yield item.untyped_storage()
+                storage = item.untyped_storage()
             except (NotImplementedError, RuntimeError):  # sparse and other storage-less tensors
                 continue
+            if storage.nbytes():
+                yield storage
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -75,7 +78,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
 
     def _see_all(self, objects) -> None:
-        for storage in _storages(objects):
+        for storage in tensor_storages(objects):
             self._see(storage)
 
     def reset_peak(self) -> None:
@@ -97,7 +100,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def tensor_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
     seen: dict[int, int] = {}
-    for storage in _storages(list(tensors)):
+    for storage in tensor_storages(list(tensors)):
         seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from m3lab.gpus import GIB, GPU, gpu_profile
+from m3lab.measure import tensor_storages
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries", "other")
 SMALL_BLOCK = 1 << 20  # the caching allocator's small/large pool boundary
@@ -90,11 +91,9 @@ class _Allocator:
         small = size <= SMALL_BLOCK
         pool = self.free[small]
         best = None
-        for i, (free_size, seg, off) in enumerate(pool):
+        for i, (free_size, _segment, _offset) in enumerate(pool):
             if free_size >= size and (best is None or free_size < pool[best][0]):
-                # The real allocator will not hand a large cached block to a much smaller request
-                # (max_split_size); oversize blocks stay for requests of their own size.
-                best = i
+                best = i  # best fit, as the allocator's default (no max_split_size) does
         if best is None:
             seg_size = segment_size(size)
             if self.capacity is not None and self.reserved + seg_size > self.capacity:
@@ -280,7 +279,7 @@ class MemoryTrace(TorchDispatchMode):
 
     def relabel(self, tensors, category: str) -> None:
         """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
-        for storage in _storages(tensors):
+        for storage in tensor_storages(tensors):
             self.see(storage)
             self.live[storage._cdata].category = category
 
@@ -303,21 +302,9 @@ class MemoryTrace(TorchDispatchMode):
             return 1.0 if args[0].dtype.is_floating_point else 0
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
-        for storage in _storages(out):
+        for storage in tensor_storages(out):
             self.see(storage, func.__name__)
         return out
-
-
-def _storages(obj):
-    flat, _ = tree_flatten(obj)
-    for item in flat:
-        if isinstance(item, torch.Tensor) and not item.is_meta:
-            try:
-                storage = item.untyped_storage()
-            except (NotImplementedError, RuntimeError):
-                continue
-            if storage.nbytes():
-                yield storage
 
 
 class TrainingWouldFail(RuntimeError):
@@ -875,7 +862,6 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
                     driver.backward(loss)
                     del loss
                     trace.relabel(_grad_tensors(driver.optimizer, model), "gradients")
-                    trace.relabel(driver.buffers(), "other")
                 trace.enter("optimizer")
                 driver.step()
                 label_states()
@@ -889,7 +875,6 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
                         "optimizer_states": sum(e.nbytes for e in trace.live.values()
                                                 if e.category == "optimizer_states"),
                         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-        del driver, model
     return steps[0], steps[1], model_states, trace, kernel
 
 

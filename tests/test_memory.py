@@ -240,15 +240,15 @@ def test_zero1_model_states_match_the_zero_paper(gpus):
 
 
 # ---- against real DeepSpeed ------------------------------------------------------------------------
-def _real_deepspeed_states(config_path: Path, stage: int, processes: int) -> list[dict]:
+def _real_deepspeed_states(config_path: Path, stage: int, processes: int, out_dir: Path) -> list[dict]:
     torchrun = Path(sys.executable).with_name("torchrun")
     helper = Path(__file__).parent / "helpers" / "deepspeed_states.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(processes), str(helper),
-                          str(config_path), str(stage)], capture_output=True, text=True, env=env, timeout=1800)
+                          str(config_path), str(stage), str(out_dir)], capture_output=True, text=True, env=env,
+                         timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return sorted(rows, key=lambda r: r["rank"])
+    return [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in range(processes)]
 
 
 def _predicted_states(model_config, stage: int, processes: int) -> list[dict]:
@@ -261,8 +261,8 @@ def _predicted_states(model_config, stage: int, processes: int) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, processes", [(0, 1), (1, 1), (1, 2), (2, 2)])
-def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes):
-    real = _real_deepspeed_states(standin_dir, stage, processes)
+def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes, tmp_path):
+    real = _real_deepspeed_states(standin_dir, stage, processes, tmp_path)
     predicted = _predicted_states(memory.load_model_config(standin_dir), stage, processes)
     assert len(real) == len(predicted) == processes
     for got, want in zip(predicted, real):
@@ -274,7 +274,7 @@ def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes):
 @pytest.mark.skipif(os.environ.get("M3LAB_FULLSIZE") != "1", reason="needs ~14 GB of RAM; set M3LAB_FULLSIZE=1")
 def test_model_states_equal_real_deepspeed_full_size(tmp_path):
     memory.bge_m3_config().save_pretrained(tmp_path)
-    real = _real_deepspeed_states(tmp_path, 1, 1)
+    real = _real_deepspeed_states(tmp_path, 1, 1, tmp_path)
     predicted = _predicted_states(memory.bge_m3_config(), 1, 1)
     assert predicted[0]["weights"] == real[0]["weights"]
     assert predicted[0]["optimizer_states"] == real[0]["optimizer_states"]

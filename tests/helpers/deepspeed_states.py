@@ -1,13 +1,14 @@
 """Build FlagEmbedding's M3 model at a given geometry with REAL tensors, wrap it in the real
 DeepSpeed engine (gloo, this process is rank RANK of WORLD_SIZE), take one step and print, as
-JSON, the bytes DeepSpeed holds: parameters, optimizer state, fp32 master copies.
+JSON into OUT_DIR/rank-N.json, the bytes DeepSpeed holds: parameters, optimizer state, fp32
+master copies. (One file per rank: two ranks printing at once interleave their lines.)
 
 Run under torchrun (tests/test_memory.py does); used to check the predictor's model states.
 """
 
 import json
-import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,10 +43,11 @@ def main():
     loss = engine(queries=features, passages=passages).loss
     engine.backward(loss)
     engine.step()
-    print(json.dumps({"rank": dist.get_rank(),
+    out = Path(sys.argv[3]) / f"rank-{dist.get_rank()}.json"
+    out.write_text(json.dumps({"rank": dist.get_rank(),
                       "weights": tensor_bytes(model.parameters()),
                       "optimizer_states": tensor_bytes(optimizer_state_tensors(engine.optimizer)
-                                                       + fp32_master_tensors(engine.optimizer))}), flush=True)
+                                                       + fp32_master_tensors(engine.optimizer))}))
     dist.destroy_process_group()
 
 
