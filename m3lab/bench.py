@@ -20,7 +20,9 @@ def sweep() -> list[tuple[str, TrainConfig]]:
               for p in (128, 256, 392, 512, 1024, 2048)]
     points += [(f"advice, ZeRO-0, group {g}", advice_zero0.replace(train_group_size=g)) for g in (2, 4)]
     points += [("advice (ZeRO-1)", TrainConfig.common_t4_advice()),
-               ("advice, fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True))]
+               ("advice, fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True)),
+               ("advice, ZeRO-1 + offload", TrainConfig.common_t4_advice(offload_optimizer=True)),
+               ("advice, Kaggle 2 x T4", TrainConfig.common_t4_advice(num_processes=2))]
     return points
 
 
@@ -29,11 +31,10 @@ def main() -> None:
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():
         started = time.perf_counter()
-        report = predict(config, "t4")
+        report = predict(config, "t4x2" if config.num_processes == 2 else "t4")
         seconds = time.perf_counter() - started
         timings.append(seconds)
-        method = "extrapolated" if report.extrapolated else "full trace"
-        print(f"{name:36} {report.peak_allocated_bytes / GIB:9.2f} {seconds:8.2f}  {method}", flush=True)
+        print(f"{name:36} {report.peak_allocated_bytes / GIB:9.2f} {seconds:8.2f}  {report.method}", flush=True)
     after_first = timings[1:]
     print(f"after the first call: median {statistics.median(after_first):.2f} s, "
           f"slowest {max(after_first):.2f} s per configuration (target: 3 s)")

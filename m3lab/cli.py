@@ -75,7 +75,8 @@ def _predict(args) -> int:
 
     # DeepSpeed prints progress to stdout; with --json, stdout must hold the JSON object alone.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-        report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot))
+        report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot),
+                         exact=args.exact)
     if args.snapshot:
         report.save_snapshot(args.snapshot)
     if args.json:
@@ -84,7 +85,8 @@ def _predict(args) -> int:
     print(report.summary())
     print("breakdown at the peak: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in report.breakdown.items()))
     print(f"first step {report.first_step_peak_bytes / GIB:.2f} GiB, steady state "
-          f"{report.steady_step_peak_bytes / GIB:.2f} GiB; attention kernel: {report.attention_kernel}")
+          f"{report.steady_step_peak_bytes / GIB:.2f} GiB; attention kernel: {report.attention_kernel}; "
+          f"{report.method}, {report.seconds:.1f} s")
     for rank in report.per_rank if len(report.per_rank) > 1 else []:
         print(f"  rank {rank.rank}: peak {rank.peak_allocated_bytes / GIB:.2f} GiB, total {rank.total_bytes / GIB:.2f} GiB")
     return 0
@@ -116,6 +118,7 @@ def _add_predict_options(parser) -> None:
     parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")
+    parser.add_argument("--exact", action="store_true", help="trace every layer instead of extrapolating (slower)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,9 +196,16 @@ class _Storage:
 class MemoryTrace(TorchDispatchMode):
     """Records every storage the traced step creates and frees, with its category and origin."""
 
-    def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None):
+    def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None,
+                 separate_host: bool = False):
         super().__init__()
         self.rounding = rounding
+        # With optimizer offload the GPU's tensors live on the fake device "cpu:0" and DeepSpeed's
+        # host tensors on plain "cpu"; the host ones are tallied apart and never reach the GPU figures.
+        self.separate_host = separate_host
+        self.host_live: dict[int, int] = {}
+        self.host_current = 0
+        self.host_peak = 0
         self.live: dict[int, _Storage] = {}
         self.refs: dict[int, object] = {}
         self.current = 0
@@ -228,6 +235,19 @@ class MemoryTrace(TorchDispatchMode):
         self.current -= entry.nbytes
         if self.allocator is not None:
             self.allocator.release(key)
+
+    def _see_host(self, storage) -> None:
+        key = storage._cdata
+        if key in self.host_live:
+            return
+        self.host_live[key] = storage.nbytes()
+        self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget_host(key))
+        self.host_current += storage.nbytes()
+        self.host_peak = max(self.host_peak, self.host_current)
+
+    def _forget_host(self, key: int) -> None:
+        self.host_current -= self.host_live.pop(key, 0)
+        self.refs.pop(key, None)
 
     def _category_for_new(self) -> str:
         return {"forward": "activations", "backward": "temporaries", "optimizer": "temporaries",
@@ -280,6 +300,8 @@ class MemoryTrace(TorchDispatchMode):
     def relabel(self, tensors, category: str) -> None:
         """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
         for storage in tensor_storages(tensors):
+            if storage._cdata in self.host_live:
+                continue
             self.see(storage)
             self.live[storage._cdata].category = category
 
@@ -302,6 +324,14 @@ class MemoryTrace(TorchDispatchMode):
             return 1.0 if args[0].dtype.is_floating_point else 0
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
+        if self.separate_host:
+            on_host = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.index is None]
+            for storage in tensor_storages(on_host):
+                self._see_host(storage)
+            out_on_gpu = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.index is not None]
+            for storage in tensor_storages(out_on_gpu):
+                self.see(storage, func.__name__)
+            return out
         for storage in tensor_storages(out):
             self.see(storage, func.__name__)
         return out
@@ -436,6 +466,7 @@ class MemoryReport(PeakFigures):
     attention_kernel: str = ""
     seconds: float = 0.0
     extrapolated: bool = False  # traced at 2 and 3 layers and extrapolated (see predict)
+    method: str = "full trace"  # how the figures were obtained, in words
     spec: dict = field(default_factory=dict)
     snapshot: dict | None = field(default=None, repr=False)  # rank 0's trace, memory_viz format
 
@@ -456,11 +487,18 @@ class MemoryReport(PeakFigures):
                      "estimate, as is the CUDA context)")
         return text
 
+    @property
+    def host_peak_bytes(self) -> int:
+        """Host (CPU) memory the offloaded optimizer needs at its peak; 0 without offload."""
+        return max((r.model_state_bytes.get("host_peak_bytes", 0) for r in self.per_rank), default=0)
+
     def summary(self) -> str:
+        host = (f"; offloaded optimizer: {self.host_peak_bytes / GIB:.2f} GiB of host memory at its peak"
+                if self.host_peak_bytes else "")
         return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB, "
                 f"reserved {self.predicted_reserved_bytes / GIB:.2f} GiB + context {self.context_bytes / GIB:.2f} GiB"
                 f" = {self.total_bytes / GIB:.2f} GiB of {self.usable_bytes / GIB:.2f} GiB: {self.verdict} "
-                f"(peak in {self.peak_phase}, {self.peak_module or 'outside modules'}, {self.peak_op})")
+                f"(peak in {self.peak_phase}, {self.peak_module or 'outside modules'}, {self.peak_op}){host}")
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -515,12 +553,11 @@ def _no_padding_mask(mask, dtype, tgt_len=None):
 
 
 @contextlib.contextmanager
-def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int):
+def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str = "cpu"):
     """Fake process group (rank of world), CPU DeepSpeed accelerator, GPU kernels; all undone after."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.comm.comm as ds_comm
     import deepspeed.utils.groups as ds_groups
     from deepspeed.accelerator import get_accelerator, set_accelerator
@@ -539,6 +576,9 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int):
     # The trace emulates a CUDA card's precision: let DeepSpeed build its fp16/bf16 optimizers.
     accelerator.is_fp16_supported = lambda: True
     accelerator.is_bf16_supported = lambda: True
+    if device != "cpu":  # DeepSpeed's "GPU" tensors go to ``device``; what it offloads, to "cpu"
+        accelerator.current_device_name = lambda: device
+        accelerator.device_name = lambda device_index=None: device
     set_accelerator(accelerator)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     stack = contextlib.ExitStack()
@@ -814,6 +854,37 @@ def _build_hf_model(spec: PredictSpec):
     return model, inputs
 
 
+def _import_lazy_modules(model_config) -> None:
+    """Import now what the step imports lazily, so that a fresh process (a worker, the CLI) traces
+    what a warm one does: the simulation patches transformers' mask helper only in modeling
+    modules already imported, and modules that build constant tensors on import (peft's, via
+    FlagEmbedding) would otherwise have them counted once, in the first trace of a process."""
+    saved = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"  # the trace's accelerator; not left set for training runs
+    try:
+        import deepspeed  # noqa: F401
+        import FlagEmbedding.finetune.embedder.encoder_only.m3.modeling  # noqa: F401
+        import peft  # noqa: F401
+        from transformers import AutoModel
+
+        AutoModel._model_mapping[type(model_config)]
+    finally:
+        if saved is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+        else:
+            os.environ["DS_ACCELERATOR"] = saved
+
+
+# With optimizer offload, the trace's stand-in for the GPU: a CPU device with an index, which fake
+# tensors keep apart from plain "cpu" (DeepSpeed's host side) and refuse to mix, as CUDA would.
+GPU_DEVICE = "cpu:0"
+
+
+def _offloads(spec: PredictSpec) -> bool:
+    zero = (spec.deepspeed or {}).get("zero_optimization", {})
+    return (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+
+
 def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events: bool = False):
     """Two training steps of one rank on fake tensors; returns (first, steady, model states, trace)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -823,9 +894,14 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     half = spec.precision in ("fp16", "bf16")
     kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
     capacity = gpu.usable_bytes - gpu.context_bytes if gpu is not None else None
-    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity)
+    _import_lazy_modules(spec.model_config)
+    offload = _offloads(spec)
+    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity,
+                        separate_host=offload)
+    device = GPU_DEVICE if offload else "cpu"
     steps: list[StepPeak] = []
-    with _simulation(gpu, kernel, rank, spec.num_gpus), FakeTensorMode(allow_non_fake_inputs=True), trace:
+    with _simulation(gpu, kernel, rank, spec.num_gpus, device), FakeTensorMode(allow_non_fake_inputs=True), \
+            torch.device(device), trace:
         if spec.trainer == "flagembedding-m3":
             model, inputs = _build_m3_model(spec), _m3_inputs(spec)
         else:
@@ -874,7 +950,13 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
         model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category == "weights"),
                         "optimizer_states": sum(e.nbytes for e in trace.live.values()
                                                 if e.category == "optimizer_states"),
-                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        # offloaded: fp32 masters and Adam states in host memory, and the host's peak
+                        "offloaded_optimizer_states": sum(
+                            storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(
+                                optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer))
+                            }.values() if storage._cdata in trace.host_live),
+                        "host_peak_bytes": trace.host_peak}
     return steps[0], steps[1], model_states, trace, kernel
 
 
@@ -918,34 +1000,54 @@ def _with_layers(spec: PredictSpec, layers: int) -> PredictSpec:
 
 
 def _shallow_specs(spec: PredictSpec) -> list[PredictSpec] | None:
-    """The shallow copies to trace for extrapolation, or None when only a full trace is exact.
+    """The two shallow copies (n and n+1 layers) to trace for extrapolation, or None when only a
+    full trace will do.
 
-    DeepSpeed copies gradients into buckets (ZeRO-1/2: ``reduce_bucket_size`` elements; ZeRO-0
-    on several GPUs: 5e8 for the all-reduce) and empties one when the next gradient does not
-    fit. When the model has more trainable parameters than a bucket holds, where it empties
-    depends on depth, and the step is no longer linear in depth. Shrinking the shallow copies'
-    buckets to match gets the peak within a few MB but not exactly (tried: BGE-M3 ZeRO-1 on one
-    GPU, 11.6545 vs 11.6564 GiB, another operation at the peak), so those are traced in full.
+    DeepSpeed copies gradients into buckets (ZeRO-1/2: ``reduce_bucket_size`` elements) and
+    empties one when the next gradient does not fit. When the model has more trainable
+    parameters than a bucket holds, where it empties depends on depth, so each shallow copy gets
+    a bucket smaller by exactly the parameters it lacks: it then empties before the same tensor
+    as the full model, and its bucket (a buffer of that many elements) grows with depth as the
+    rest does. A shrunken bucket must still hold the largest gradient, or DeepSpeed would pass
+    that one around the bucket (BGE-M3's 256M-element word embeddings): the copies are made deep
+    enough for that (5 and 6 layers for BGE-M3 with a 5e8 bucket). ZeRO-0 on several GPUs
+    all-reduces in fixed 5e8-element chunks that cannot be resized from the JSON: those models,
+    when bigger than a chunk, are traced in full.
     """
     shallow = [_with_layers(spec, n) for n in EXTRAPOLATE_FROM]
     if spec.deepspeed is None:
         return shallow
     zero = spec.deepspeed.get("zero_optimization", {})
-    trainable = _trainable_params(spec)
+    trainable, largest = _trainable_params(spec)
     if zero.get("stage", 0) == 0:
         return None if spec.num_gpus > 1 and trainable > DEEPSPEED_ALLREDUCE_BUCKET else shallow
-    bucket = min(int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size"))
-    return shallow if trainable <= bucket else None
+    buckets = {key: int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size")}
+    if trainable <= min(buckets.values()):
+        return shallow
+    layers = spec.model_config.num_hidden_layers
+    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+        shallow = [_with_layers(spec, n) for n in (depth, depth + 1)]
+        scaled = []
+        for copy in shallow:
+            missing = trainable - _trainable_params(copy)[0]
+            # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
+            scaled.append({key: (size - missing) // 2 * 2 for key, size in buckets.items()})
+        if min(scaled[0].values()) >= largest:
+            for copy, sizes in zip(shallow, scaled):
+                copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
+            return shallow
+    return None
 
 
-def _trainable_params(spec: PredictSpec) -> int:
-    """Trainable parameters of the model, counted on the meta device: no memory, no trace."""
+def _trainable_params(spec: PredictSpec) -> tuple[int, int]:
+    """(trainable parameters, elements of the largest one), counted on the meta device."""
     import dataclasses
 
     spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
     with torch.device("meta"):
         model = _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    return sum(sizes), max(sizes, default=0)
 
 
 def _line(a: int, b: int, steps: int) -> int:
@@ -956,7 +1058,7 @@ def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached:
                       capacity: int | None) -> StepPeak:
     """One phase's peak at full depth from its peaks at the two shallow depths."""
     module = b.peak_module
-    last = EXTRAPOLATE_FROM[1] - 1
+    last = layers - steps  # the deeper copy's last layer
     if f"layer.{last}." in module + ".":  # the last layer of the shallow copy is the model's last
         module = module.replace(f"layer.{last}", f"layer.{layers - 1}")
     peak = _line(a.peak_allocated_bytes, b.peak_allocated_bytes, steps)
@@ -971,33 +1073,112 @@ def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached:
                     b.peak_phase, module, b.peak_op)
 
 
-def _rank_result(spec: PredictSpec, profile: GPU | None, rank: int, record_events: bool, exact: bool):
-    """(first, steady, model states, trace or None, kernel) of one rank, traced or extrapolated."""
-    layers = getattr(spec.model_config, "num_hidden_layers", 0)
-    shallow = _shallow_specs(spec) if not exact and not record_events and layers > EXTRAPOLATE_FROM[1] + 1 else None
-    if shallow is not None:
-        small = [_simulate_rank(shallow_spec, profile, rank) for shallow_spec in shallow]
-        steps = layers - EXTRAPOLATE_FROM[0]
-        # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
-        # the highest candidate at full depth, which need not be the highest in the shallow copies.
-        (a1, a2, a_states, _, kernel), (b1, b2, b_states, _, _) = small
-        capacity = profile.usable_bytes - profile.context_bytes if profile else None
+def _shallow_trace(spec: PredictSpec, profile: GPU | None, rank: int):
+    """One rank's two steps of a shallow copy, without the trace object (it cannot be pickled)."""
+    first, steady, states, _trace, kernel = _simulate_rank(spec, profile, rank)
+    return first, steady, states, None, kernel
 
-        def extrapolate(a: _StepTrace, b: _StepTrace) -> StepPeak | None:
-            common = a.candidates.keys() & b.candidates.keys()
-            if b.top() not in common:
-                return None
-            key = max(common, key=lambda k: _line(a.candidates[k][0], b.candidates[k][0], steps))
-            b_top = b.peak()
-            cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
-            return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)
 
-        first, steady = extrapolate(a1, b1), extrapolate(a2, b2)
-        if first is not None and steady is not None:
-            states = {k: _line(a_states[k], b_states[k], steps) for k in a_states}
-            return first, steady, states, None, kernel
+_POOL = None
+
+
+def _worker_pool():
+    """Worker processes that trace shallow copies side by side (two on a 2-core machine).
+
+    Started on the first call that needs them (each imports torch, DeepSpeed and FlagEmbedding
+    once, a few seconds) and kept for the life of the process, so later predictions reuse them.
+    ``M3LAB_PREDICT_WORKERS=0`` traces everything in this process instead.
+    """
+    global _POOL
+    workers = int(os.environ.get("M3LAB_PREDICT_WORKERS", min(2, os.cpu_count() or 1)))
+    if workers < 2:
+        return None
+    if _POOL is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent may hold threads (OpenMP, Jupyter) that a fork would break
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_started)
+    return _POOL
+
+
+def _worker_started() -> None:
+    # What DeepSpeed prints in a worker goes to stderr: the caller's stdout may be a JSON object.
+    os.dup2(2, 1)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers re-run the parent's script unless it is guarded by ``if __name__ ==
+    "__main__"``; they need only m3lab, so a plain script that calls predict() is hidden from them."""
+    import types
+
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _trace_shallow_copies(jobs: list[tuple]) -> list[tuple]:
+    """``_shallow_trace`` for each (spec, profile, rank) job, in the worker pool when there is one."""
+    global _POOL
+    pool = _worker_pool() if len(jobs) > 1 else None
+    if pool is None:
+        return [_shallow_trace(*job) for job in jobs]
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with _main_module_hidden():
+            futures = [pool.submit(_shallow_trace, *job) for job in jobs]  # starts the workers
+        return [future.result() for future in futures]
+    except BrokenProcessPool:  # a worker died (killed, out of host memory): start afresh next time
+        _POOL = None
+        return [_shallow_trace(*job) for job in jobs]
+
+
+def _extrapolate_rank(spec: PredictSpec, depth: int, profile: GPU | None, small: list[tuple]):
+    """(first, steady, model states, None, kernel) at full depth from the traces of the copies
+    with ``depth`` and ``depth + 1`` layers, or None when the peak does not sit at the same
+    point of the step in both copies."""
+    layers = spec.model_config.num_hidden_layers
+    steps = layers - depth
+    # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
+    # the highest candidate at full depth, which need not be the highest in the shallow copies.
+    (a1, a2, a_states, _, kernel), (b1, b2, b_states, _, _) = small
+    capacity = profile.usable_bytes - profile.context_bytes if profile else None
+
+    def extrapolate(a: _StepTrace, b: _StepTrace) -> StepPeak | None:
+        common = a.candidates.keys() & b.candidates.keys()
+        if b.top() not in common:
+            return None
+        key = max(common, key=lambda k: _line(a.candidates[k][0], b.candidates[k][0], steps))
+        b_top = b.peak()
+        cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
+        return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)
+
+    first, steady = extrapolate(a1, b1), extrapolate(a2, b2)
+    if first is None or steady is None:
+        return None
+    states = {k: _line(a_states[k], b_states[k], steps) for k in a_states}
+    return first, steady, states, None, kernel
+
+
+def _full_trace(spec: PredictSpec, profile: GPU | None, rank: int, record_events: bool):
     first, steady, states, trace, kernel = _simulate_rank(spec, profile, rank, record_events)
     return _overall(first), _overall(steady), states, trace, kernel
+
+
+def _method(spec: PredictSpec, shallow: list[PredictSpec] | None, extrapolated: bool) -> str:
+    if not extrapolated:
+        return "full trace"
+    depth = shallow[0].model_config.num_hidden_layers
+    text = f"extrapolated from {depth}- and {depth + 1}-layer traces"
+    if shallow[0].deepspeed != spec.deepspeed:
+        text += " with DeepSpeed's gradient buckets shrunk by the parameters each copy lacks"
+    return text
 
 
 def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = None,
@@ -1013,25 +1194,29 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     started = time.perf_counter()
     spec = spec or spec_from_config(config)
     profile = gpu_profile(gpu) if gpu is not None else None
-    if profile is not None and (spec.deepspeed or {}).get("zero_optimization", {}).get("offload_optimizer"):
-        # On the CPU the trace runs on, offloaded states and the GPU's own tensors share one device,
-        # so the trace cannot tell what would leave the card; it would count them on the GPU.
-        raise NotImplementedError("optimizer offload is not modelled yet: the trace cannot yet separate "
-                                  "host-resident optimizer states from GPU memory. Predict without "
-                                  "--offload-optimizer for an upper bound.")
     world = spec.num_gpus
     ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
+    layers = getattr(spec.model_config, "num_hidden_layers", 0)
+    deep = layers > EXTRAPOLATE_FROM[1] + 1
+    shallow = _shallow_specs(spec) if deep and not exact and not record_events else None
     per_rank = []
     snapshot = None
     extrapolated = False
+    try:
+        # The traced step is the real code; when DeepSpeed's own checks fail here, a real run
+        # fails the same way (e.g. ZeRO-2 + gradient checkpointing with the M3 model).
+        small = _trace_shallow_copies([(copy, profile, rank) for rank in ranks for copy in shallow]) if shallow else []
+        results = {}
+        for index, rank in enumerate(ranks):
+            pair = small[index * 2:(index + 1) * 2]
+            depth = shallow[0].model_config.num_hidden_layers if shallow else 0
+            results[rank] = (_extrapolate_rank(spec, depth, profile, pair) if pair else None) or \
+                _full_trace(spec, profile, rank, record_events)
+    except AssertionError as error:
+        raise TrainingWouldFail(f"this configuration fails in the training code itself, as a real run "
+                                f"would: {str(error).split(chr(10))[0][:400]}") from error
     for rank in ranks:
-        try:
-            first, steady, model_states, trace, kernel = _rank_result(spec, profile, rank, record_events, exact)
-        except AssertionError as error:
-            # The traced step is the real code; when DeepSpeed's own checks fail here, a real run
-            # fails the same way (e.g. ZeRO-2 + gradient checkpointing with the M3 model).
-            raise TrainingWouldFail(f"this configuration fails in the training code itself, as a real run "
-                                    f"would: {str(error).split(chr(10))[0][:400]}") from error
+        first, steady, model_states, trace, kernel = results[rank]
         extrapolated = extrapolated or trace is None
         if record_events and rank == 0 and trace is not None and trace.allocator is not None:
             snapshot = trace.allocator.snapshot()
@@ -1061,4 +1246,5 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         peak_op=top.peak_op, first_step_peak_bytes=top.first_step.peak_allocated_bytes,
         steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank,
         attention_kernel=kernel, seconds=time.perf_counter() - started, extrapolated=extrapolated,
+        method=_method(spec, shallow, extrapolated),
         spec={k: v for k, v in asdict(spec).items() if k != "model_config"}, snapshot=snapshot)

@@ -1,7 +1,7 @@
 """Build FlagEmbedding's M3 model at a given geometry with REAL tensors, wrap it in the real
 DeepSpeed engine (gloo, this process is rank RANK of WORLD_SIZE), take one step and print, as
 JSON into OUT_DIR/rank-N.json, the bytes DeepSpeed holds: parameters, optimizer state, fp32
-master copies. (One file per rank: two ranks printing at once interleave their lines.)
+master copies; with a 4th argument "offload", the optimizer is offloaded to the CPU. (One file per rank: two ranks printing at once interleave their lines.)
 
 Run under torchrun (tests/test_memory.py does); used to check the predictor's model states.
 """
@@ -34,7 +34,9 @@ def main():
         tokenizer=_FakeTokenizer(), temperature=0.02, sub_batch_size=None, normalize_embeddings=True,
         unified_finetuning=True)
     world = dist.get_world_size()
-    ds = TrainConfig(deepspeed_stage=stage, per_device_train_batch_size=1, num_processes=world).deepspeed_config()
+    offload = len(sys.argv) > 4 and sys.argv[4] == "offload"
+    ds = TrainConfig(deepspeed_stage=stage, per_device_train_batch_size=1, num_processes=world,
+                     offload_optimizer=offload).deepspeed_config()
     ds["optimizer"]["params"] = {"lr": 1e-5, "torch_adam": True}
     ds["gradient_clipping"] = 1.0
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
