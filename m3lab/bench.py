@@ -2,7 +2,8 @@
 
 ``python -m m3lab.bench`` prints one line per configuration (predicted peak for a T4, seconds,
 and whether the step was extrapolated from shallow traces or traced layer by layer), then the
-median and the slowest time after the first call, which pays for imports and caches.
+median and the slowest time after the first call, which pays for imports and caches (and starts
+the two worker processes that trace shallow copies side by side), and the median per method.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ def sweep() -> list[tuple[str, TrainConfig]]:
     points = [(f"advice, ZeRO-0, passage {p}", advice_zero0.replace(passage_max_len=p))
               for p in (128, 256, 392, 512, 1024, 2048)]
     points += [(f"advice, ZeRO-0, group {g}", advice_zero0.replace(train_group_size=g)) for g in (2, 4)]
-    points += [("advice (ZeRO-1)", TrainConfig.common_t4_advice()),
+    advice = TrainConfig.common_t4_advice()
+    points += [(f"advice (ZeRO-1), passage {p}", advice.replace(passage_max_len=p)) for p in (256, 392, 512, 1024)]
+    points += [
                ("advice, fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True)),
                ("advice, ZeRO-1 + offload", TrainConfig.common_t4_advice(offload_optimizer=True)),
                ("advice, Kaggle 2 x T4", TrainConfig.common_t4_advice(num_processes=2))]
@@ -27,17 +30,23 @@ def sweep() -> list[tuple[str, TrainConfig]]:
 
 
 def main() -> None:
-    timings = []
+    timings, methods = [], []
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():
         started = time.perf_counter()
         report = predict(config, "t4x2" if config.num_processes == 2 else "t4")
         seconds = time.perf_counter() - started
         timings.append(seconds)
+        methods.append(report.method)
         print(f"{name:36} {report.peak_allocated_bytes / GIB:9.2f} {seconds:8.2f}  {report.method}", flush=True)
     after_first = timings[1:]
     print(f"after the first call: median {statistics.median(after_first):.2f} s, "
           f"slowest {max(after_first):.2f} s per configuration (target: 3 s)")
+    by_method: dict[str, list[float]] = {}
+    for (name, _), seconds, method in zip(sweep()[1:], after_first, methods[1:]):
+        by_method.setdefault(method, []).append(seconds)
+    for method, seconds in by_method.items():
+        print(f"  {method}: median {statistics.median(seconds):.2f} s over {len(seconds)}")
 
 
 if __name__ == "__main__":

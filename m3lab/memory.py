@@ -1025,14 +1025,13 @@ def _shallow_specs(spec: PredictSpec) -> list[PredictSpec] | None:
     if trainable <= min(buckets.values()):
         return shallow
     layers = spec.model_config.num_hidden_layers
+    per_layer = _trainable_params(shallow[1])[0] - _trainable_params(shallow[0])[0]
     for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
-        shallow = [_with_layers(spec, n) for n in (depth, depth + 1)]
-        scaled = []
-        for copy in shallow:
-            missing = trainable - _trainable_params(copy)[0]
-            # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
-            scaled.append({key: (size - missing) // 2 * 2 for key, size in buckets.items()})
+        # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
+        scaled = [{key: (size - (layers - n) * per_layer) // 2 * 2 for key, size in buckets.items()}
+                  for n in (depth, depth + 1)]
         if min(scaled[0].values()) >= largest:
+            shallow = [_with_layers(spec, n) for n in (depth, depth + 1)]
             for copy, sizes in zip(shallow, scaled):
                 copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
             return shallow
