@@ -67,3 +67,69 @@ def token_length_histogram(lengths: dict[str, "list[int]"], path: str | Path | N
     fig.suptitle(f"Token lengths{', ' + tokenizer_name + ' tokenizer' if tokenizer_name else ''}")
     fig.tight_layout()
     return _save(fig, path)
+
+
+CATEGORY_COLOURS = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer_states": "tab:purple",
+                    "activations": "tab:green", "temporaries": "tab:gray", "other": "tab:brown"}
+
+
+def _usable_line(ax, usable_bytes: float | None, label: str = "T4 usable memory"):
+    if usable_bytes:
+        ax.axhline(usable_bytes / GIB, color="tab:red", linestyle="--", label=f"{label} ({usable_bytes / GIB:.2f} GiB)")
+
+
+def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "What the peak is made of",
+                   measured: dict | None = None):
+    """Stacked bars, one per configuration: what is alive at the predicted peak (weights,
+    gradients, optimizer states, activations, temporaries, DeepSpeed's buffers), then the
+    allocator's cache and the CUDA context on top; the card's usable memory as a line.
+    ``measured`` ({label: bytes}) adds measured peaks as black markers."""
+    labels = list(reports)
+    first = next(iter(reports.values()))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(labels) + 3), 4.4))
+    bottoms = [0.0] * len(labels)
+    for category, colour in CATEGORY_COLOURS.items():
+        values = [reports[k].breakdown[category] / GIB for k in labels]
+        ax.bar(range(len(labels)), values, bottom=bottoms, color=colour, label=category.replace("_", " "))
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    extra = [(reports[k].total_bytes - reports[k].peak_allocated_bytes) / GIB for k in labels]
+    ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
+           label="allocator cache + CUDA context (estimated)")
+    if measured:
+        xs = [i for i, k in enumerate(labels) if k in measured]
+        ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
+                   label="peak allocated, " + (measured.get("_provenance") or "measured"))
+    _usable_line(ax, first.usable_bytes)
+    top = max([b + e for b, e in zip(bottoms, extra)] + [first.usable_bytes / GIB])
+    ax.set_yscale("symlog", linthresh=20) if top > 60 else ax.set_ylim(0, top * 1.15)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
+    ax.set_ylabel("GPU memory at the peak (GiB)")
+    ax.set_title(f"{title}\n({first.provenance})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None = None,
+                 title: str = "Peak memory", measured: tuple[list, list, str] | None = None, log_x: bool = False):
+    """Predicted peak (allocated, and with cache and context) against a knob, with the usable line;
+    ``measured`` = (xs, bytes, provenance) overlays measured points."""
+    first = reports[0]
+    fig, ax = plt.subplots(figsize=(6.8, 4.0))
+    ax.plot(xs, [r.peak_allocated_bytes / GIB for r in reports], marker="o",
+            label=f"peak allocated, {first.provenance}")
+    ax.plot(xs, [r.total_bytes / GIB for r in reports], marker=".", linestyle=":",
+            label="+ allocator cache + CUDA context (estimated)")
+    if measured:
+        ax.scatter(measured[0], [b / GIB for b in measured[1]], color="black", marker="D", zorder=5,
+                   label=f"peak allocated, {measured[2]}")
+    _usable_line(ax, first.usable_bytes)
+    if log_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("GPU memory (GiB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
