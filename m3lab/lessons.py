@@ -67,12 +67,26 @@ def versions() -> dict[str, str]:
     return found
 
 
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers at all (offline machines fail at once, not after retries)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer():
-    """(tokenizer, name): BGE-M3's own where the hub is reachable, else the stand-in's (offline)."""
+    """(tokenizer, name): BGE-M3's own where it is cached or the hub answers, else the stand-in's."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(REAL_MODEL), REAL_MODEL
+        return AutoTokenizer.from_pretrained(REAL_MODEL, local_files_only=not hub_reachable()), REAL_MODEL
     except (OSError, ValueError):
         return AutoTokenizer.from_pretrained(resolve_model(STANDIN)), STANDIN
 
@@ -88,7 +102,7 @@ def prediction_table(reports: dict[str, MemoryReport]) -> str:
     header = f"{'configuration':34} {'peak alloc':>10} {'+cache+ctx':>10}  verdict"
     lines = [header, "-" * len(header)]
     for label, report in reports.items():
-        verdict = report.verdict.split(" (")[0]
+        verdict = report.short_verdict
         lines.append(f"{label:34} {report.peak_allocated_bytes / GIB:8.2f} G {report.total_bytes / GIB:8.2f} G  "
                      f"{verdict}")
     provenances = sorted({r.provenance for r in reports.values()})

@@ -492,6 +492,19 @@ class MemoryReport(PeakFigures):
         """Host (CPU) memory the offloaded optimizer needs at its peak; 0 without offload."""
         return max((r.model_state_bytes.get("host_peak_bytes", 0) for r in self.per_rank), default=0)
 
+    @property
+    def short_verdict(self) -> str:
+        """The verdict in a few words, for tables."""
+        spare_live = (self.usable_bytes - self.peak_allocated_bytes - self.context_bytes) / GIB
+        spare = (self.usable_bytes - self.total_bytes) / GIB
+        if spare_live < 0:
+            return f"OOM by {-spare_live:.2f} GiB"
+        if spare < 0:
+            return f"OOM by {-spare:.2f} GiB with the cache (estimated)"
+        if abs(spare) * GIB < NEAR_THE_LIMIT:
+            return f"close call: {spare_live:.2f} GiB left before the cache"
+        return f"fits, {spare:.2f} GiB to spare"
+
     def summary(self) -> str:
         host = (f"; offloaded optimizer: {self.host_peak_bytes / GIB:.2f} GiB of host memory at its peak"
                 if self.host_peak_bytes else "")

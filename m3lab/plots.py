@@ -104,7 +104,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     ax.set_yscale("symlog", linthresh=20) if top > 60 else ax.set_ylim(0, top * 1.15)
     ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
     ax.set_ylabel("GPU memory at the peak (GiB)")
-    ax.set_title(f"{title}\n({first.provenance})")
+    ax.set_title(f"{title}\n({' / '.join(sorted({r.provenance for r in reports.values()}))})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

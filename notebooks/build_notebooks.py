@@ -138,8 +138,8 @@ plots.token_length_histogram({"query": token_lengths([r["query"] for r in train_
 """),
     md("""
 **Reading it.** Queries are short: 64 tokens keeps nearly all of them whole. Passages are
-long-tailed: the common advice's 392 tokens cuts about a quarter of the passages and over 40% of
-passage tokens (with the stand-in's tokenizer). Lesson 02 shows what each max length costs in
+long-tailed: the common advice's 392 tokens cuts nearly a quarter of the passages and over 40% of
+passage tokens (with the stand-in's tokenizer), while 95% of passages fit in about 1,400. Lesson 02 shows what each max length costs in
 memory, so the cut can be a decision rather than a default.
 """),
 ])
@@ -219,24 +219,28 @@ from m3lab.data import load_jsonl, token_length_stats
 
 tokenizer, tokenizer_name = lessons.load_tokenizer()
 records = load_jsonl("data/train.jsonl")
+cut = {p: {s.field: s for s in token_length_stats(records, tokenizer, passage_max_len=p)}["passage"]
+       for p in passage_lengths}
 """),
     code(CHECK + """
 print(f"tokenizer: {tokenizer_name}")
 print(f"{'passage_max_len':>15} {'passages cut':>13} {'tokens cut':>11}  predicted peak (T4)")
 for p in passage_lengths:
-    s = {x.field: x for x in token_length_stats(records, tokenizer, passage_max_len=p)}["passage"]
     report = by_passage[f"passage {p}"]
-    print(f"{p:15} {s.truncated_share:13.1%} {s.truncated_token_share:11.1%}  "
-          f"{report.peak_allocated_bytes / GIB:6.2f} GiB, {report.verdict.split(' (')[0]}")
+    print(f"{p:15} {cut[p].truncated_share:13.1%} {cut[p].truncated_token_share:11.1%}  "
+          f"{report.peak_allocated_bytes / GIB:6.2f} GiB, {report.short_verdict}")
 """),
     md("""
-**What it shows.** Length is a strong knob, but not the one the advice implies: below about 1,024
-passage tokens the curve goes flat, because the peak stops being in the sparse head's
-(passages x tokens x vocabulary) tensor and becomes the optimizer step, which does not depend on
-length at all. So 392 tokens buys nothing over 512 or even 1,024 for memory while it cuts far more
-text; and query length hardly matters. On its own, shortening cannot make the example fit: with
-ZeRO-0, full AdamW states and fp16 gradients, the step needs more than the card however short the
-texts. The next lessons take the remaining knobs one by one.
+**What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x
+vocabulary) tensor makes the peak: from 8,192 down to 512 tokens the peak falls from 137 to
+15.5 GiB, still 1.2 GiB too much. At 392 it just fits, but only just; below 256 the curve is flat
+at 12.71 GiB, because the peak is now the optimizer step (ZeRO-0: fp32 master weights and Adam
+moments, 6.4 GiB, plus their update temporaries), which no length changes. So the advice's 392 is
+the knee of the curve on this configuration: shorter buys no memory and cuts more text (about a
+quarter of the passages and 42% of passage tokens here); longer does not fit. Query length hardly
+matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one text per group. The margin
+left at the floor is the allocator's cache and the CUDA context, both estimates; the next lessons
+look for real room.
 """),
 ])
 
@@ -288,9 +292,13 @@ as here, it changes nothing at all. It can matter indirectly: FlagEmbedding pads
 longest text, so grouping a short-text dataset apart from a long-text one lowers the typical step.
 The peak, set by the longest texts allowed, stays.
 
-**Verdict.** Group size and batch scale the sparse head's tensor and the activations: a real
-lever while those make the peak. Once the optimizer step is the peak (group 6 at 392 tokens), a
-smaller group buys nothing; with the example's ZeRO-0 the step alone does not fit.
+**Verdict.** Group size and batch scale the sparse head's tensor and the activations (passages per
+step = batch x group): a real lever while those make the peak, as at group 16 or batch 4. At 392
+tokens, from group 6 down (12 passages per step), the peak is the optimizer step and a smaller
+group buys nothing: group 2 and group 6 both peak at 12.71 GiB, while group 2 trains with a third
+of the negatives. `negatives_cross_device` costs nothing visible at the peak on 2 x T4: what it
+gathers (the other GPU's dense, sparse and ColBERT vectors of a dozen passages) is megabytes, next
+to gigabytes of model states.
 """),
 ])
 
@@ -339,28 +347,32 @@ if env.on_gpu and env.gpu_count < 2:
 measured = {label: train(config) for label, config in runs.items()}
 """),
     code(CHECK + """
+print(f"bytes per rank, {next(iter(measured.values())).provenance}")
 for label, result in measured.items():
-    states = [result.optimizer_state_bytes(rank) + result.ranks[rank].steps[-1].fp32_master_bytes
-              for rank in range(len(result.ranks))]
-    print(f"{label:16} optimizer state + fp32 masters per rank: {', '.join(f'{s:,}' for s in states)} bytes "
-          f"({result.provenance})")
+    moments = [result.optimizer_state_bytes(rank) for rank in range(len(result.ranks))]
+    masters = [result.ranks[rank].steps[-1].fp32_master_bytes for rank in range(len(result.ranks))]
+    print(f"{label:16} Adam moments: {', '.join(f'{b:,}' for b in moments):>22}   "
+          f"fp32 master copies: {', '.join(f'{b:,}' for b in masters)}")
 """),
     code("""
-plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) + r.steps[-1].fp32_master_bytes for r in measured.values()],
-                  next(iter(measured.values())).provenance, title="Optimizer state held by rank 0 (real DeepSpeed)",
-                  ylabel="bytes on rank 0 (GiB)");
+plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) for r in measured.values()],
+                  next(iter(measured.values())).provenance, title="Adam moments held by rank 0 (real DeepSpeed)",
+                  ylabel="Adam state on rank 0 (GiB)");
 """),
     md("""
 **Verdict.** On one T4, ZeRO-1 partitions nothing: there is one partition, and the optimizer
-states are the same 6.36 GiB as ZeRO-0's (the measured bytes above are equal, to a few bytes of
-padding). Its step does peak about 1 GiB lower than ZeRO-0's, but for another reason: DeepSpeed's
-ZeRO optimizer updates flat fp32 partitions rather than ZeRO-0's per-tensor fused path with its
-foreach temporaries. It still leaves almost no margin. On Kaggle's 2 x T4 ZeRO-1 halves the states
-per GPU (the measured rank 0 holds half), which is the saving the advice promises. Offloading the
-optimizer to the CPU moves states and the update off the GPU entirely, at the price of about
-12 GiB of host memory for BGE-M3: more than a free Colab machine's ~12.7 GB of RAM comfortably
-gives, fine on Kaggle.
-"""),
+states are the same 6.36 GiB as ZeRO-0's (measured: the same Adam bytes on one process, to a few
+bytes of padding). Its step does peak about 1 GiB lower than ZeRO-0's (11.65 against 12.71 GiB),
+but for another reason: DeepSpeed's ZeRO optimizer updates one flat fp32 partition rather than
+ZeRO-0's per-tensor path with its foreach temporaries. Either way the margin that is left is the
+allocator's cache and the CUDA context, both estimates: a close call, not a fit. On Kaggle's
+2 x T4 ZeRO-1 halves the states per GPU (measured: each rank holds exactly half the Adam bytes),
+which is the saving the advice promises, and 2 x T4 then has 3.9 GiB to spare. One more
+measured detail: in full precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0
+does not need; with fp16 on a GPU both keep one. Offloading the optimizer to the CPU takes states
+and update off the GPU entirely (4.48 GiB peak), at the price of about 12 GiB of host memory for
+BGE-M3: more than a free Colab machine's ~12.7 GB of RAM comfortably gives, fine on Kaggle (~30 GB).
+""),
 ])
 
 NOTEBOOKS["05_gradient_checkpointing"] = ("05 · Gradient checkpointing", """
@@ -410,8 +422,11 @@ plots.memory_bars(list(runs), [r.peak_allocated_bytes for r in runs.values()], n
 **Verdict.** Checkpointing is worth keeping on a T4, but it is not what makes the common advice
 fit: at 392 tokens the peak is the optimizer step, where activations are already gone, and the
 prediction barely moves. It starts to matter as texts grow: at 1,024 and 2,048 passage tokens
-it is the difference between activations of several GiB and a fraction of one. It costs roughly
-one extra forward pass per step (about a third more step time on BGE-M3-sized layers).
+it is the difference between activations of 5 GiB and a third of one (at 1,024 tokens: a close
+call with it, OOM by 4 GiB without). It costs one extra forward pass of the encoder per step:
+measured here on the stand-in, whose layers are tiny, a little more step time (the medians above); on BGE-M3, where
+the forward is roughly a third of a step's compute, expect up to a third more (an estimate, not
+measured here).
 """),
 ])
 
@@ -467,7 +482,8 @@ except ConfigError as error:
     md("""
 **Verdict.** `fix_encoder` frees most of the card (the optimizer states of 568M parameters go),
 but it is not fine-tuning BGE-M3: the encoder and therefore the dense embeddings stay as they were.
-Note also what remains at the peak: the sparse head's (passages x tokens x vocabulary) tensor.
+Note also what remains at the peak: the sparse head's (passages x tokens x vocabulary) tensor,
+which is why FlagEmbedding's example at 8,192 tokens is still 116 GiB over with a frozen encoder.
 Use it when only the sparse and ColBERT scores need adapting; otherwise see lesson 07.
 """),
 ])
@@ -537,10 +553,12 @@ for b, a in zip(before.rows(), after.rows()):
 plots.loss_curve(run, title=f"Fine-tuning {env.model} with FlagEmbedding's M3 trainer");
 """),
     md("""
-On the CPU the stand-in is a randomly initialised toy, so its absolute scores mean little; what the
-run shows is the whole path working end to end (data, the real trainer, DeepSpeed, the saved model
-with its sparse and ColBERT heads, FlagEmbedding's scoring). On a T4 the same cells report BGE-M3's
-own numbers.
+On the CPU the stand-in is a randomly initialised toy, and 40 steps at a high learning rate on
+251 queries move its scores both ways (in the committed run its dense and ColBERT scores rose a
+little and its sparse score fell): that says nothing about BGE-M3's quality. What the run shows is
+the whole path working end to end: the data, the real trainer under DeepSpeed, the saved model
+with its sparse and ColBERT heads, and FlagEmbedding's own scoring. On a T4 the same cells train
+and score the real BGE-M3.
 """),
 ])
 

@@ -1,0 +1,59 @@
+"""The pieces the notebooks stand on: retrieval metrics, prediction tables, and plots that carry
+their provenance and the card's usable-memory line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3lab import lessons, memory, plots
+from m3lab.evaluate import _rank_metrics, load_corpus
+
+BERT_TINY = Path(__file__).parent / "fixtures" / "bert-tiny-config.json"
+
+
+def test_rank_metrics_by_hand():
+    scores = np.array([[0.9, 0.8, 0.1],   # relevant {1}: ranked 2nd
+                       [0.1, 0.2, 0.3],   # relevant {0, 2}: ranked 3rd and 1st
+                       [0.5, 0.4, 0.3]])  # relevant {0}: ranked 1st
+    mrr, recall = _rank_metrics(scores, [{1}, {0, 2}, {0}], ks=(1, 2))
+    assert mrr == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert recall[1] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert recall[2] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_a_bad_corpus_line_is_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: not a corpus line"):
+        load_corpus(path)
+
+
+@pytest.fixture(scope="module")
+def two_reports():
+    config = memory.load_model_config(BERT_TINY)
+    return {f"seq {n}": memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config,
+                                                                          seq_len=n)) for n in (64, 128)}
+
+
+def test_prediction_table_names_every_configuration_and_the_provenance(two_reports):
+    table = lessons.prediction_table(two_reports)
+    assert "seq 64" in table and "seq 128" in table
+    assert "predicted for Tesla T4 (Colab)" in table and "usable 14.74 GiB" in table
+
+
+def test_plots_carry_provenance_and_the_usable_line(two_reports):
+    for figure in (plots.breakdown_bars(two_reports),
+                   plots.memory_curve([64, 128], list(two_reports.values()), "seq_len (tokens)")):
+        ax = figure.axes[0]
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert any("usable memory (14.74 GiB)" in label for label in labels)
+        assert "predicted for Tesla T4" in ax.get_title() + " ".join(labels)
+        assert "GiB" in ax.get_ylabel()
+
+
+def test_no_gpu_environment_says_what_it_will_do():
+    env = lessons.environment()
+    assert not env.on_gpu and env.model == "tiny-bge-m3"
+    assert "no GPU" in env.describe() and "predicted" in env.describe()
+    assert lessons.t4_memory_limit(env) is None
