@@ -27,7 +27,12 @@ MEMORY_LIMIT_ENV = "M3LAB_MEMORY_LIMIT_BYTES"
 
 def tensor_storages(obj):
     """The non-empty storages behind the tensors in ``obj`` (any nesting), skipping meta tensors."""
-    flat, _ = tree_flatten(obj)
+    if isinstance(obj, torch.Tensor):
+        flat = (obj,)  # most operators return one tensor: skip the (slow) general flattening
+    elif isinstance(obj, (tuple, list)) and all(isinstance(item, torch.Tensor) for item in obj):
+        flat = obj
+    else:
+        flat, _ = tree_flatten(obj)
     for item in flat:
         if isinstance(item, torch.Tensor) and not item.is_meta:
             try:

@@ -605,9 +605,12 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
         if gpu is not None:
             stack.enter_context(_patched(torch.nn.functional, "scaled_dot_product_attention", _sdpa_emulation(kernel)))
             # torch optimizers pick their foreach (multi-tensor) path for CUDA tensors and the
-            # single-tensor path on CPU; their temporaries differ, so take the GPU's path.
+            # single-tensor path on CPU; their temporaries differ, so take the GPU's path, except
+            # for what an offloaded optimizer keeps in host memory (plain "cpu" when offloading).
             def gpu_default(params, differentiable, use_fused=False):
-                return False, not differentiable
+                on_host = device != "cpu" and any(
+                    isinstance(p, torch.Tensor) and p.device.index is None for p in params)
+                return False, not differentiable and not on_host
 
             for module in list(sys.modules.values()):
                 if getattr(module, "__name__", "").startswith("torch.optim") and \
@@ -1116,8 +1119,13 @@ def _worker_pool():
 
 
 def _worker_started() -> None:
+    import signal
+
     # What DeepSpeed prints in a worker goes to stderr: the caller's stdout may be a JSON object.
     os.dup2(2, 1)
+    # Ctrl-C (or Jupyter's interrupt, sent to the whole process group) is the caller's to handle;
+    # a worker ends when the caller closes the pool or exits (its end of the queue then closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -233,7 +233,8 @@ for p in passage_lengths:
     md("""
 **What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x
 vocabulary) tensor makes the peak: from 8,192 down to 512 tokens the peak falls from 137 to
-15.5 GiB, still 1.2 GiB too much. At 392 it just fits, but only just; below 256 the curve is flat
+15.5 GiB, still 1.2 GiB too much. At 392 the live tensors leave 0.7 GiB for the allocator's cache and
+the CUDA context: a close call. At 256 and below the curve is flat
 at 12.71 GiB, because the peak is now the optimizer step (ZeRO-0: fp32 master weights and Adam
 moments, 6.4 GiB, plus their update temporaries), which no length changes. So the advice's 392 is
 the knee of the curve on this configuration: shorter buys no memory and cuts more text (about a
@@ -370,9 +371,11 @@ allocator's cache and the CUDA context, both estimates: a close call, not a fit.
 which is the saving the advice promises, and 2 x T4 then has 3.9 GiB to spare. One more
 measured detail: in full precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0
 does not need; with fp16 on a GPU both keep one. Offloading the optimizer to the CPU takes states
-and update off the GPU entirely (4.48 GiB peak), at the price of about 12 GiB of host memory for
-BGE-M3: more than a free Colab machine's ~12.7 GB of RAM comfortably gives, fine on Kaggle (~30 GB).
-""),
+and update off the GPU entirely (4.48 GiB peak), at the price of about 14 GiB of host memory for
+BGE-M3 at the CPU update's peak (fp32 masters, Adam moments and fp32 gradients, 8.5 GiB, plus the
+temporaries of torch's AdamW on one flat 568M-element tensor): more than a free Colab machine has
+(about 12.7 GB of RAM), fine on Kaggle (about 30 GB).
+"""),
 ])
 
 NOTEBOOKS["05_gradient_checkpointing"] = ("05 · Gradient checkpointing", """
@@ -423,10 +426,10 @@ plots.memory_bars(list(runs), [r.peak_allocated_bytes for r in runs.values()], n
 fit: at 392 tokens the peak is the optimizer step, where activations are already gone, and the
 prediction barely moves. It starts to matter as texts grow: at 1,024 and 2,048 passage tokens
 it is the difference between activations of 5 GiB and a third of one (at 1,024 tokens: a close
-call with it, OOM by 4 GiB without). It costs one extra forward pass of the encoder per step:
-measured here on the stand-in, whose layers are tiny, a little more step time (the medians above); on BGE-M3, where
-the forward is roughly a third of a step's compute, expect up to a third more (an estimate, not
-measured here).
+call with it, OOM by 4 GiB without). In the committed CPU run (the stand-in) it cut the peak by about
+40%. It costs one extra forward pass of the encoder per step; on the stand-in, whose layers are
+tiny, that is lost in the noise of the step times above; on BGE-M3, where the forward is roughly a
+third of a step's compute, expect up to a third more step time (an estimate, not measured here).
 """),
 ])
 
@@ -510,12 +513,15 @@ for label, report in reports.items():
 """),
     code("""plots.breakdown_bars(reports, title="Candidates for one T4");"""),
     md("""
-**The recipe.** The common advice with ZeRO-1 fits, but by a margin (a few hundredths of a GiB)
-smaller than the uncertainty of the allocator-cache and CUDA-context estimates: expect it to work
-on some runs and not others. `fix_encoder` fits easily but does not fine-tune the encoder (lesson
+**The recipe.** The common advice with ZeRO-1 is a close call: its live tensors leave 2.7 GiB of
+the card, and the caching allocator's cache (how much depends on fragmentation, which m3lab can
+only estimate) and the CUDA context must fit in that: expect it to work on some runs and not on
+others. `fix_encoder` fits easily but does not fine-tune the encoder (lesson
 06). Offloading the optimizer to the CPU keeps every parameter trainable and leaves several GiB
 free on the GPU, enough to go back to 128/512 tokens and a group of 8, at the price of about
-12 GiB of host RAM (Kaggle: fine; free Colab: tight) and slower steps. The command:
+14 GiB of host RAM (Kaggle: fine; free Colab, with about 12.7 GB: too little) and slower steps.
+So on free Colab the choice is between the close call and `fix_encoder`; on Kaggle, offload (or
+ZeRO-1 over both T4s, lesson 04). The command:
 """),
     code("""
 recipe = advice.replace(offload_optimizer=True, query_max_len=128, passage_max_len=512, train_group_size=8)
