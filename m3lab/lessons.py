@@ -110,6 +110,16 @@ def prediction_table(reports: dict[str, MemoryReport]) -> str:
     return "\n".join(lines)
 
 
+def print_commands(configs: dict[str, TrainConfig]) -> None:
+    """Each configuration's torchrun command on one line, to copy. ``--deepspeed ds_stageN.json``
+    names the file that ``config.deepspeed_json()`` prints (write it beside the command)."""
+    import shlex
+
+    for label, config in configs.items():
+        print(f"# {label}")
+        print(" ".join(shlex.quote(arg) for arg in config.command()))
+
+
 def t4_memory_limit(env: Environment) -> int | None:
     """Bytes to cap a bigger GPU to, so that it runs out where a T4 would; None on a T4 or a CPU.
     (``train(memory_limit_bytes=...)`` applies it with ``torch.cuda.set_per_process_memory_fraction``.)"""

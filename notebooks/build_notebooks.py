@@ -204,10 +204,11 @@ peak memory move with each, and what does the cut cost in text?
     code("""
 base = TrainConfig.upstream_example(query_max_len=64)
 passage_lengths = [128, 256, 392, 512, 1024, 2048, 4096, 8192]
-by_passage = lessons.predict_all({f"passage {p}": base.replace(passage_max_len=p) for p in passage_lengths})
+passage_configs = {f"passage {p}": base.replace(passage_max_len=p) for p in passage_lengths}
+by_passage = lessons.predict_all(passage_configs)
 query_lengths = [32, 64, 128, 256, 512]
-by_query = lessons.predict_all({f"query {q}": base.replace(query_max_len=q, passage_max_len=392)
-                                for q in query_lengths})
+query_configs = {f"query {q}": base.replace(query_max_len=q, passage_max_len=392) for q in query_lengths}
+by_query = lessons.predict_all(query_configs)
 """),
     code(CHECK + "print(lessons.prediction_table(by_passage))\nprint()\nprint(lessons.prediction_table(by_query))"),
     code("""
@@ -229,6 +230,11 @@ for p in passage_lengths:
     report = by_passage[f"passage {p}"]
     print(f"{p:15} {cut[p].truncated_share:13.1%} {cut[p].truncated_token_share:11.1%}  "
           f"{report.peak_allocated_bytes / GIB:6.2f} GiB, {report.short_verdict}")
+"""),
+    code("""
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands({**passage_configs, **query_configs})
 """),
     md("""
 **What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x
@@ -252,10 +258,12 @@ Next piece of advice: a smaller `train_group_size` (e.g. 6) and per-device batch
     code("""
 base = TrainConfig.upstream_example(query_max_len=64, passage_max_len=392)
 groups = [2, 4, 6, 8, 16]
-by_group = lessons.predict_all({f"group {g}, batch 2": base.replace(train_group_size=g) for g in groups})
+group_configs = {f"group {g}, batch 2": base.replace(train_group_size=g) for g in groups}
+by_group = lessons.predict_all(group_configs)
 batches = [1, 2, 4]
-by_batch = lessons.predict_all({f"group 6, batch {b}": base.replace(train_group_size=6, per_device_train_batch_size=b)
-                                for b in batches})
+batch_configs = {f"group 6, batch {b}": base.replace(train_group_size=6, per_device_train_batch_size=b)
+                 for b in batches}
+by_batch = lessons.predict_all(batch_configs)
 """),
     code(CHECK + "print(lessons.prediction_table(by_group))\nprint()\nprint(lessons.prediction_table(by_batch))"),
     code("""
@@ -280,9 +288,15 @@ except ConfigError as error:
 """),
     code("""
 two = TrainConfig.common_t4_advice(num_processes=2)
-cross = lessons.predict_all({"2 x T4, cross-device off": two, "2 x T4, cross-device on": two.replace(negatives_cross_device=True)})
+cross_configs = {"2 x T4, cross-device off": two, "2 x T4, cross-device on": two.replace(negatives_cross_device=True)}
+cross = lessons.predict_all(cross_configs)
 """),
     code(CHECK + "print(lessons.prediction_table(cross))"),
+    code("""
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands({**group_configs, **batch_configs, **cross_configs})
+"""),
     md("""
 ## same_dataset_within_batch
 
@@ -328,6 +342,11 @@ for label, report in reports.items():
           + (f"; host memory for the offloaded optimizer {host:.2f} GiB" if host else ""))
 """),
     code("""plots.breakdown_bars(reports, title="ZeRO stages on one and two T4s (common advice)");"""),
+    code("""
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands(configs)
+"""),
     md("""
 ## Measured: the optimizer state each rank really holds
 
@@ -398,6 +417,11 @@ for label, report in reports.items():
     print(f"{label:32} activations at the peak {report.breakdown['activations'] / GIB:5.2f} GiB, peak in {report.peak_phase}")
 """),
     code("""plots.breakdown_bars(reports, title="Gradient checkpointing on and off (common advice, ZeRO-1)");"""),
+    code("""
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands(configs)
+"""),
     md("""
 ## Measured: memory and step time
 
@@ -467,6 +491,11 @@ reports = lessons.predict_all(configs)
 """),
     code(CHECK + "print(lessons.prediction_table(reports))"),
     code("""plots.breakdown_bars(reports, title="fix_encoder: what is left");"""),
+    code("""
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands(configs)
+"""),
     md("""
 ## The trap: fix_encoder without unified_finetuning
 
@@ -558,13 +587,23 @@ for b, a in zip(before.rows(), after.rows()):
     print(f"{b['mode']:9} " + " ".join(f"{b[k]:6.3f}->{a[k]:6.3f}" for k in ("MRR@10", "R@1", "R@5", "R@10")))
 plots.loss_curve(run, title=f"Fine-tuning {env.model} with FlagEmbedding's M3 trainer");
 """),
+    code("""
+if env.on_gpu:  # the measured peak of the real run, drawn over its prediction
+    plots.breakdown_bars({"recipe": reports["advice + offload, 128/512, group 8"]}, title="The recipe on this GPU",
+                         measured={"recipe": run.peak_allocated_bytes, "_provenance": run.provenance})
+else:
+    print(f"no GPU: on a T4 this cell draws the measured peak of the real run over the prediction; the stand-in's "
+          f"{run.peak_allocated_bytes / 2**20:.0f} MiB ({run.provenance}) is no measure of BGE-M3")
+"""),
     md("""
 On the CPU the stand-in is a randomly initialised toy, and 40 steps at a high learning rate on
 251 queries move its scores both ways (in the committed run its dense and ColBERT scores rose a
 little and its sparse score fell): that says nothing about BGE-M3's quality. What the run shows is
 the whole path working end to end: the data, the real trainer under DeepSpeed, the saved model
 with its sparse and ColBERT heads, and FlagEmbedding's own scoring. On a T4 the same cells train
-and score the real BGE-M3.
+and score the real BGE-M3, and draw its measured peak over the prediction: expect it below, because
+FlagEmbedding pads each batch to its longest text while the prediction assumes every text is full
+length.
 """),
 ])
 

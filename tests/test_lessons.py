@@ -57,3 +57,18 @@ def test_no_gpu_environment_says_what_it_will_do():
     assert not env.on_gpu and env.model == "tiny-bge-m3"
     assert "no GPU" in env.describe() and "predicted" in env.describe()
     assert lessons.t4_memory_limit(env) is None
+
+
+def test_print_commands_gives_one_copyable_line_per_configuration(capsys):
+    import shlex
+
+    from m3lab.config import TrainConfig
+
+    lessons.print_commands({"advice": TrainConfig.common_t4_advice(), "advice, ZeRO-0": TrainConfig.common_t4_advice(
+        deepspeed_stage=0)})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# advice" and lines[2] == "# advice, ZeRO-0"
+    argv = shlex.split(lines[1])
+    assert argv[:2] == ["torchrun", "--standalone"] and "FlagEmbedding.finetune.embedder.encoder_only.m3" in argv
+    assert argv[argv.index("--deepspeed") + 1] == "ds_stage1.json"
+    assert shlex.split(lines[3])[shlex.split(lines[3]).index("--deepspeed") + 1] == "ds_stage0.json"
