@@ -62,7 +62,9 @@ def _predict_spec(args):
         query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
         train_group_size=args.train_group_size, unified_finetuning=args.unified_finetuning,
         use_self_distill=args.use_self_distill, fix_encoder=args.fix_encoder,
-        negatives_cross_device=args.negatives_cross_device, task=args.task, seq_len=args.seq_len,
+        negatives_cross_device=args.negatives_cross_device, efficient_sparse_head=args.efficient_sparse_head,
+        freeze_word_embeddings=args.freeze_word_embeddings,
+        task=args.task, seq_len=args.seq_len,
         precision=args.precision, optim=args.optim, gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
         deepspeed=deepspeed, num_gpus=args.num_gpus)
@@ -115,6 +117,10 @@ def _add_predict_options(parser) -> None:
     parser.add_argument("--unified-finetuning", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--use-self-distill", action="store_true")
     parser.add_argument("--negatives-cross-device", action="store_true")
+    parser.add_argument("--efficient-sparse-head", action="store_true",
+                        help="m3lab's O(batch x vocab) sparse head (training runs use m3lab.run_m3)")
+    parser.add_argument("--freeze-word-embeddings", action="store_true",
+                        help="keep the word-embedding matrix fixed while the rest trains")
     parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")

@@ -15,6 +15,8 @@ from pathlib import Path
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
+# FlagEmbedding's runner with m3lab's additions (the efficient sparse head); same arguments plus m3lab's
+M3LAB_M3_MODULE = "m3lab.run_m3"
 DEFAULT_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "data" / "train.jsonl")
 # FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
@@ -78,6 +80,8 @@ class TrainConfig:
     knowledge_distillation: bool = False
     temperature: float = 0.02
     pad_to_multiple_of: int | None = None
+    efficient_sparse_head: bool = False  # m3lab.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
+    freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     num_processes: int = 1
     seed: int = 42
     logging_steps: int = 1
@@ -140,6 +144,9 @@ class TrainConfig:
                          "trainer (\"Gradient computed twice for this partition\"): the model encodes queries "
                          "and passages in two passes, and reentrant checkpointing then fires each gradient "
                          "hook twice. Use deepspeed_stage=1, or turn gradient_checkpointing off.")
+        if self.freeze_word_embeddings and self.fix_encoder:
+            found.append("freeze_word_embeddings has no effect with fix_encoder, which freezes the whole encoder "
+                         "already; turn one of them off.")
         if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
             found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
         if self.deepspeed_config_file is not None:
@@ -287,11 +294,18 @@ class TrainConfig:
                  "--use_self_distill", flag(self.use_self_distill),
                  "--self_distill_start_step", str(self.self_distill_start_step),
                  "--fix_encoder", flag(self.fix_encoder)]
+        # m3lab's own arguments: only m3lab.run_m3 knows them
+        if self.efficient_sparse_head:
+            args += ["--efficient_sparse_head", "True"]
+        if self.freeze_word_embeddings:
+            args += ["--freeze_word_embeddings", "True"]
         return args
 
     def command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
                 model_path: str | None = None, module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
-        """The torchrun command line as a list of arguments."""
+        """The torchrun command line as a list of arguments (m3lab's runner when an m3lab lever is on)."""
+        if (self.efficient_sparse_head or self.freeze_word_embeddings) and module == FLAGEMBEDDING_M3_MODULE:
+            module = M3LAB_M3_MODULE
         return ["torchrun", "--standalone", "--nproc_per_node", str(self.num_processes), "-m", module,
                 *self.flagembedding_args(output_dir, deepspeed_json_path, model_path)]
 

@@ -357,6 +357,8 @@ class PredictSpec:
     use_self_distill: bool = False
     fix_encoder: bool = False
     negatives_cross_device: bool = False
+    efficient_sparse_head: bool = False
+    freeze_word_embeddings: bool = False
     # hf
     task: str = "sequence-classification"
     seq_len: int = 512
@@ -379,6 +381,7 @@ def spec_from_config(config, model_config=None) -> PredictSpec:
         passage_max_len=config.passage_max_len, train_group_size=config.train_group_size,
         unified_finetuning=config.unified_finetuning, use_self_distill=config.use_self_distill,
         fix_encoder=config.fix_encoder, negatives_cross_device=config.negatives_cross_device,
+        efficient_sparse_head=config.efficient_sparse_head, freeze_word_embeddings=config.freeze_word_embeddings,
         precision="fp16" if config.fp16 else ("bf16" if config.bf16 else "fp32"),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -651,6 +654,10 @@ def _build_m3_model(spec: PredictSpec):
         temperature=0.02, sub_batch_size=None, kd_loss_type="m3_kd_loss", sentence_pooling_method="cls",
         normalize_embeddings=True, unified_finetuning=spec.unified_finetuning,
         use_self_distill=spec.use_self_distill, self_distill_start_step=0)
+    from m3lab.run_m3 import M3LabArguments, apply_levers
+
+    apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
+                                       freeze_word_embeddings=spec.freeze_word_embeddings))
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -1,16 +1,52 @@
 """FlagEmbedding's M3 fine-tuning entry point with m3lab's step recorder attached.
 
-``torchrun -m m3lab.run_m3 ARGS`` takes exactly the arguments of
+``torchrun -m m3lab.run_m3 ARGS`` takes the arguments of
 ``torchrun -m FlagEmbedding.finetune.embedder.encoder_only.m3 ARGS`` and runs the same runner,
-model and trainer; it only adds ``measure.StepRecorder`` (when M3LAB_METRICS_DIR is set) and turns
-a CUDA out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback.
+model and trainer; it adds ``measure.StepRecorder`` (when M3LAB_METRICS_DIR is set), turns a CUDA
+out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, and
+takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 OOM_EXIT_CODE = 86
+
+
+@dataclass
+class M3LabArguments:
+    efficient_sparse_head: bool = field(default=False, metadata={
+        "help": "m3lab.sparse_head: the sparse embedding in O(batch x vocab) memory instead of O(batch x seq x vocab)"})
+    freeze_word_embeddings: bool = field(default=False, metadata={
+        "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
+
+
+def apply_levers(model, m3lab_args: M3LabArguments):
+    """m3lab's levers on a built FlagEmbedding M3 model (the runner and the predictor both use this)."""
+    if m3lab_args.efficient_sparse_head:
+        from m3lab.sparse_head import use_efficient_sparse_head
+
+        use_efficient_sparse_head(model)
+    if m3lab_args.freeze_word_embeddings:
+        model.model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def _runner_class(m3lab_args: M3LabArguments):
+    """FlagEmbedding's runner, or a subclass that switches the model it builds to m3lab's levers."""
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import EncoderOnlyEmbedderM3Runner
+
+    if m3lab_args == M3LabArguments():
+        return EncoderOnlyEmbedderM3Runner
+
+    class M3LabRunner(EncoderOnlyEmbedderM3Runner):
+        def load_tokenizer_and_model(self):
+            tokenizer, model = super().load_tokenizer_and_model()
+            return tokenizer, apply_levers(model, m3lab_args)
+
+    return M3LabRunner
 
 
 def main() -> int:
@@ -20,20 +56,19 @@ def main() -> int:
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
         EncoderOnlyEmbedderM3DataArguments,
         EncoderOnlyEmbedderM3ModelArguments,
-        EncoderOnlyEmbedderM3Runner,
         EncoderOnlyEmbedderM3TrainingArguments,
     )
 
     from m3lab.measure import StepRecorder
 
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
-                               EncoderOnlyEmbedderM3TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+                               EncoderOnlyEmbedderM3TrainingArguments, M3LabArguments))
+    model_args, data_args, training_args, m3lab_args = parser.parse_args_into_dataclasses()
     recorder = StepRecorder.from_env()
     if recorder is not None:
         recorder.apply_cuda_limit()
     try:
-        runner = EncoderOnlyEmbedderM3Runner(model_args=model_args, data_args=data_args, training_args=training_args)
+        runner = _runner_class(m3lab_args)(model_args=model_args, data_args=data_args, training_args=training_args)
         if recorder is not None:
             runner.trainer.add_callback(recorder)
         runner.run()

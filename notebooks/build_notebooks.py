@@ -195,6 +195,27 @@ else:
 print(oom_run.status)
 print(oom_run.summary()[:400])
 """),
+    md("""
+## The tensor need not exist
+
+The sparse embedding only needs, for each text and each vocabulary entry, the largest weight of
+that token in the text: a (passages x vocabulary) result. m3lab's `efficient_sparse_head`
+(`m3lab.sparse_head`, a subclass of FlagEmbedding's model) scatter-reduces straight into it, as
+FlagEmbedding's own eval branch does, and zeroes the special tokens out of place, which is what
+broke upstream's attempt to do the same in training (PR #1425). Same loss and gradients (tested on
+the stand-in); the command becomes `torchrun -m m3lab.run_m3 ... --efficient_sparse_head True`.
+"""),
+    code("""
+lean = lessons.predict_all({"example 8192, efficient head": example_8192.replace(efficient_sparse_head=True),
+                            "example 512, efficient head": TrainConfig.upstream_example(efficient_sparse_head=True)})
+"""),
+    code(CHECK + "print(lessons.prediction_table(lean))"),
+    md("""
+Without the (passages x tokens x vocabulary) tensor, FlagEmbedding's example at its default 512
+tokens goes from OOM to a close call (the optimizer step's 12.7 GiB is then the peak), and at
+8,192 tokens from 137 to about 20 GiB: still too much for a T4, now in the encoder's activations and
+the loss's temporaries. The next lessons take the common advice knob by knob.
+"""),
 ])
 
 NOTEBOOKS["02_shorter_lengths"] = ("02 · Shorter max lengths", """
