@@ -325,11 +325,10 @@ class MemoryTrace(TorchDispatchMode):
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
         if self.separate_host:
-            on_host = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.index is None]
-            for storage in tensor_storages(on_host):
+            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            for storage in tensor_storages([t for t in tensors if t.device.index is None]):
                 self._see_host(storage)
-            out_on_gpu = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.index is not None]
-            for storage in tensor_storages(out_on_gpu):
+            for storage in tensor_storages([t for t in tensors if t.device.index is not None]):
                 self.see(storage, func.__name__)
             return out
         for storage in tensor_storages(out):
