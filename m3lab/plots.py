@@ -79,11 +79,12 @@ def _usable_line(ax, usable_bytes: float | None, label: str = "T4 usable memory"
 
 
 def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "What the peak is made of",
-                   measured: dict | None = None):
+                   measured: dict | None = None, measured_provenance: str = "measured"):
     """Stacked bars, one per configuration: what is alive at the predicted peak (weights,
     gradients, optimizer states, activations, temporaries, DeepSpeed's buffers), then the
     allocator's cache and the CUDA context on top; the card's usable memory as a line.
-    ``measured`` ({label: bytes}) adds measured peaks as black markers."""
+    ``measured`` ({label: bytes}) adds measured peaks as black markers, labelled ``measured_provenance``
+    (e.g. "measured on Tesla T4")."""
     labels = list(reports)
     first = next(iter(reports.values()))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(labels) + 3), 4.4))
@@ -98,7 +99,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     if measured:
         xs = [i for i, k in enumerate(labels) if k in measured]
         ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
-                   label="peak allocated, " + (measured.get("_provenance") or "measured"))
+                   label=f"peak allocated, {measured_provenance}")
     _usable_line(ax, first.usable_bytes)
     top = max([b + e for b, e in zip(bottoms, extra)] + [first.usable_bytes / GIB])
     ax.set_yscale("symlog", linthresh=20) if top > 60 else ax.set_ylim(0, top * 1.15)

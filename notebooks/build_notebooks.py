@@ -611,7 +611,7 @@ plots.loss_curve(run, title=f"Fine-tuning {env.model} with FlagEmbedding's M3 tr
     code("""
 if env.on_gpu:  # the measured peak of the real run, drawn over its prediction
     plots.breakdown_bars({"recipe": reports["advice + offload, 128/512, group 8"]}, title="The recipe on this GPU",
-                         measured={"recipe": run.peak_allocated_bytes, "_provenance": run.provenance})
+                         measured={"recipe": run.peak_allocated_bytes}, measured_provenance=run.provenance)
 else:
     print(f"no GPU: on a T4 this cell draws the measured peak of the real run over the prediction; the stand-in's "
           f"{run.peak_allocated_bytes / 2**20:.0f} MiB ({run.provenance}) is no measure of BGE-M3")
