@@ -57,13 +57,16 @@ def _predict_spec(args):
         deepspeed = json.loads(Path(args.deepspeed).read_text())
         if args.offload_optimizer:
             deepspeed.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu"}
+    if deepspeed is not None and "optimizer" in deepspeed and args.optim != "adamw_torch":
+        raise SystemExit(f"m3lab predict: --optim {args.optim} has no effect with --deepspeed {args.deepspeed}: the "
+                         "DeepSpeed JSON names its own optimizer and HF Trainer ignores --optim. Use --deepspeed none.")
     return PredictSpec(
         trainer=args.trainer, model_config=model_config, batch_size=args.batch_size,
         query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
         train_group_size=args.train_group_size, unified_finetuning=args.unified_finetuning,
         use_self_distill=args.use_self_distill, fix_encoder=args.fix_encoder,
         negatives_cross_device=args.negatives_cross_device, efficient_sparse_head=args.efficient_sparse_head,
-        freeze_word_embeddings=args.freeze_word_embeddings,
+        freeze_word_embeddings=args.freeze_word_embeddings, grad_cache_chunk_size=args.grad_cache_chunk_size,
         task=args.task, seq_len=args.seq_len,
         precision=args.precision, optim=args.optim, gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
@@ -121,6 +124,8 @@ def _add_predict_options(parser) -> None:
                         help="m3lab's O(batch x vocab) sparse head (training runs use m3lab.run_m3)")
     parser.add_argument("--freeze-word-embeddings", action="store_true",
                         help="keep the word-embedding matrix fixed while the rest trains")
+    parser.add_argument("--grad-cache-chunk-size", type=int, default=0, metavar="N",
+                        help="gradient caching: encode N texts at a time (0: off; training runs use m3lab.run_m3)")
     parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")

@@ -21,6 +21,8 @@ DEFAULT_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "data" / "trai
 # FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
 REDUCE_BUCKET_SIZE = 500_000_000
+# HF Trainer's --optim values m3lab models (m3lab.memory traces each)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,8 @@ class TrainConfig:
     pad_to_multiple_of: int | None = None
     efficient_sparse_head: bool = False  # m3lab.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
+    grad_cache_chunk_size: int = 0  # m3lab.grad_cache: encode this many texts at a time (0: off)
+    optim: str = "adamw_torch"  # HF Trainer's --optim, used without DeepSpeed (e.g. adamw_bnb_8bit)
     num_processes: int = 1
     seed: int = 42
     logging_steps: int = 1
@@ -147,6 +151,19 @@ class TrainConfig:
         if self.freeze_word_embeddings and self.fix_encoder:
             found.append("freeze_word_embeddings has no effect with fix_encoder, which freezes the whole encoder "
                          "already; turn one of them off.")
+        if self.grad_cache_chunk_size < 0:
+            found.append(f"grad_cache_chunk_size is {self.grad_cache_chunk_size}; give the texts per chunk "
+                         "(1 or more), or 0 to turn gradient caching off.")
+        if self.grad_cache_chunk_size and self.deepspeed_stage == 2:
+            found.append("grad_cache_chunk_size with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
+                         "partition\"): gradient caching back-propagates once per chunk, and ZeRO-2 reduces each "
+                         "gradient the first time it arrives. Use deepspeed_stage=1 or 0, or no DeepSpeed.")
+        if self.optim not in OPTIMIZERS:
+            found.append(f"optim is {self.optim!r}; m3lab knows {', '.join(OPTIMIZERS)}.")
+        elif self.optim != "adamw_torch" and self.deepspeed_stage is not None:
+            found.append(f"optim={self.optim} is HF Trainer's choice, and with DeepSpeed the optimizer is the one "
+                         "the DeepSpeed JSON names (HF ignores --optim). Set deepspeed_stage=None to use it "
+                         "(fp16 then runs through HF's mixed precision).")
         if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
             found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
         if self.deepspeed_config_file is not None:
@@ -278,6 +295,8 @@ class TrainConfig:
                  "--bf16", flag(self.bf16),
                  "--gradient_checkpointing", flag(self.gradient_checkpointing),
                  "--dataloader_drop_last", flag(self.dataloader_drop_last)]
+        if self.optim != "adamw_torch":
+            args += ["--optim", self.optim]
         if self.deepspeed_stage is not None:
             args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path
                      or f"ds_stage{self.deepspeed_stage}.json"]
@@ -299,12 +318,14 @@ class TrainConfig:
             args += ["--efficient_sparse_head", "True"]
         if self.freeze_word_embeddings:
             args += ["--freeze_word_embeddings", "True"]
+        if self.grad_cache_chunk_size:
+            args += ["--grad_cache_chunk_size", str(self.grad_cache_chunk_size)]
         return args
 
     def command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
                 model_path: str | None = None, module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
         """The torchrun command line as a list of arguments (m3lab's runner when an m3lab lever is on)."""
-        if (self.efficient_sparse_head or self.freeze_word_embeddings) and module == FLAGEMBEDDING_M3_MODULE:
+        if self.uses_m3lab_levers and module == FLAGEMBEDDING_M3_MODULE:
             module = M3LAB_M3_MODULE
         return ["torchrun", "--standalone", "--nproc_per_node", str(self.num_processes), "-m", module,
                 *self.flagembedding_args(output_dir, deepspeed_json_path, model_path)]
@@ -313,6 +334,11 @@ class TrainConfig:
                       model_path: str | None = None) -> str:
         """The command as you would type it: one option per line, quoted where the shell needs it."""
         return format_command(self.command(output_dir, deepspeed_json_path, model_path))
+
+    @property
+    def uses_m3lab_levers(self) -> bool:
+        """Whether the run needs m3lab.run_m3 (FlagEmbedding's runner does not know these arguments)."""
+        return bool(self.efficient_sparse_head or self.freeze_word_embeddings or self.grad_cache_chunk_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

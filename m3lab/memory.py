@@ -14,6 +14,7 @@ length), the worst case, under which transformers drops the attention mask as it
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from m3lab.config import OPTIMIZERS  # HF Trainer --optim values, each traced by _make_optimizer
 from m3lab.gpus import GIB, GPU, gpu_profile
 from m3lab.measure import tensor_storages
 
@@ -358,6 +360,7 @@ class PredictSpec:
     negatives_cross_device: bool = False
     efficient_sparse_head: bool = False
     freeze_word_embeddings: bool = False
+    grad_cache_chunk_size: int = 0  # 0: off
     # hf
     task: str = "sequence-classification"
     seq_len: int = 512
@@ -381,6 +384,7 @@ def spec_from_config(config, model_config=None) -> PredictSpec:
         unified_finetuning=config.unified_finetuning, use_self_distill=config.use_self_distill,
         fix_encoder=config.fix_encoder, negatives_cross_device=config.negatives_cross_device,
         efficient_sparse_head=config.efficient_sparse_head, freeze_word_embeddings=config.freeze_word_embeddings,
+        grad_cache_chunk_size=config.grad_cache_chunk_size, optim=config.optim,
         precision="fp16" if config.fp16 else ("bf16" if config.bf16 else "fp32"),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -656,7 +660,8 @@ def _build_m3_model(spec: PredictSpec):
     from m3lab.run_m3 import M3LabArguments, apply_levers
 
     apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
-                                       freeze_word_embeddings=spec.freeze_word_embeddings))
+                                       freeze_word_embeddings=spec.freeze_word_embeddings,
+                                       grad_cache_chunk_size=spec.grad_cache_chunk_size))
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -815,34 +820,29 @@ class _PlainDriver:
         return []
 
 
-class EightBitAdamWShape(torch.optim.Optimizer):
-    """The memory of bitsandbytes' AdamW8bit (block-wise 8-bit states), which needs CUDA to run.
+@functools.cache
+def _bnb_quantization_maps() -> dict:
+    """bitsandbytes' 8-bit quantization maps, built from real numbers (``.tolist()``), which fake
+    tensors do not have; built once outside the trace and handed to the optimizer inside it."""
+    import bitsandbytes.functional as bnb_functional
 
-    Per parameter of 4096+ elements: exp_avg and exp_avg_sq as uint8 plus one fp32 absmax per
-    block of 256 each; smaller parameters keep fp32 states (bitsandbytes' min_8bit_size). The
-    update itself is one fused kernel with no temporaries, so step() only creates the states.
-    """
-
-    def __init__(self, params, lr=1e-5):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or p in self.state:
-                    continue
-                if p.numel() >= 4096:
-                    blocks = math.ceil(p.numel() / 256)
-                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.uint8),
-                                     "state2": torch.zeros_like(p, dtype=torch.uint8),
-                                     "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks)}
-                else:
-                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.float32),
-                                     "state2": torch.zeros_like(p, dtype=torch.float32)}
+    return {signed: bnb_functional.create_dynamic_map(signed=signed) for signed in (True, False)}
 
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
+def _bnb_adamw_8bit(params):
+    """What HF Trainer builds for ``--optim adamw_bnb_8bit``: bitsandbytes' AdamW with optim_bits=8.
+    Its update is one fused kernel per parameter, so the trace sees only its states: two uint8
+    moments, a 256-entry map each and one fp32 absmax per block of 256 values (fp32 moments for
+    parameters under 4,096 values)."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.optim import AdamW
+
+    maps = _bnb_quantization_maps()
+    with _patched(bnb_functional, "create_dynamic_map", lambda signed=True, **kwargs: maps[signed].clone()):
+        return AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=8,
+                     is_paged=False)
+
+
 
 
 def _make_optimizer(name: str, params):
@@ -856,7 +856,7 @@ def _make_optimizer(name: str, params):
 
         return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
     if name == "adamw_bnb_8bit":
-        return EightBitAdamWShape(params)
+        return _bnb_adamw_8bit(params)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -917,6 +917,8 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
     capacity = gpu.usable_bytes - gpu.context_bytes if gpu is not None else None
     _import_lazy_modules(spec.model_config)
+    if spec.optim == "adamw_bnb_8bit":
+        _bnb_quantization_maps()
     offload = _offloads(spec)
     trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity,
                         separate_host=offload)

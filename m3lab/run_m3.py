@@ -4,7 +4,8 @@
 ``torchrun -m FlagEmbedding.finetune.embedder.encoder_only.m3 ARGS`` and runs the same runner,
 model and trainer; it adds ``measure.StepRecorder`` (when M3LAB_METRICS_DIR is set), turns a CUDA
 out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, and
-takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``).
+takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
+``--grad_cache_chunk_size 1``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class M3LabArguments:
         "help": "m3lab.sparse_head: the sparse embedding in O(batch x vocab) memory instead of O(batch x seq x vocab)"})
     freeze_word_embeddings: bool = field(default=False, metadata={
         "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
+    grad_cache_chunk_size: int = field(default=0, metadata={
+        "help": "m3lab.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
 
 
 def apply_levers(model, m3lab_args: M3LabArguments):
@@ -29,6 +32,10 @@ def apply_levers(model, m3lab_args: M3LabArguments):
         from m3lab.sparse_head import use_efficient_sparse_head
 
         use_efficient_sparse_head(model)
+    if m3lab_args.grad_cache_chunk_size:
+        from m3lab.grad_cache import use_grad_cache
+
+        use_grad_cache(model, m3lab_args.grad_cache_chunk_size)
     if m3lab_args.freeze_word_embeddings:
         model.model.get_input_embeddings().weight.requires_grad_(False)
     return model
