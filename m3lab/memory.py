@@ -791,7 +791,7 @@ class _PlainDriver:
     def __init__(self, model, spec: PredictSpec):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(spec.optim, self.params)
+        self.optimizer = _make_optimizer(spec.optim, self.params, model)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         # CPU autocast stands in for CUDA autocast: both run matmuls and linears in half precision
         # and keep reductions (softmax, layer norm, losses) in fp32.
@@ -829,23 +829,48 @@ def _bnb_quantization_maps() -> dict:
     return {signed: bnb_functional.create_dynamic_map(signed=signed) for signed in (True, False)}
 
 
-def _bnb_adamw_8bit(params):
-    """What HF Trainer builds for ``--optim adamw_bnb_8bit``: bitsandbytes' AdamW with optim_bits=8.
-    Its update is one fused kernel per parameter, so the trace sees only its states: two uint8
-    moments, a 256-entry map each and one fp32 absmax per block of 256 values (fp32 moments for
-    parameters under 4,096 values)."""
+def _bnb_adamw_8bit(params, model):
+    """What HF Trainer builds for ``--optim adamw_bnb_8bit``: bitsandbytes' AdamW with optim_bits=8,
+    and, as Trainer.create_optimizer does, 32-bit states for every nn.Embedding's weight (for BGE-M3
+    the 256M-parameter word embeddings: 1.9 GiB of states instead of 0.5). Its update is one fused
+    kernel per parameter, so the trace sees only its states: two uint8 moments, a shared 256-entry
+    map each and one fp32 absmax per block of 256 values (fp32 moments under 4,096 values)."""
     import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.optim import AdamW
+    from bitsandbytes.optim import AdamW, GlobalOptimManager
 
     maps = _bnb_quantization_maps()
     with _patched(bnb_functional, "create_dynamic_map", lambda signed=True, **kwargs: maps[signed].clone()):
-        return AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=8,
-                     is_paged=False)
+        optimizer = AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=8,
+                          is_paged=False)
+    manager = GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
 
 
+@contextlib.contextmanager
+def _bnb_manager_restored():
+    """bitsandbytes keeps HF's overrides in a process-wide manager, keyed by parameter id and by
+    (group, index): the trace starts from an empty one, and its entries do not outlive it."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    manager = GlobalOptimManager.get_instance()
+    saved = (list(manager.module_weight_config_triple), dict(manager.pid2config), dict(manager.index2config))
+    manager.module_weight_config_triple.clear()
+    manager.pid2config.clear()
+    manager.index2config.clear()
+    try:
+        yield
+    finally:
+        manager.module_weight_config_triple[:] = saved[0]
+        manager.pid2config.clear()
+        manager.pid2config.update(saved[1])
+        manager.index2config.clear()
+        manager.index2config.update(saved[2])
 
 
-def _make_optimizer(name: str, params):
+def _make_optimizer(name: str, params, model):
     """The optimizer HF Trainer builds for ``--optim NAME`` (lr does not affect memory)."""
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=1e-5)
@@ -856,7 +881,7 @@ def _make_optimizer(name: str, params):
 
         return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
     if name == "adamw_bnb_8bit":
-        return _bnb_adamw_8bit(params)
+        return _bnb_adamw_8bit(params, model)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -924,7 +949,8 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
                         separate_host=offload)
     device = GPU_DEVICE if offload else "cpu"
     steps: list[StepPeak] = []
-    with _simulation(gpu, kernel, rank, spec.num_gpus, device), FakeTensorMode(allow_non_fake_inputs=True), \
+    bnb = _bnb_manager_restored() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
+    with _simulation(gpu, kernel, rank, spec.num_gpus, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
             torch.device(device), trace:
         if spec.trainer == "flagembedding-m3":
             model, inputs = _build_m3_model(spec), _m3_inputs(spec)

@@ -108,7 +108,7 @@ def test_predict_json_has_the_contracted_fields(capsys):
     assert out["per_rank"][0]["peak_allocated_bytes"] == out["peak_allocated_bytes"]
 
 
-def _expected_state_bytes(optim: str) -> int:
+def _expected_state_bytes(optim: str, tmp_path) -> int:
     """Optimizer state per the optimizers' own definitions, with the allocator's 512-byte rounding."""
     from transformers import AutoModelForSequenceClassification
 
@@ -125,16 +125,28 @@ def _expected_state_bytes(optim: str) -> int:
         elif optim == "adafactor":  # factored second moment for matrices (rows + columns), full for
             # vectors, and the RMS of the weights, which transformers' Adafactor keeps as a tensor
             total += (r(4 * p.shape[0]) + r(4 * p.shape[1]) if p.dim() == 2 else r(4 * n)) + r(4)
-        elif optim == "adamw_bnb_8bit":  # two uint8 states and one fp32 absmax per 256 values; fp32 if small
-            total += 2 * r(n) + 2 * r(4 * -(-n // 256)) if n >= 4096 else 2 * r(4 * n)
+    if optim == "adamw_bnb_8bit":  # what HF Trainer's own optimizer holds after a real step on this CPU
+        from transformers import Trainer, TrainingArguments
+
+        model = AutoModelForSequenceClassification.from_config(config)
+        args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_bnb_8bit", report_to=[], use_cpu=True)
+        optimizer = Trainer(model=model, args=args).create_optimizer()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # the quantization maps are shared
+                    for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)}
+        total = sum(r(nbytes) for nbytes in storages.values())
+        word_embeddings = model.get_input_embeddings().weight
+        assert optimizer.state[word_embeddings]["state1"].dtype == torch.float32  # HF's 32-bit override
     return total
 
 
 @pytest.mark.parametrize("optim", memory.OPTIMIZERS)
-def test_each_optimizer_holds_what_it_should(capsys, optim):
+def test_each_optimizer_holds_what_it_should(capsys, optim, tmp_path):
     out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "2",
                     "--seq-len", "64", "--optim", optim, "--gpu", "a100-80")
-    assert out["per_rank"][0]["model_state_bytes"]["optimizer_states"] == _expected_state_bytes(optim)
+    assert out["per_rank"][0]["model_state_bytes"]["optimizer_states"] == _expected_state_bytes(optim, tmp_path)
 
 
 def test_attention_kernel_follows_the_card(capsys):

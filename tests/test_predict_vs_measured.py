@@ -23,6 +23,11 @@ CONFIGS = {
     "ZeRO-1, 1 process": BASE,
     "ZeRO-1 + gradient checkpointing": BASE.replace(gradient_checkpointing=True),
     "ZeRO-1, 2 processes": BASE.replace(num_processes=2, negatives_cross_device=True),
+    # issue 5's levers, each through m3lab.run_m3
+    "ZeRO-1 + grad cache + checkpointing + efficient sparse head": BASE.replace(
+        grad_cache_chunk_size=2, gradient_checkpointing=True, efficient_sparse_head=True),
+    "no DeepSpeed, 8-bit AdamW, grad cache": BASE.replace(deepspeed_stage=None, optim="adamw_bnb_8bit",
+                                                          grad_cache_chunk_size=3),
 }
 
 
@@ -59,6 +64,7 @@ HF_CASES = {
     "adamw_torch": ("adamw_torch", False),
     "adafactor": ("adafactor", False),
     "adamw_torch + gradient checkpointing": ("adamw_torch", True),
+    "adamw_bnb_8bit": ("adamw_bnb_8bit", False),
 }
 
 
