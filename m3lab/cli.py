@@ -97,6 +97,38 @@ def _predict(args) -> int:
     return 0
 
 
+def _fit(args) -> int:
+    import contextlib
+
+    from m3lab.data import DataError
+    from m3lab.fit import fit
+    from m3lab.memory import GIB
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
+            result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
+                         max_group=args.max_group, log=lambda line: print(line, file=sys.stderr))
+    except DataError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(result.table())
+    if result.best is None:
+        print(f"\nNothing fits {result.gpu} with {args.margin_gib:g} GiB to spare, even with group 2 and every "
+              f"lever (all figures predicted). Shorten the lengths (--coverage), or use a bigger card.")
+        return 1
+    config, report = result.best.config, result.best.report
+    print(f"\nbest: {result.best.setting}, train_group_size {config.train_group_size}, query_max_len "
+          f"{config.query_max_len}, passage_max_len {config.passage_max_len}; every parameter trained")
+    print(report.summary())
+    print(f"(margin asked: {args.margin_gib:g} GiB; total {report.total_bytes / GIB:.2f} GiB of "
+          f"{report.usable_bytes / GIB:.2f} GiB)\n")
+    ds_file = f"ds_stage{config.deepspeed_stage}.json"
+    print(config.shell_command(deepspeed_json_path=ds_file))
+    if config.deepspeed_stage is not None:
+        print(f"\n# {ds_file}\n{config.deepspeed_json()}", end="")
+    return 0
+
+
 def _add_predict_options(parser) -> None:
     from m3lab.memory import OPTIMIZERS
 
@@ -150,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     predict = sub.add_parser("predict", help="predict the peak GPU memory of one training step")
     _add_predict_options(predict)
     predict.set_defaults(func=_predict)
+    fit = sub.add_parser("fit", help="search the best configuration that fits a GPU and print its command")
+    fit.add_argument("--gpu", default="t4", help="t4, l4, a10g, v100, a100-40, a100-80, h100 (default t4)")
+    fit.add_argument("--data", nargs="+", default=["data/train.jsonl"], help="FlagEmbedding JSONL training file(s)")
+    fit.add_argument("--margin-gib", type=float, default=1.0, help="GiB to leave free on the card (default 1.0)")
+    fit.add_argument("--coverage", type=float, default=0.95,
+                     help="share of the data's tokens the max lengths keep (default 0.95)")
+    fit.add_argument("--max-group", type=int, default=16, help="largest train_group_size to consider (default 16)")
+    fit.set_defaults(func=_fit)
     args = parser.parse_args(argv)
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])

@@ -234,3 +234,16 @@ def length_covering(stats: TokenLengthStats, share: float = 0.95) -> int:
         if share <= q:
             return value
     return stats.max
+
+
+def length_covering_tokens(lengths, share: float = 0.95, multiple_of: int = 8) -> int:
+    """The smallest max length (a multiple of ``multiple_of``) that keeps ``share`` of all the tokens
+    of these texts: truncating at it cuts at most 1 - share of them."""
+    lengths = np.sort(np.asarray(lengths, dtype=np.int64))
+    if lengths.size == 0:
+        raise ValueError("no texts to measure")
+    total = lengths.sum()
+    for limit in range(multiple_of, int(lengths[-1]) + multiple_of, multiple_of):
+        if np.minimum(lengths, limit).sum() >= share * total:
+            return limit
+    return int(-(-lengths[-1] // multiple_of) * multiple_of)

@@ -852,7 +852,10 @@ def _bnb_adamw_8bit(params, model):
 @contextlib.contextmanager
 def _bnb_manager_restored():
     """bitsandbytes keeps HF's overrides in a process-wide manager, keyed by parameter id and by
-    (group, index): the trace starts from an empty one, and its entries do not outlive it."""
+    (group, index): the trace starts from an empty one, and its entries do not outlive it. (Its
+    step reads tensors' data pointers to pick a stream, which fake tensors warn about: silenced.)"""
+    import warnings
+
     from bitsandbytes.optim import GlobalOptimManager
 
     manager = GlobalOptimManager.get_instance()
@@ -861,7 +864,9 @@ def _bnb_manager_restored():
     manager.pid2config.clear()
     manager.index2config.clear()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+            yield
     finally:
         manager.module_weight_config_triple[:] = saved[0]
         manager.pid2config.clear()

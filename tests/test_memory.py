@@ -188,7 +188,12 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
     for train in (TrainConfig(deepspeed_stage=0, fp16=True, gradient_checkpointing=True, use_self_distill=True,
                               train_group_size=4, query_max_len=32, passage_max_len=256),
                   TrainConfig(deepspeed_stage=1, fp16=True, fix_encoder=True, reduce_bucket_size=10_000_000,
-                              train_group_size=2, query_max_len=16, passage_max_len=512)):
+                              train_group_size=2, query_max_len=16, passage_max_len=512),
+                  # issue 5's goal levers: gradient caching, 8-bit AdamW, the efficient sparse head
+                  TrainConfig(deepspeed_stage=None, fp16=True, gradient_checkpointing=True, use_self_distill=True,
+                              optim="adamw_bnb_8bit", grad_cache_chunk_size=1, efficient_sparse_head=True,
+                              train_group_size=4, query_max_len=32, passage_max_len=1024,
+                              per_device_train_batch_size=1)):
         spec = memory.spec_from_config(train, model_config=config)
         fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
         assert fast.extrapolated
