@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -602,6 +603,10 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     stack = contextlib.ExitStack()
     try:
+        # DeepSpeed's offload (pinned buffers) and bitsandbytes (its CUDA stream) read tensors' data
+        # pointers, which fake tensors warn about; no data is read, so the warning is noise here
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         stack.enter_context(_patched(modeling_utils.PreTrainedModel, "warn_if_padding_and_no_attention_mask",
                                      lambda *args, **kwargs: None))
         for module in list(sys.modules.values()):
@@ -852,10 +857,7 @@ def _bnb_adamw_8bit(params, model):
 @contextlib.contextmanager
 def _bnb_manager_restored():
     """bitsandbytes keeps HF's overrides in a process-wide manager, keyed by parameter id and by
-    (group, index): the trace starts from an empty one, and its entries do not outlive it. (Its
-    step reads tensors' data pointers to pick a stream, which fake tensors warn about: silenced.)"""
-    import warnings
-
+    (group, index): the trace starts from an empty one, and its entries do not outlive it."""
     from bitsandbytes.optim import GlobalOptimManager
 
     manager = GlobalOptimManager.get_instance()
@@ -864,9 +866,7 @@ def _bnb_manager_restored():
     manager.pid2config.clear()
     manager.index2config.clear()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
-            yield
+        yield
     finally:
         manager.module_weight_config_triple[:] = saved[0]
         manager.pid2config.clear()

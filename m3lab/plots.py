@@ -112,15 +112,22 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
 
 
 def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None = None,
-                 title: str = "Peak memory", measured: tuple[list, list, str] | None = None, log_x: bool = False):
+                 title: str = "Peak memory", measured: tuple[list, list, str] | None = None, log_x: bool = False,
+                 label: str = "", compare: dict[str, list] | None = None):
     """Predicted peak (allocated, and with cache and context) against a knob, with the usable line;
-    ``measured`` = (xs, bytes, provenance) overlays measured points."""
+    ``measured`` = (xs, bytes, provenance) overlays measured points; ``compare`` ({label: reports at
+    the same xs}) adds other configurations' predicted peaks as dashed lines, and ``label`` names
+    the main one."""
     first = reports[0]
     fig, ax = plt.subplots(figsize=(6.8, 4.0))
+    name = f"{label}: " if label else ""
     ax.plot(xs, [r.peak_allocated_bytes / GIB for r in reports], marker="o",
-            label=f"peak allocated, {first.provenance}")
+            label=f"{name}peak allocated, {first.provenance}")
+    for other, other_reports in (compare or {}).items():
+        ax.plot(xs, [r.peak_allocated_bytes / GIB for r in other_reports], marker="s", linestyle="--",
+                label=f"{other}: peak allocated, {other_reports[0].provenance}")
     ax.plot(xs, [r.total_bytes / GIB for r in reports], marker=".", linestyle=":",
-            label="+ allocator cache + CUDA context (estimated)")
+            label=f"{name}+ allocator cache + CUDA context (estimated)")
     if measured:
         ax.scatter(measured[0], [b / GIB for b in measured[1]], color="black", marker="D", zorder=5,
                    label=f"peak allocated, {measured[2]}")
