@@ -72,3 +72,14 @@ def test_print_commands_gives_one_copyable_line_per_configuration(capsys):
     assert argv[:2] == ["torchrun", "--standalone"] and "FlagEmbedding.finetune.embedder.encoder_only.m3" in argv
     assert argv[argv.index("--deepspeed") + 1] == "ds_stage1.json"
     assert shlex.split(lines[3])[shlex.split(lines[3]).index("--deepspeed") + 1] == "ds_stage0.json"
+
+
+def test_memory_curve_compares_labelled_series(two_reports):
+    reports = list(two_reports.values())
+    figure = plots.memory_curve([64, 128], reports, "seq_len", label="cached", compare={"plain": reports[::-1]})
+    ax = figure.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "cached: peak allocated, predicted for Tesla T4 (Colab)" in labels
+    assert "plain: peak allocated, predicted for Tesla T4 (Colab)" in labels
+    plain = next(line for line in ax.get_lines() if line.get_label().startswith("plain"))
+    assert list(plain.get_ydata()) == [r.peak_allocated_bytes / 2**30 for r in reports[::-1]]
