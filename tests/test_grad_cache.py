@@ -114,6 +114,18 @@ def test_the_re_encoding_runs_under_the_forwards_autocast(stand_in):
     assert seen == [torch.bfloat16] * 2 * (1 + 3)
 
 
+def test_the_trainers_loss_scale_reaches_the_encoder(stand_in):
+    """DeepSpeed and GradScaler call backward() on loss x scale; the cached gradients must be scaled
+    by the same factor on their way into the (fp16) encoder graph."""
+    batch = stand_in[2]
+    plain = _step(use_grad_cache(_flagembedding_model(stand_in), 2), batch)
+    model = use_grad_cache(_flagembedding_model(stand_in), 2)
+    torch.manual_seed(7)
+    (model(**batch).loss * 1024.0).backward()
+    scaled = {n: p.grad / 1024.0 for n, p in model.named_parameters() if p.grad is not None}
+    _assert_same(plain, (plain[0], scaled), rel=1e-5)
+
+
 def test_outside_training_it_is_flagembeddings_forward(stand_in):
     model = use_grad_cache(_flagembedding_model(stand_in), 1).eval()
     with torch.no_grad():
@@ -161,3 +173,7 @@ def test_encoder_memory_does_not_grow_with_the_group():
     extra = _representation_bytes(6, 4096)
     assert cached <= 1.1 * extra
     assert uncached > 10 * extra  # the same six passages, uncached
+    # the same for the batch: 4 queries with 2 passages each instead of 1 with 2
+    cached = _peak(grad_cache_chunk_size=1, train_group_size=2, per_device_train_batch_size=4) - \
+        _peak(grad_cache_chunk_size=1, train_group_size=2)
+    assert cached <= 1.1 * (_representation_bytes(6, 4096) + _representation_bytes(3, 64))
