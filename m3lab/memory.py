@@ -216,6 +216,7 @@ class MemoryTrace(TorchDispatchMode):
         self.phase = "setup"
         self.module = ""
         self.allocator = _Allocator(capacity) if rounding else None
+        self._pending_releases: list[tuple[int, int]] = []  # (born, key), see _forget
         if self.allocator is not None and record_events:
             self.allocator.events = []
         self.clock = 0  # counts allocations; the peak is a moment on this clock
@@ -237,7 +238,16 @@ class MemoryTrace(TorchDispatchMode):
         entry.died = self.clock
         self.current -= entry.nbytes
         if self.allocator is not None:
-            self.allocator.release(key)
+            # Storages freed together (between two operations) are released oldest first, not in
+            # the order they die in: C++ containers (autocast's cache of cast weights) free theirs
+            # in address order, which would make the simulated cache differ from run to run.
+            self._pending_releases.append((entry.born, key))
+
+    def _flush_releases(self) -> None:
+        if self._pending_releases:
+            for _born, key in sorted(self._pending_releases):
+                self.allocator.release(key)
+            self._pending_releases.clear()
 
     def _see_host(self, storage) -> None:
         key = storage._cdata
@@ -278,6 +288,7 @@ class MemoryTrace(TorchDispatchMode):
         self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget(key))
         self.current += nbytes
         if self.allocator is not None:
+            self._flush_releases()
             self.allocator.malloc(key, storage.nbytes(), where)
         if self.current > self.peak:
             self.peak = self.current
@@ -374,6 +385,9 @@ class PredictSpec:
     attn_implementation: str = "sdpa"
     deepspeed: dict | None = None  # a DeepSpeed JSON as a dict, or None
     num_gpus: int = 1
+    # ZeRO-0's gradient all-reduce chunk (elements); None: DeepSpeed's fixed 5e8. Shallow copies
+    # get a smaller one (see _shallow_specs); it is not a DeepSpeed JSON setting.
+    allreduce_bucket_size: int | None = None
 
 
 def spec_from_config(config, model_config=None) -> PredictSpec:
@@ -775,6 +789,9 @@ class _DeepSpeedDriver:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=_fill_auto(spec.deepspeed or {}, spec))
         self.optimizer = self.engine.optimizer
+        if spec.allreduce_bucket_size is not None:  # the engine passes its module constant as a default
+            self.engine.allreduce_gradients = functools.partial(
+                type(self.engine).allreduce_gradients, self.engine, bucket_size=spec.allreduce_bucket_size)
 
     def loss(self, inputs):
         return self.engine(**inputs).loss
@@ -1066,20 +1083,25 @@ def _shallow_specs(spec: PredictSpec) -> list[PredictSpec] | None:
     rest does. A shrunken bucket must still hold the largest gradient, or DeepSpeed would pass
     that one around the bucket (BGE-M3's 256M-element word embeddings): the copies are made deep
     enough for that (5 and 6 layers for BGE-M3 with a 5e8 bucket). ZeRO-0 on several GPUs
-    all-reduces in fixed 5e8-element chunks that cannot be resized from the JSON: those models,
-    when bigger than a chunk, are traced in full.
+    all-reduces after backward in chunks of a fixed 5e8 elements, in parameter order, each chunk
+    closing after the gradient that takes it past the limit; shallow copies get a chunk smaller by
+    the parameters they lack, deep enough that it still closes inside a layer (6 and 7 layers for
+    BGE-M3).
     """
     shallow = [_with_layers(spec, n) for n in EXTRAPOLATE_FROM]
     if spec.deepspeed is None:
         return shallow
     zero = spec.deepspeed.get("zero_optimization", {})
     trainable, largest = _trainable_params(spec)
+    layers = spec.model_config.num_hidden_layers
     if zero.get("stage", 0) == 0:
-        return None if spec.num_gpus > 1 and trainable > DEEPSPEED_ALLREDUCE_BUCKET else shallow
+        chunk = spec.allreduce_bucket_size or DEEPSPEED_ALLREDUCE_BUCKET
+        if spec.num_gpus == 1 or trainable <= chunk:
+            return shallow  # one GPU reduces nothing; a model within one chunk reduces in one piece
+        return _shallow_allreduce_chunks(spec, chunk, trainable, layers)
     buckets = {key: int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size")}
     if trainable <= min(buckets.values()):
         return shallow
-    layers = spec.model_config.num_hidden_layers
     per_layer = _trainable_params(shallow[1])[0] - _trainable_params(shallow[0])[0]
     for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
         # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
@@ -1091,6 +1113,41 @@ def _shallow_specs(spec: PredictSpec) -> list[PredictSpec] | None:
                 copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
             return shallow
     return None
+
+
+def _shallow_allreduce_chunks(spec: PredictSpec, chunk: int, trainable: int, layers: int):
+    """Shallow copies for ZeRO-0 on several GPUs with a model bigger than one all-reduce chunk:
+    chunk n is smaller by the (layers - n) layers copy n lacks, so the first chunk closes at the
+    same gradient counted from the end; it must close inside a layer (past the embeddings) and the
+    rest must fit in one more chunk, or only a full trace will do."""
+    before_layers, per_layer = _trainable_params_before_layers(spec)
+    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+        scaled = [chunk - (layers - n) * per_layer for n in (depth, depth + 1)]
+        if scaled[0] > before_layers and trainable - chunk < scaled[0]:
+            shallow = [_with_layers(spec, n) for n in (depth, depth + 1)]
+            for copy, size in zip(shallow, scaled):
+                copy.allreduce_bucket_size = size
+            return shallow
+    return None
+
+
+def _trainable_params_before_layers(spec: PredictSpec) -> tuple[int, int]:
+    """(trainable parameters before the first encoder layer, in parameter order; those of one layer)."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec, negatives_cross_device=False)
+    with torch.device("meta"):
+        model = _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
+    before, per_layer, seen_layer = 0, 0, False
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".layer.0." in f".{name}":
+            seen_layer = True
+            per_layer += param.numel()
+        elif not seen_layer:
+            before += param.numel()
+    return before, per_layer
 
 
 def _trainable_params(spec: PredictSpec) -> tuple[int, int]:
@@ -1237,6 +1294,8 @@ def _method(spec: PredictSpec, shallow: list[PredictSpec] | None, extrapolated: 
     text = f"extrapolated from {depth}- and {depth + 1}-layer traces"
     if shallow[0].deepspeed != spec.deepspeed:
         text += " with DeepSpeed's gradient buckets shrunk by the parameters each copy lacks"
+    if shallow[0].allreduce_bucket_size != spec.allreduce_bucket_size:
+        text += " with DeepSpeed's all-reduce chunks shrunk by the parameters each copy lacks"
     return text
 
 
@@ -1278,6 +1337,7 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         first, steady, model_states, trace, kernel = results[rank]
         extrapolated = extrapolated or trace is None
         if record_events and rank == 0 and trace is not None and trace.allocator is not None:
+            trace._flush_releases()
             snapshot = trace.allocator.snapshot()
         worst = max((first, steady), key=lambda s: s.peak_allocated_bytes)
         context = profile.context_bytes if profile else 0
