@@ -1,4 +1,4 @@
-"""How fast the predictor is: a 10-point sweep at full BGE-M3 size, seconds per configuration.
+"""How fast the predictor is: a 17-point sweep at full BGE-M3 size, seconds per configuration.
 
 ``python -m m3lab.bench`` prints one line per configuration (predicted peak for a T4, seconds,
 and whether the step was extrapolated from shallow traces or traced layer by layer), then the
@@ -25,7 +25,12 @@ def sweep() -> list[tuple[str, TrainConfig]]:
     points += [
                ("advice, fix_encoder", TrainConfig.common_t4_advice(fix_encoder=True)),
                ("advice, ZeRO-1 + offload", TrainConfig.common_t4_advice(offload_optimizer=True)),
-               ("advice, Kaggle 2 x T4", TrainConfig.common_t4_advice(num_processes=2))]
+               ("advice, Kaggle 2 x T4", TrainConfig.common_t4_advice(num_processes=2)),
+               ("advice, ZeRO-0, Kaggle 2 x T4", advice_zero0.replace(num_processes=2))]
+    # issue 5's goal: every parameter trained at 8,192/512 tokens, group 8, with m3lab's levers
+    goal = advice.replace(query_max_len=512, passage_max_len=8192, train_group_size=8, efficient_sparse_head=True,
+                          grad_cache_chunk_size=1, deepspeed_stage=None, optim="adamw_bnb_8bit")
+    points += [("the goal (grad cache, 8-bit AdamW)", goal)]
     return points
 
 
