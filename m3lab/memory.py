@@ -1313,7 +1313,10 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
     spec = spec or spec_from_config(config)
     profile = gpu_profile(gpu) if gpu is not None else None
     world = spec.num_gpus
-    ranks = sorted({0, world - 1})  # ranks differ only in the last partition's padding
+    # ZeRO-1/2 ranks differ only in the last partition's padding; without partitioning (ZeRO-0)
+    # every rank runs the same step on the same shapes, so rank 0 stands for all
+    stage = ((spec.deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)
+    ranks = sorted({0, world - 1}) if spec.deepspeed is not None and stage >= 1 else [0]
     layers = getattr(spec.model_config, "num_hidden_layers", 0)
     deep = layers > EXTRAPOLATE_FROM[1] + 1
     shallow = _shallow_specs(spec) if deep and not exact and not record_events else None
@@ -1350,11 +1353,10 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
             fits=total <= usable if profile else True, breakdown=worst.breakdown, peak_phase=worst.peak_phase,
             peak_module=worst.peak_module, peak_op=worst.peak_op, rank=rank, first_step=first, steady_step=steady,
             model_state_bytes=model_states))
-    if world > 2:  # the middle ranks hold exactly what rank 0 holds
-        per_rank = [per_rank[0]] + [RankPrediction(**{**asdict(per_rank[0]), "rank": r,
-                                                      "first_step": per_rank[0].first_step,
-                                                      "steady_step": per_rank[0].steady_step})
-                                    for r in range(1, world - 1)] + per_rank[1:]
+    traced = {prediction.rank: prediction for prediction in per_rank}
+    per_rank = [traced.get(r) or RankPrediction(**{**asdict(traced[0]), "rank": r, "first_step": traced[0].first_step,
+                                                 "steady_step": traced[0].steady_step})
+                for r in range(world)]  # the ranks not traced hold exactly what rank 0 holds
     top = max(per_rank, key=lambda r: r.total_bytes)
     provenance = f"predicted for {profile.name}" if profile else "predicted live tensor bytes on CPU"
     return MemoryReport(
