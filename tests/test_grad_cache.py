@@ -82,6 +82,16 @@ def test_one_chunk_for_everything_is_flagembeddings_plain_step(stand_in):
                  _step(use_grad_cache(_flagembedding_model(stand_in), 100), batch), rel=1e-5)
 
 
+def test_sub_batches_from_flagembeddings_collator_are_chunked_as_given(stand_in):
+    """With sub_batch_size, FlagEmbedding's collator hands the model lists of tokenized pieces."""
+    batch = stand_in[2]
+    split = {"queries": batch["queries"],
+             "passages": [{k: v[:4] for k, v in batch["passages"].items()},
+                          {k: v[4:] for k, v in batch["passages"].items()}]}
+    reference = _step(_flagembedding_model(stand_in), split)
+    _assert_same(reference, _step(use_grad_cache(_flagembedding_model(stand_in), 4), split), rel=1e-5)
+
+
 def test_without_replaying_the_random_state_the_gradients_differ(stand_in, monkeypatch):
     """The control: the test above would fail if the re-encoding drew new dropout masks."""
     batch = stand_in[2]
