@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 import os
 import sys
 import time
@@ -248,6 +247,11 @@ class MemoryTrace(TorchDispatchMode):
             for _born, key in sorted(self._pending_releases):
                 self.allocator.release(key)
             self._pending_releases.clear()
+
+    def allocator_snapshot(self) -> dict:
+        """The simulated allocator's state and trace, memory_viz format (releases applied first)."""
+        self._flush_releases()
+        return self.allocator.snapshot()
 
     def _see_host(self, storage) -> None:
         key = storage._cdata
@@ -1133,13 +1137,8 @@ def _shallow_allreduce_chunks(spec: PredictSpec, chunk: int, trainable: int, lay
 
 def _trainable_params_before_layers(spec: PredictSpec) -> tuple[int, int]:
     """(trainable parameters before the first encoder layer, in parameter order; those of one layer)."""
-    import dataclasses
-
-    spec = dataclasses.replace(spec, negatives_cross_device=False)
-    with torch.device("meta"):
-        model = _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
     before, per_layer, seen_layer = 0, 0, False
-    for name, param in model.named_parameters():
+    for name, param in _meta_model(spec).named_parameters():
         if not param.requires_grad:
             continue
         if ".layer.0." in f".{name}":
@@ -1150,14 +1149,18 @@ def _trainable_params_before_layers(spec: PredictSpec) -> tuple[int, int]:
     return before, per_layer
 
 
-def _trainable_params(spec: PredictSpec) -> tuple[int, int]:
-    """(trainable parameters, elements of the largest one), counted on the meta device."""
+def _meta_model(spec: PredictSpec):
+    """The model ``spec`` trains, on the meta device (parameters without memory), for counting."""
     import dataclasses
 
     spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
     with torch.device("meta"):
-        model = _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
-    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+        return _build_m3_model(spec) if spec.trainer == "flagembedding-m3" else _build_hf_model(spec)[0]
+
+
+def _trainable_params(spec: PredictSpec) -> tuple[int, int]:
+    """(trainable parameters, elements of the largest one), counted on the meta device."""
+    sizes = [p.numel() for p in _meta_model(spec).parameters() if p.requires_grad]
     return sum(sizes), max(sizes, default=0)
 
 
@@ -1340,8 +1343,7 @@ def predict(config=None, gpu: str | None = "t4", *, spec: PredictSpec | None = N
         first, steady, model_states, trace, kernel = results[rank]
         extrapolated = extrapolated or trace is None
         if record_events and rank == 0 and trace is not None and trace.allocator is not None:
-            trace._flush_releases()
-            snapshot = trace.allocator.snapshot()
+            snapshot = trace.allocator_snapshot()
         worst = max((first, steady), key=lambda s: s.peak_allocated_bytes)
         context = profile.context_bytes if profile else 0
         reserved = max(first.predicted_reserved_bytes, steady.predicted_reserved_bytes)
