@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from m3lab.config import OPTIMIZERS  # HF Trainer --optim values, each traced by _make_optimizer
+from m3lab.fake_cache_key import faster_cache_keys
 from m3lab.gpus import GIB, GPU, gpu_profile
 from m3lab.measure import tensor_storages
 
@@ -625,6 +626,7 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
         # pointers, which fake tensors warn about; no data is read, so the warning is noise here
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+        stack.enter_context(faster_cache_keys())
         stack.enter_context(_patched(modeling_utils.PreTrainedModel, "warn_if_padding_and_no_attention_mask",
                                      lambda *args, **kwargs: None))
         for module in list(sys.modules.values()):
@@ -953,6 +955,13 @@ def _import_lazy_modules(model_config) -> None:
 GPU_DEVICE = "cpu:0"
 
 
+def _default_device(device: str):
+    """Where tensors created without a device go during the trace. ``torch.device`` as a context
+    adds a Python hook to every torch call (a tenth of a trace's time), so it is used only when the
+    default is not already ``device``."""
+    return contextlib.nullcontext() if torch.get_default_device() == torch.device(device) else torch.device(device)
+
+
 def _offloads(spec: PredictSpec) -> bool:
     zero = (spec.deepspeed or {}).get("zero_optimization", {})
     return (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
@@ -977,7 +986,7 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     steps: list[StepPeak] = []
     bnb = _bnb_manager_restored() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
     with _simulation(gpu, kernel, rank, spec.num_gpus, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
-            torch.device(device), trace:
+            _default_device(device), trace:
         if spec.trainer == "flagembedding-m3":
             model, inputs = _build_m3_model(spec), _m3_inputs(spec)
         else:
