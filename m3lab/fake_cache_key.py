@@ -1,15 +1,23 @@
-"""A faster way to the same fake-tensor cache key, for the predictor's traces.
+"""Faster fake-tensor cache keys, and more cache hits, for the predictor's traces.
 
-Most of a traced step's time is spent in FakeTensorMode's dispatch cache, and most of that in
-building each operation's cache key: every tensor argument becomes a ``TensorMetadata``
-dataclass that is then walked field by field. ``cache_key_args`` appends exactly the same
-values in the same order for the common case (a plain strided fake tensor of the mode, no
-symbolic sizes) and leaves every other argument to PyTorch's own code, so the keys, and what the
-cache answers, do not change; a trace takes about a quarter less time.
+Most of a traced step's time is spent in FakeTensorMode's dispatch cache: building each
+operation's key (every tensor argument becomes a ``TensorMetadata`` dataclass walked field by
+field) and, on a miss, running the operation's meta kernel (several times the cost of a hit).
+``cache_key_args`` appends the values PyTorch's own code appends, in the same order, for the
+common case (a plain strided fake tensor of the mode, no symbolic sizes) and leaves every other
+argument to PyTorch.
 
-``faster_cache_keys()`` installs it for the duration of a trace, only after checking on sample
-tensors that it builds the keys PyTorch builds (a PyTorch that builds them differently keeps
-its own code).
+One difference, on purpose: for operations that neither return a view nor write into an
+argument (``mm``, ``addmm``, ``_to_copy``, ...; told apart by their schema's alias annotations),
+the key leaves out where each tensor argument sits in its storage (offset, storage size). Their
+output is a new tensor whose shape, strides and dtype do not depend on it; but DeepSpeed makes
+every parameter a view into one flat buffer, so with it each layer's ``linear`` would be a miss
+of its own. The tests replay traced steps with PyTorch's cross-check (every hit recomputed and
+compared) and compare whole predictions with and without these keys.
+
+``faster_cache_keys()`` installs both for the duration of a trace, only after checking on sample
+tensors that the key builder agrees with PyTorch's (a PyTorch whose internals differ keeps its
+own code).
 """
 
 from __future__ import annotations
@@ -22,13 +30,26 @@ from torch._prims_common import are_strides_like_channels_last_or_false
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 _TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash
+_TORCH_CACHE_KEY = FakeTensorMode._cache_key
 # Argument types whose key is just (type, value), as PyTorch's own code makes it
 _PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format))
 _SEQUENCES = frozenset((list, tuple, torch.Size))
 
 
+# Set while the key of an operation that neither aliases nor mutates its arguments is built
+_placement_free = False
+
+
+@functools.cache
+def _aliases_or_mutates(func) -> bool:
+    schema = func._schema
+    return func.is_view or any(a.alias_info is not None for a in schema.arguments) \
+        or any(r.alias_info is not None for r in schema.returns)
+
+
 def _append_tensor(append, extend, tensor) -> None:
-    """TensorMetadata of a strided, non-symbolic tensor, flattened as TensorMetadata._flatten_into does."""
+    """TensorMetadata of a strided, non-symbolic tensor, flattened as TensorMetadata._flatten_into
+    does (with the storage offset and size left out when ``_placement_free``)."""
     shape, stride = tensor.shape, tensor.stride()
     dims = len(shape)
     memory_format = torch.contiguous_format
@@ -47,11 +68,22 @@ def _append_tensor(append, extend, tensor) -> None:
     for step in stride:
         append(int)
         append(step)
-    # device, layout, memory format, storage offset and bytes, requires_grad, is_quantized,
-    # is_conj, is_neg, is_inference, is_sparse, is_coalesced, dense_dim, sparse_dim
-    extend((tensor.device, torch.strided, memory_format, tensor.storage_offset(), tensor.untyped_storage().nbytes(),
-            tensor.requires_grad, tensor.is_quantized, tensor.is_conj(), tensor.is_neg(), tensor.is_inference(),
-            False, None, None, None))
+    # where the tensor sits in its storage: its offset and the storage's size
+    placement = (None, None) if _placement_free else (tensor.storage_offset(), tensor.untyped_storage().nbytes())
+    # device, layout, memory format, placement, requires_grad, is_quantized, is_conj, is_neg,
+    # is_inference, is_sparse, is_coalesced, dense_dim, sparse_dim
+    extend((tensor.device, torch.strided, memory_format, *placement, tensor.requires_grad, tensor.is_quantized,
+            tensor.is_conj(), tensor.is_neg(), tensor.is_inference(), False, None, None, None))
+
+
+def cache_key(mode, state, func, args, kwargs):
+    """Drop-in for ``FakeTensorMode._cache_key``: PyTorch's key, placement-free where it cannot matter."""
+    global _placement_free
+    _placement_free = isinstance(func, torch._ops.OpOverload) and not _aliases_or_mutates(func)
+    try:
+        return _TORCH_CACHE_KEY(mode, state, func, args, kwargs)
+    finally:
+        _placement_free = False
 
 
 def cache_key_args(mode, result, args, state, id_hashed_objects) -> None:
@@ -105,12 +137,14 @@ def builds_torch_keys() -> bool:
 
 @contextlib.contextmanager
 def faster_cache_keys():
-    """``cache_key_args`` in place of PyTorch's key builder while the block runs, if it agrees."""
+    """``cache_key`` and ``cache_key_args`` in place of PyTorch's while the block runs, if they agree."""
     if not builds_torch_keys():
         yield
         return
     FakeTensorMode._prep_args_for_hash = cache_key_args
+    FakeTensorMode._cache_key = cache_key
     try:
         yield
     finally:
         FakeTensorMode._prep_args_for_hash = _TORCH_KEY_ARGS
+        FakeTensorMode._cache_key = _TORCH_CACHE_KEY

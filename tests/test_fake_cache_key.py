@@ -1,4 +1,6 @@
-"""The predictor's faster fake-tensor cache keys: the keys PyTorch builds, value for value."""
+"""The predictor's fake-tensor cache keys: PyTorch's keys, value for value, except where a tensor
+sits in its storage for operations that neither alias nor mutate; checked by PyTorch's own
+cache cross-check and by whole predictions made both ways."""
 
 import pytest
 import torch
@@ -21,7 +23,12 @@ def compared_keys(monkeypatch):
     def both(mode, result, args, state, id_hashed_objects):
         start = len(result)
         ours = list(result)
-        fast(mode, ours, args, state, [])
+        placement_free = fake_cache_key._placement_free
+        fake_cache_key._placement_free = False  # the other tests check leaving placement out
+        try:
+            fast(mode, ours, args, state, [])
+        finally:
+            fake_cache_key._placement_free = placement_free
         fake_cache_key._TORCH_KEY_ARGS(mode, result, args, state, id_hashed_objects)
         seen["calls"] += 1
         seen["tensor_args"] += sum(value is torch.Size for value in result[start:])  # each tensor's shape
@@ -33,7 +40,7 @@ def compared_keys(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("train", [
+TRAINING = pytest.mark.parametrize("train", [
     # DeepSpeed ZeRO-1, fp16, gradient checkpointing (views, in-place ops, flat buffers, .data swaps)
     TrainConfig(deepspeed_stage=1, fp16=True, gradient_checkpointing=True, reduce_bucket_size=1_000_000,
                 train_group_size=2, query_max_len=16, passage_max_len=64),
@@ -41,21 +48,72 @@ def compared_keys(monkeypatch):
     TrainConfig(deepspeed_stage=None, fp16=True, gradient_checkpointing=True, optim="adamw_bnb_8bit",
                 grad_cache_chunk_size=1, efficient_sparse_head=True, train_group_size=2, query_max_len=16,
                 passage_max_len=64, per_device_train_batch_size=1),
-], ids=["zero1-fp16", "amp-grad-cache-8bit"])
-def test_every_key_of_a_traced_step_equals_pytorchs(standin_dir, compared_keys, train):
+    # ZeRO-1 with the optimizer offloaded: host and device tensors
+    TrainConfig(deepspeed_stage=1, fp16=True, offload_optimizer=True, reduce_bucket_size=1_000_000,
+                train_group_size=2, query_max_len=16, passage_max_len=64),
+], ids=["zero1-fp16", "amp-grad-cache-8bit", "zero1-offload"])
+
+
+@TRAINING
+def test_every_key_of_a_traced_step_equals_pytorchs_with_placement(standin_dir, compared_keys, train):
     spec = memory.spec_from_config(train, model_config=memory.load_model_config(standin_dir))
     memory.predict(gpu="t4", spec=spec, exact=True)
     assert compared_keys["calls"] > 1000 and compared_keys["tensor_args"] > 1000  # the trace really went through it
     assert compared_keys["mismatches"] == []
 
 
+@TRAINING
+def test_every_cache_hit_equals_a_fresh_dispatch(standin_dir, train):
+    """PyTorch's cross-check recomputes each hit without the cache and compares the metadata."""
+    import torch._dynamo.config
+
+    hits = FakeTensorMode.cache_hits
+    spec = memory.spec_from_config(train, model_config=memory.load_model_config(standin_dir))
+    with torch._dynamo.config.patch(fake_tensor_cache_crosscheck_enabled=True):
+        memory.predict(gpu="t4", spec=spec, exact=True)  # raises on the first mismatch
+    assert FakeTensorMode.cache_hits - hits > 1000
+
+
+def _deeper(standin_dir, layers):
+    config = memory.load_model_config(standin_dir)
+    config.num_hidden_layers = layers
+    return config
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["full trace", "extrapolated"])
+def test_predictions_are_the_same_with_pytorchs_keys(standin_dir, monkeypatch, exact):
+    train = TrainConfig(deepspeed_stage=1, fp16=True, gradient_checkpointing=True, reduce_bucket_size=1_000_000,
+                        train_group_size=2, query_max_len=16, passage_max_len=128)
+    spec = memory.spec_from_config(train, model_config=_deeper(standin_dir, 6))
+    monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")  # traced here, where the patch below applies
+    ours = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
+    monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
+    FakeTensorMode.cache.clear()
+    theirs = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
+    for report in (ours, theirs):
+        report.pop("seconds")
+    assert ours == theirs
+
+
 def test_pytorchs_own_code_stays_when_the_keys_differ(monkeypatch):
     monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
     with fake_cache_key.faster_cache_keys():
         assert FakeTensorMode._prep_args_for_hash is fake_cache_key._TORCH_KEY_ARGS
+        assert FakeTensorMode._cache_key is fake_cache_key._TORCH_CACHE_KEY
 
 
 def test_installed_only_while_tracing():
     with fake_cache_key.faster_cache_keys():
         assert FakeTensorMode._prep_args_for_hash is fake_cache_key.cache_key_args
+        assert FakeTensorMode._cache_key is fake_cache_key.cache_key
     assert FakeTensorMode._prep_args_for_hash is fake_cache_key._TORCH_KEY_ARGS
+    assert FakeTensorMode._cache_key is fake_cache_key._TORCH_CACHE_KEY
+
+
+def test_only_operations_that_neither_alias_nor_mutate_leave_placement_out():
+    aten = torch.ops.aten
+    assert not fake_cache_key._aliases_or_mutates(aten.mm.default)
+    assert not fake_cache_key._aliases_or_mutates(aten._to_copy.default)
+    for func in (aten.view.default, aten.narrow.default, aten.as_strided.default, aten.detach.default,
+                 aten.add_.Tensor, aten.copy_.default, aten.add.out, aten.set_.source_Storage_storage_offset):
+        assert fake_cache_key._aliases_or_mutates(func), func
