@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup clean notebooks
+.PHONY: run test setup clean notebooks device-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ notebooks: $(VENV)/.installed
 	for nb in $(if $(NB),$(addprefix notebooks/,$(addsuffix .ipynb,$(NB))),notebooks/[0-9]*.ipynb); do \
 		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
 	done
+
+# Maintainers with a GPU machine that has only PyTorch (no network): the wheels of the training
+# stack at this project's pins, for its Python, to carry there for `python -m m3lab.gpu_check`
+# (data/measurements/README.md). DeepSpeed has no wheel on PyPI: it is built here, without its ops.
+DEVICE_PYTHON ?= 3.12
+DEVICE_WHEELS := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 datasets==4.8.5 \
+	FlagEmbedding==1.4.2 peft==0.21.2 fsspec==2026.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 \
+	pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5
+device-wheels: $(VENV)/.installed
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any -d .whl $(DEVICE_WHEELS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) results runs

@@ -23,6 +23,19 @@ from transformers import TrainerCallback
 
 METRICS_DIR_ENV = "M3LAB_METRICS_DIR"
 MEMORY_LIMIT_ENV = "M3LAB_MEMORY_LIMIT_BYTES"
+SDPA_KERNEL_ENV = "M3LAB_SDPA_KERNEL"  # "efficient": attention as a T4 runs it, on any card
+
+
+def limit_sdpa_kernels() -> None:
+    """With M3LAB_SDPA_KERNEL=efficient, SDPA may not use the flash or cuDNN kernels, which a T4
+    lacks: a bigger card then runs attention as a T4 does (memory-efficient kernel, math fallback)."""
+    choice = os.environ.get(SDPA_KERNEL_ENV)
+    if not choice:
+        return
+    if choice != "efficient":
+        raise ValueError(f"{SDPA_KERNEL_ENV}={choice!r}: the only value m3lab knows is 'efficient'.")
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def tensor_storages(obj):

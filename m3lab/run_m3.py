@@ -66,11 +66,12 @@ def main() -> int:
         EncoderOnlyEmbedderM3TrainingArguments,
     )
 
-    from m3lab.measure import StepRecorder
+    from m3lab.measure import StepRecorder, limit_sdpa_kernels
 
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                                EncoderOnlyEmbedderM3TrainingArguments, M3LabArguments))
     model_args, data_args, training_args, m3lab_args = parser.parse_args_into_dataclasses()
+    limit_sdpa_kernels()
     recorder = StepRecorder.from_env()
     if recorder is not None:
         recorder.apply_cuda_limit()

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank_bm25 import BM25Okapi
-
 from m3lab.io import write_jsonl_atomic
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -146,6 +144,9 @@ def mine_hard_negatives(
     Chinese query, say), the rest are drawn at random from passages in the query's language,
     then from the whole corpus.
     """
+    # Imported here: reading the bundled data (DATA_DIR) must not need the miner's package
+    from rank_bm25 import BM25Okapi
+
     bm25 = BM25Okapi([bm25_terms(p.text) for p in passages])
     rng = random.Random(seed)
     negatives: dict[str, list[str]] = {}

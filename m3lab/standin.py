@@ -1,8 +1,11 @@
-"""The tiny BGE-M3 stand-in: an XLM-RoBERTa-shaped checkpoint built offline and deterministically.
+"""The BGE-M3 stand-ins: XLM-RoBERTa-shaped checkpoints built offline and deterministically.
 
-It has BGE-M3's architecture and files (config, safetensors weights, XLM-R special tokens,
-``colbert_linear.pt``, ``sparse_linear.pt``) at toy dimensions, so FlagEmbedding's own loading and
-training code runs on it unchanged on a CPU. ``resolve_model`` makes choosing it one argument.
+The tiny stand-in has BGE-M3's architecture and files (config, safetensors weights, XLM-R special
+tokens, ``colbert_linear.pt``, ``sparse_linear.pt``) at toy dimensions, so FlagEmbedding's own
+loading and training code runs on it unchanged on a CPU. ``resolve_model`` makes choosing it one
+argument. The full-size stand-in (``full_size_path``) has BGE-M3's exact dimensions and vocabulary
+size with random weights: a GPU run of it uses the memory a run of the real checkpoint uses, with
+no download (the GPU check, ``m3lab.gpu_check``, trains it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 REAL_MODEL = "BAAI/bge-m3"
 STANDIN = "tiny-bge-m3"  # the name users pass instead of "BAAI/bge-m3"
+FULL_SIZE_STANDIN = "bge-m3-shaped"  # random weights at BGE-M3's dimensions, for memory checks on a GPU
 
 # BGE-M3's geometry, for reference and for the predictor: XLM-RoBERTa-large with 8194 positions.
 BGE_M3_CONFIG = dict(
@@ -70,8 +74,12 @@ def _train_tokenizer(texts: list[str], workdir: Path):
     )
 
 
-def build(target: Path, corpus_path: Path | None = None) -> Path:
-    """Build the stand-in checkpoint into ``target`` (which must not exist) and return it."""
+def build(target: Path, corpus_path: Path | None = None, full_size: bool = False) -> Path:
+    """Build the stand-in checkpoint into ``target`` (which must not exist) and return it.
+
+    ``full_size``: BGE-M3's dimensions and its 250,002-row vocabulary (2.3 GB of fp32 weights),
+    with the tiny stand-in's tokenizer, whose ids all fall inside that vocabulary.
+    """
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
@@ -84,7 +92,8 @@ def build(target: Path, corpus_path: Path | None = None) -> Path:
                                     prefix=f".{target.name}."))
     try:
         tokenizer = _train_tokenizer(texts, staging)
-        config = XLMRobertaConfig(**{**BGE_M3_CONFIG, **STANDIN_SIZES, "vocab_size": len(tokenizer)})
+        sizes = {} if full_size else {**STANDIN_SIZES, "vocab_size": len(tokenizer)}
+        config = XLMRobertaConfig(**{**BGE_M3_CONFIG, **sizes})
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(SEED)
         try:
@@ -111,16 +120,22 @@ def _cache_key(corpus_path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def standin_path(cache_dir: Path | None = None, corpus_path: Path | None = None) -> Path:
-    """The cached stand-in checkpoint, built on first use."""
+def standin_path(cache_dir: Path | None = None, corpus_path: Path | None = None, full_size: bool = False) -> Path:
+    """The cached stand-in checkpoint (tiny, or ``full_size``), built on first use."""
     corpus_path = corpus_path or default_corpus_path()
-    target = (cache_dir or default_cache_dir()) / f"{STANDIN}-{_cache_key(corpus_path)}"
+    name = FULL_SIZE_STANDIN if full_size else STANDIN
+    target = (cache_dir or default_cache_dir()) / f"{name}-{_cache_key(corpus_path)}"
     if not target.exists():
         try:
-            build(target, corpus_path)
+            build(target, corpus_path, full_size=full_size)
         except FileExistsError:  # another process built it meanwhile
             pass
     return target
+
+
+def full_size_path(cache_dir: Path | None = None) -> Path:
+    """The cached full-size stand-in: BGE-M3's shapes, random weights (2.3 GB on disk)."""
+    return standin_path(cache_dir, full_size=True)
 
 
 def resolve_model(model: str) -> str:

@@ -1,0 +1,111 @@
+"""The predictor against GPU measurements committed under data/measurements/ (written by
+``python -m m3lab.gpu_check`` on a GPU), and the check script itself, run here on the CPU."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3lab import gpu_check, memory, standin
+from m3lab.measure import SDPA_KERNEL_ENV, limit_sdpa_kernels
+
+MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
+
+
+def _committed_runs():
+    for path in sorted(MEASUREMENTS.glob("*.json")):
+        report = gpu_check.load(path)
+        for record in report["runs"]:
+            if record["status"] == "ok":
+                yield pytest.param(report, record, id=f"{path.stem}: {record['name']}")
+
+
+COMMITTED = list(_committed_runs()) or [pytest.param(None, None, marks=pytest.mark.skip(
+    reason="no GPU measurements committed yet: a session lent a GPU runs `python -m m3lab.gpu_check` "
+           "(data/measurements/README.md)"))]
+
+
+@pytest.mark.parametrize("report,record", COMMITTED)
+def test_prediction_within_5_percent_of_gpu_measurement(report, record):
+    rows = gpu_check.compare(report, [record])
+    assert len(rows) == 2 * len(record["ranks"])
+    failures = [row.describe() for row in rows if not row.within_tolerance]
+    assert not failures, f"{report['provenance']}, torch {report['torch']}:\n" + "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3LAB_GPU_CHECK_WORK", str(tmp_path / "work"))
+    name = "tiny: ZeRO-1 + gradient checkpointing"
+    assert gpu_check.main(["--model", "tiny", "--out", str(tmp_path / "out"), "--only", name, "--no-predict"]) == 0
+    report = gpu_check.load(tmp_path / "out" / "gpu_check.json")
+    assert report["provenance"] == "measured on CPU (live tensor bytes)" and report["predict_with_gpu"] is None
+    (record,) = report["runs"]
+    assert record["status"] == "ok" and record["config"]["max_steps"] == gpu_check.STEPS
+    assert [s["step"] for s in record["ranks"][0]["steps"]] == [1, 2, 3]
+    rows = gpu_check.compare(report)
+    assert [(r.step, r.measured_step) for r in rows] == [("first", 1), ("steady", 2)]
+    # the ZeRO-1 step holds optimizer states from its first update on: the steady step is higher
+    assert rows[1].measured_bytes > rows[0].measured_bytes
+    assert all(row.within_tolerance for row in rows), [row.describe() for row in rows]
+
+
+def test_a_step_skipped_by_loss_scaling_is_not_compared():
+    steps = [{"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
+             {"step": 3, "optimizer_state_bytes": 8}]
+    pairs = gpu_check._step_pairs(steps)
+    assert [(label, step["step"]) for label, step in pairs] == [("first", 2), ("steady", 3)]
+
+
+def test_a_broken_measurement_file_says_where_and_what(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": 1,\n "device": }')
+    with pytest.raises(ValueError, match=r"bad.json, line 2: not valid JSON"):
+        gpu_check.load(bad)
+    bad.write_text(json.dumps({"format": 1, "device": "x", "runs": []}))
+    with pytest.raises(ValueError, match=r"bad.json: missing torch, date, provenance"):
+        gpu_check.load(bad)
+
+
+def test_the_full_size_checks_are_the_issue_s_configurations():
+    checks = {c.name: c for c in gpu_check.checks("full")}
+    assert checks["advice (ZeRO-1)"].config == checks["advice (ZeRO-1), T4 budget"].config
+    assert checks["advice, fix_encoder on"].config.fix_encoder
+    example = checks["example at passage 8192"]
+    assert example.alone and example.config.passage_max_len == 8192 and example.config.deepspeed_stage == 0
+
+
+def test_sdpa_kernel_limit_leaves_the_kernels_a_t4_has(monkeypatch):
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    monkeypatch.setenv(SDPA_KERNEL_ENV, "efficient")
+    try:
+        limit_sdpa_kernels()
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(before[0])
+        torch.backends.cuda.enable_cudnn_sdp(before[1])
+    monkeypatch.setenv(SDPA_KERNEL_ENV, "flash")
+    with pytest.raises(ValueError, match="only value m3lab knows is 'efficient'"):
+        limit_sdpa_kernels()
+
+
+def test_the_full_size_stand_in_has_the_parameters_the_predictor_traces(tmp_path):
+    from safetensors import safe_open
+
+    built = standin.build(tmp_path / "full", full_size=True)
+    config = memory.load_model_config(built)
+    for key, value in standin.BGE_M3_CONFIG.items():
+        assert getattr(config, key) == value, key
+    with safe_open(built / "model.safetensors", "pt") as weights:
+        encoder = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    heads = sum(t.numel() for name in ("colbert_linear.pt", "sparse_linear.pt")
+                for t in torch.load(built / name, weights_only=True).values())
+    spec = memory.spec_from_config(gpu_check.checks("full")[1].config)
+    traced = sum(p.numel() for p in memory._meta_model(spec).parameters())
+    assert encoder + heads == traced
+    assert traced > 567_000_000  # BGE-M3's ~568M parameters
+    assert os.path.getsize(built / "model.safetensors") > 2.2e9  # fp32, like the real checkpoint
