@@ -51,6 +51,10 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     # the ZeRO-1 step holds optimizer states from its first update on: the steady step is higher
     assert rows[1].measured_bytes > rows[0].measured_bytes
     assert all(row.within_tolerance for row in rows), [row.describe() for row in rows]
+    # and the comparison can fail: a measurement 5% higher is outside the CPU's 2%
+    for step in record["ranks"][0]["steps"]:
+        step["peak_allocated_bytes"] = int(step["peak_allocated_bytes"] * 1.05)
+    assert not any(row.within_tolerance for row in gpu_check.compare(report))
 
 
 def test_a_step_skipped_by_loss_scaling_is_not_compared():
