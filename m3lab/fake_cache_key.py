@@ -1,4 +1,4 @@
-"""Faster fake-tensor cache keys, and more cache hits, for the predictor's traces.
+"""Faster fake-tensor dispatch for the predictor's traces: cheaper cache keys, more cache hits.
 
 Most of a traced step's time is spent in FakeTensorMode's dispatch cache: building each
 operation's key (every tensor argument becomes a ``TensorMetadata`` dataclass walked field by
@@ -15,9 +15,12 @@ every parameter a view into one flat buffer, so with it each layer's ``linear`` 
 of its own. The tests replay traced steps with PyTorch's cross-check (every hit recomputed and
 compared) and compare whole predictions with and without these keys.
 
-``faster_cache_keys()`` installs both for the duration of a trace, only after checking on sample
+``faster_dispatch()`` installs both for the duration of a trace, only after checking on sample
 tensors that the key builder agrees with PyTorch's (a PyTorch whose internals differ keeps its
-own code).
+own code). It also calls FakeTensorMode's ``__torch_dispatch__`` without the guard PyTorch wraps
+around every mode's (``torch._disable_dynamo``: it switches TorchDynamo's frame hook off and on
+again, several Python calls per operation, to keep ``torch.compile`` out of dispatch code); no
+traced step compiles anything, and the tests compare whole predictions made with and without.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 _TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash
 _TORCH_CACHE_KEY = FakeTensorMode._cache_key
+_TORCH_DISPATCH = FakeTensorMode.__dict__["__torch_dispatch__"]
+# The function inside PyTorch's no-compile guard (functools.wraps keeps it); None if not wrapped
+_UNGUARDED_DISPATCH = getattr(_TORCH_DISPATCH, "__wrapped__", None)
 # Argument types whose key is just (type, value), as PyTorch's own code makes it
 _PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format))
 _SEQUENCES = frozenset((list, tuple, torch.Size))
@@ -136,15 +142,18 @@ def builds_torch_keys() -> bool:
 
 
 @contextlib.contextmanager
-def faster_cache_keys():
-    """``cache_key`` and ``cache_key_args`` in place of PyTorch's while the block runs, if they agree."""
-    if not builds_torch_keys():
-        yield
-        return
-    FakeTensorMode._prep_args_for_hash = cache_key_args
-    FakeTensorMode._cache_key = cache_key
+def faster_dispatch():
+    """While the block runs: ``cache_key`` and ``cache_key_args`` in place of PyTorch's (if they
+    agree with it), and FakeTensorMode's dispatch without the no-compile guard (if it has one)."""
+    keys = builds_torch_keys()
+    if keys:
+        FakeTensorMode._prep_args_for_hash = cache_key_args
+        FakeTensorMode._cache_key = cache_key
+    if _UNGUARDED_DISPATCH is not None:
+        FakeTensorMode.__torch_dispatch__ = _UNGUARDED_DISPATCH
     try:
         yield
     finally:
         FakeTensorMode._prep_args_for_hash = _TORCH_KEY_ARGS
         FakeTensorMode._cache_key = _TORCH_CACHE_KEY
+        FakeTensorMode.__torch_dispatch__ = _TORCH_DISPATCH

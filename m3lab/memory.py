@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from m3lab.config import OPTIMIZERS  # HF Trainer --optim values, each traced by _make_optimizer
-from m3lab.fake_cache_key import faster_cache_keys
+from m3lab.fake_cache_key import faster_dispatch
 from m3lab.gpus import GIB, GPU, gpu_profile
 from m3lab.measure import tensor_storages
 
@@ -198,6 +198,12 @@ class _Storage:
 
 class MemoryTrace(TorchDispatchMode):
     """Records every storage the traced step creates and frees, with its category and origin."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # False: PyTorch then leaves out the no-compile guard it wraps around each mode's
+        # __torch_dispatch__ (several Python calls per operation); a traced step compiles nothing.
+        return False
 
     def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None,
                  separate_host: bool = False):
@@ -626,7 +632,7 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
         # pointers, which fake tensors warn about; no data is read, so the warning is noise here
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
-        stack.enter_context(faster_cache_keys())
+        stack.enter_context(faster_dispatch())
         stack.enter_context(_patched(modeling_utils.PreTrainedModel, "warn_if_padding_and_no_attention_mask",
                                      lambda *args, **kwargs: None))
         for module in list(sys.modules.values()):

@@ -88,6 +88,7 @@ def test_predictions_are_the_same_with_pytorchs_keys(standin_dir, monkeypatch, e
     monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")  # traced here, where the patch below applies
     ours = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
     monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
+    monkeypatch.setattr(fake_cache_key, "_UNGUARDED_DISPATCH", None)  # PyTorch's guarded dispatch too
     FakeTensorMode.cache.clear()
     theirs = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
     for report in (ours, theirs):
@@ -97,17 +98,33 @@ def test_predictions_are_the_same_with_pytorchs_keys(standin_dir, monkeypatch, e
 
 def test_pytorchs_own_code_stays_when_the_keys_differ(monkeypatch):
     monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
-    with fake_cache_key.faster_cache_keys():
+    with fake_cache_key.faster_dispatch():
         assert FakeTensorMode._prep_args_for_hash is fake_cache_key._TORCH_KEY_ARGS
         assert FakeTensorMode._cache_key is fake_cache_key._TORCH_CACHE_KEY
 
 
 def test_installed_only_while_tracing():
-    with fake_cache_key.faster_cache_keys():
+    guarded = FakeTensorMode.__torch_dispatch__
+    with fake_cache_key.faster_dispatch():
         assert FakeTensorMode._prep_args_for_hash is fake_cache_key.cache_key_args
         assert FakeTensorMode._cache_key is fake_cache_key.cache_key
+        # the same dispatch, without PyTorch's no-compile guard around it
+        assert FakeTensorMode.__torch_dispatch__ is guarded.__wrapped__
     assert FakeTensorMode._prep_args_for_hash is fake_cache_key._TORCH_KEY_ARGS
     assert FakeTensorMode._cache_key is fake_cache_key._TORCH_CACHE_KEY
+    assert FakeTensorMode.__torch_dispatch__ is guarded
+
+
+def test_the_memory_trace_has_no_no_compile_guard():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    assert not hasattr(memory.MemoryTrace.__torch_dispatch__, "__wrapped__")
+
+    class Guarded(TorchDispatchMode):  # what PyTorch does to a mode that does not opt out
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert hasattr(Guarded.__torch_dispatch__, "__wrapped__")
 
 
 def test_only_operations_that_neither_alias_nor_mutate_leave_placement_out():
