@@ -627,6 +627,29 @@ with its sparse and ColBERT heads, and FlagEmbedding's own scoring. On a T4 the 
 and score the real BGE-M3, and draw its measured peak over the prediction: expect it below, because
 FlagEmbedding pads each batch to its longest text while the prediction assumes every text is full
 length.
+
+## Check the predictor on your GPU
+
+Every T4 figure in this series is predicted. On a GPU, `m3lab.gpu_check` holds the predictor to
+account with batches that are full length: it trains a BGE-M3-shaped model (the real shapes,
+random weights, built here in about a minute: memory depends on shapes, not values) for three
+steps per configuration and sets `torch.cuda.max_memory_allocated` beside the prediction. The
+project's tests keep every prediction within 5% of the measurements committed under
+`data/measurements/`; there are none yet, so a measured file from a T4 (`results/gpu_check/gpu_check.json`)
+is the most useful thing you can send back. `python -m m3lab.gpu_check --out DIR` runs all of them.
+"""),
+    code("""
+from pathlib import Path
+
+from m3lab import gpu_check
+
+if env.on_gpu:  # two configurations, a few minutes on a T4
+    check = gpu_check.run(Path("results/gpu_check"), only=["advice, fix_encoder on", "advice (ZeRO-1)"], parallel=1,
+                          budget_s=1200)
+    for row in gpu_check.compare(check):
+        print(row.describe())
+else:
+    print("no GPU: on one, this cell measures two configurations at full size and prints each beside its prediction")
 """),
 ])
 
