@@ -136,10 +136,11 @@ def _imitate_t4() -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = T4_CUBLAS_WORKSPACE_CONFIG
 
 
-def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: float, model_name: str) -> dict:
+def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: float, model_name: str,
+             alone: bool) -> dict:
     from m3lab.train import TrainingFailed, train
 
-    record = {"name": check.name, "t4_budget": check.t4_budget,
+    record = {"name": check.name, "t4_budget": check.t4_budget, "alone": alone,
               "config": check.config.replace(model=model_name, train_data=[data.name], max_steps=STEPS).to_dict()}
     remaining = deadline - time.monotonic()
     if remaining < (150 if check.alone else 60):
@@ -159,7 +160,9 @@ def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: fl
             "ranks": [{"rank": r.rank, "device": r.device, "trainable_params": r.trainable_params,
                        "steps": [{"step": s.step, "peak_allocated_bytes": s.peak_allocated_bytes,
                                   "peak_reserved_bytes": s.peak_reserved_bytes,
-                                  "optimizer_state_bytes": s.optimizer_state_bytes, "loss": s.loss}
+                                  "optimizer_state_bytes": s.optimizer_state_bytes, "loss": s.loss,
+                                  "reserved_after_step_bytes": s.reserved_after_step_bytes,
+                                  "device_used_bytes": s.device_used_bytes}
                                  for s in r.steps]}
                       for r in result.ranks]}
 
@@ -210,7 +213,8 @@ def run(out: Path, model: str = "full", only: list[str] | None = None, parallel:
 
     def launch(check: Check) -> dict:
         key = (check.config.query_max_len, check.config.passage_max_len)
-        record = _run_one(check, datasets[key], model_dir, runs_dir, deadline, model_name)
+        alone = check.alone or parallel <= 1
+        record = _run_one(check, datasets[key], model_dir, runs_dir, deadline, model_name, alone)
         print(_line(record), flush=True)
         return record
 
@@ -234,8 +238,25 @@ def _line(record: dict) -> str:
     if record["status"] != "ok":
         why = record.get("reason") or record.get("oom_message") or (record.get("log_tail") or "")[-300:]
         return f"{record['name']:48} {record['status']}: {why}"
-    peaks = [s["peak_allocated_bytes"] / GIB for s in record["ranks"][0]["steps"]]
-    return f"{record['name']:48} ok: peak per step {', '.join(f'{p:.3f}' for p in peaks)} GiB ({record['wall_time_s']} s)"
+    steps = record["ranks"][0]["steps"]
+    peaks = ", ".join(f"{s['peak_allocated_bytes'] / GIB:.3f}" for s in steps)
+    line = f"{record['name']:48} ok: peak allocated per step {peaks} GiB ({record['wall_time_s']} s)"
+    outside = outside_allocator_bytes(record)
+    if outside is not None:
+        line += f"; outside the allocator (CUDA context, workspaces): {outside / GIB:.2f} GiB"
+    return line
+
+
+def outside_allocator_bytes(record: dict) -> int | None:
+    """The card's used memory minus the run's reserved memory, after its last step: the CUDA context
+    and library workspaces outside the allocator (an upper bound: the check's own process may hold
+    a CUDA context too). Only for a run alone on the card, where no other run's memory counts."""
+    if not record.get("alone") or record["status"] != "ok":
+        return None
+    last = record["ranks"][0]["steps"][-1]
+    if last.get("device_used_bytes") is None:
+        return None
+    return last["device_used_bytes"] - last["reserved_after_step_bytes"]
 
 
 def _add_predictions(report: dict, deadline: float) -> None:

@@ -214,9 +214,12 @@ class StepRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
             memory = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                       "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
                       "allocated_after_step_bytes": torch.cuda.memory_allocated(),
+                      "reserved_after_step_bytes": torch.cuda.memory_reserved(),
+                      "device_used_bytes": total - free,
                       "memory_source": "torch.cuda.max_memory_allocated"}
         else:
             memory = {"peak_allocated_bytes": self.meter.peak, "peak_reserved_bytes": None,

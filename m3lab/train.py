@@ -52,6 +52,10 @@ class StepRecord:
     optimizer_state_bytes: int
     fp32_master_bytes: int
     memory_source: str
+    # CUDA only, after the step: the allocator's reserved bytes, and the whole card's used bytes
+    # (cudaMemGetInfo: every process's, plus the CUDA context and workspaces outside the allocator)
+    reserved_after_step_bytes: int | None = None
+    device_used_bytes: int | None = None
 
 
 @dataclass

@@ -64,6 +64,15 @@ def test_a_step_skipped_by_loss_scaling_is_not_compared():
     assert [(label, step["step"]) for label, step in pairs] == [("first", 2), ("steady", 3)]
 
 
+def test_memory_outside_the_allocator_is_read_only_from_a_run_alone_on_the_card():
+    step = {"device_used_bytes": 10 * 2**30, "reserved_after_step_bytes": 9 * 2**30 + 2**29}
+    record = {"status": "ok", "alone": True, "ranks": [{"steps": [{}, step]}]}
+    assert gpu_check.outside_allocator_bytes(record) == 2**29
+    assert gpu_check.outside_allocator_bytes({**record, "alone": False}) is None
+    cpu_step = {"device_used_bytes": None, "reserved_after_step_bytes": None}
+    assert gpu_check.outside_allocator_bytes({**record, "ranks": [{"steps": [cpu_step]}]}) is None
+
+
 def test_a_broken_measurement_file_says_where_and_what(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": 1,\n "device": }')
