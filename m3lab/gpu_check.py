@@ -154,6 +154,8 @@ def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: fl
     except TrainingFailed as error:
         return {**record, "status": "failed", "returncode": error.result.returncode,
                 "log_tail": error.result.log_tail(60)}
+    except Exception as error:  # a refused configuration or data must not cost the other runs
+        return {**record, "status": "failed", "reason": f"{type(error).__name__}: {error}"[:2000]}
     shutil.rmtree(result.run_dir / "model", ignore_errors=True)  # the trained weights are not wanted
     return {**record, "status": result.status, "memory_limit_bytes": limit, "wall_time_s": round(result.wall_time_s, 1),
             "oom_step": result.oom_step, "oom_message": (result.oom_message or "")[:500] or None,

@@ -57,6 +57,16 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     assert not any(row.within_tolerance for row in gpu_check.compare(report))
 
 
+def test_a_refused_configuration_is_recorded_and_costs_no_other_run(tmp_path, standin_dir):
+    import time
+
+    bad = gpu_check.Check("bad", gpu_check.checks("tiny")[0].config.replace(train_group_size=0))
+    record = gpu_check._run_one(bad, tmp_path / "data.jsonl", standin_dir, tmp_path / "runs",
+                                time.monotonic() + 600, "tiny-bge-m3", alone=False)
+    assert record["status"] == "failed" and record["reason"].startswith("ConfigError")
+    assert "train_group_size is 0" in record["reason"]
+
+
 def test_a_step_skipped_by_loss_scaling_is_not_compared():
     steps = [{"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
              {"step": 3, "optimizer_state_bytes": 8}]
