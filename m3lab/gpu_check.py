@@ -164,7 +164,8 @@ def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: fl
                                   "peak_reserved_bytes": s.peak_reserved_bytes,
                                   "optimizer_state_bytes": s.optimizer_state_bytes, "loss": s.loss,
                                   "reserved_after_step_bytes": s.reserved_after_step_bytes,
-                                  "device_used_bytes": s.device_used_bytes}
+                                  "device_used_bytes": s.device_used_bytes,
+                                  "optimizer_step_skipped": s.optimizer_step_skipped}
                                  for s in r.steps]}
                       for r in result.ranks]}
 
@@ -321,10 +322,19 @@ def load(path: Path) -> dict:
 
 
 def _step_pairs(steps: list[dict]) -> list[tuple[str, dict]]:
-    """(first, steady) measured steps: fp16 loss scaling may skip the first update (no states yet)."""
-    updated = [i for i, s in enumerate(steps) if s["optimizer_state_bytes"] > 0]
-    start = updated[0] if updated else 0
-    return [(label, steps[start + i]) for i, label in enumerate(("first", "steady")) if start + i < len(steps)]
+    """The measured (first, steady) steps: the first that updated the weights and the next that did.
+
+    fp16 loss scaling skips the update of a step whose gradients overflowed: such a step has no
+    optimizer-step peak (and, before any update, no optimizer states), so it stands for neither.
+    Where the trainer did not say, a step with no optimizer states yet counts as skipped.
+    """
+    def skipped(step: dict) -> bool:
+        if step.get("optimizer_step_skipped") is not None:
+            return step["optimizer_step_skipped"]
+        return step["optimizer_state_bytes"] == 0 and any(s["optimizer_state_bytes"] for s in steps)
+
+    updated = [step for step in steps if not skipped(step)]
+    return list(zip(("first", "steady"), updated))
 
 
 def compare(report: dict, runs: list[dict] | None = None) -> list[Comparison]:

@@ -154,6 +154,12 @@ def fp32_master_tensors(optimizer) -> list[torch.Tensor]:
     return masters
 
 
+def _bool_or_none(value) -> bool | None:
+    if isinstance(value, torch.Tensor):
+        return bool(value.item())
+    return None if value is None else bool(value)
+
+
 class StepRecorder(TrainerCallback):
     """Writes one JSON line per optimizer step: loss, step time and peak memory of this rank."""
 
@@ -230,6 +236,8 @@ class StepRecorder(TrainerCallback):
             **memory,
             "optimizer_state_bytes": tensor_bytes(optimizer_state_tensors(optimizer)),
             "fp32_master_bytes": tensor_bytes(fp32_master_tensors(optimizer)),
+            # accelerate's optimizer wrappers (HF AMP and DeepSpeed alike) know it
+            "optimizer_step_skipped": _bool_or_none(getattr(optimizer, "step_was_skipped", None)),
         }
         # The loss arrives in on_log right after a step that logs; other steps are written now.
         if not (args.logging_steps and state.global_step % args.logging_steps == 0):

@@ -56,6 +56,8 @@ class StepRecord:
     # (cudaMemGetInfo: every process's, plus the CUDA context and workspaces outside the allocator)
     reserved_after_step_bytes: int | None = None
     device_used_bytes: int | None = None
+    # fp16 loss scaling skips the update of a step whose gradients overflowed (None: not known)
+    optimizer_step_skipped: bool | None = None
 
 
 @dataclass

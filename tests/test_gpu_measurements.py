@@ -46,6 +46,7 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     (record,) = report["runs"]
     assert record["status"] == "ok" and record["config"]["max_steps"] == gpu_check.STEPS
     assert [s["step"] for s in record["ranks"][0]["steps"]] == [1, 2, 3]
+    assert [s["optimizer_step_skipped"] for s in record["ranks"][0]["steps"]] == [False] * 3  # fp32: no scaling
     rows = gpu_check.compare(report)
     assert [(r.step, r.measured_step) for r in rows] == [("first", 1), ("steady", 2)]
     # the ZeRO-1 step holds optimizer states from its first update on: the steady step is higher
@@ -68,10 +69,19 @@ def test_a_refused_configuration_is_recorded_and_costs_no_other_run(tmp_path, st
 
 
 def test_a_step_skipped_by_loss_scaling_is_not_compared():
-    steps = [{"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
-             {"step": 3, "optimizer_state_bytes": 8}]
-    pairs = gpu_check._step_pairs(steps)
-    assert [(label, step["step"]) for label, step in pairs] == [("first", 2), ("steady", 3)]
+    def pairs(steps):
+        return [(label, step["step"]) for label, step in gpu_check._step_pairs(steps)]
+
+    # told by the trainer: DeepSpeed holds its Adam states from the start, so only the flag shows it
+    told = [{"step": n, "optimizer_state_bytes": 8, "optimizer_step_skipped": n == 2} for n in (1, 2, 3)]
+    assert pairs(told) == [("first", 1), ("steady", 3)]
+    # not told (an older file): no optimizer states yet means no update yet
+    untold = [{"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
+              {"step": 3, "optimizer_state_bytes": 8}]
+    assert pairs(untold) == [("first", 2), ("steady", 3)]
+    # fix_encoder with nothing trainable in the optimizer's eyes: every step counts
+    frozen = [{"step": n, "optimizer_state_bytes": 0} for n in (1, 2, 3)]
+    assert pairs(frozen) == [("first", 1), ("steady", 2)]
 
 
 def test_memory_outside_the_allocator_is_read_only_from_a_run_alone_on_the_card():
