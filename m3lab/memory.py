@@ -350,11 +350,11 @@ class MemoryTrace(TorchDispatchMode):
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
         if self.separate_host:
-            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            for storage in tensor_storages([t for t in tensors if t.device.index is None]):
-                self._see_host(storage)
-            for storage in tensor_storages([t for t in tensors if t.device.index is not None]):
-                self.see(storage, func.__name__)
+            for tensor in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    on_host = tensor.device.index is None
+                    for storage in tensor_storages(tensor):
+                        self._see_host(storage) if on_host else self.see(storage, func.__name__)
             return out
         for storage in tensor_storages(out):
             self.see(storage, func.__name__)
