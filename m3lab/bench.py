@@ -1,9 +1,11 @@
 """How fast the predictor is: a 17-point sweep at full BGE-M3 size, seconds per configuration.
 
-``python -m m3lab.bench`` prints one line per configuration (predicted peak for a T4, seconds,
-and whether the step was extrapolated from shallow traces or traced layer by layer), then the
-median and the slowest time after the first call, which pays for imports and caches (and starts
-the two worker processes that trace shallow copies side by side), and the median per method.
+``python -m m3lab.bench`` prints how fast the machine is right now (a fixed pure-Python workload:
+shared machines vary by a third from hour to hour), one line per configuration (predicted peak
+for a T4, seconds, and whether the step was extrapolated from shallow traces or traced layer by
+layer), then the median and the slowest time after the first call, which pays for imports and
+caches (and starts the two worker processes that trace shallow copies side by side), and the
+median per method.
 """
 
 from __future__ import annotations
@@ -34,7 +36,26 @@ def sweep() -> list[tuple[str, TrainConfig]]:
     return points
 
 
+def reference_seconds() -> float:
+    """Seconds for a fixed pure-Python workload (calls, dicts, tuples: what fake-tensor dispatch is
+    made of), best of three: how fast this machine is right now, to read the timings against."""
+    def work() -> int:
+        table: dict[tuple[int, int], int] = {}
+        for i in range(1_000_000):
+            key = (i % 997, i % 13)
+            table[key] = table.get(key, 0) + len(str(i))
+        return len(table)
+
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def main() -> None:
+    print(f"machine speed: the reference workload took {reference_seconds():.3f} s (smaller is faster)")
     timings, methods = [], []
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():
