@@ -38,8 +38,8 @@ from m3lab.measure import SDPA_KERNEL_ENV
 
 FORMAT = 1
 STEPS = 3  # a step skipped by fp16 loss scaling (no optimizer states yet) still leaves two to compare
-# A T4's cuBLAS workspace (PyTorch's default below sm90): the caching allocator holds it, so it
-# counts in max_memory_allocated; a Hopper card's default is four times larger.
+# A T4's cuBLAS workspace (PyTorch's default below sm90). PyTorch takes it from the caching
+# allocator, so it counts in max_memory_allocated; a Hopper card's default is about four times larger.
 T4_CUBLAS_WORKSPACE_CONFIG = ":4096:2:16:8"
 TOLERANCE = {"cuda": 0.05, "cpu": 0.02}  # issue 3: 5% against a GPU, 2% against live CPU tensors
 
@@ -49,7 +49,7 @@ class Check:
     name: str
     config: TrainConfig
     # Cap the run's allocator at what a T4 leaves it (usable minus the CUDA context estimate), to
-    # see the OOM or the fit that the verdict predicts; None: no cap, the peak is measured whole.
+    # see the OOM or the fit that the verdict predicts; False: no cap, the peak is measured whole.
     t4_budget: bool = False
     alone: bool = False  # run with nothing beside it (it needs most of the card)
 
