@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from m3lab.config import TrainConfig
@@ -160,13 +160,7 @@ def _run_one(check: Check, data: Path, model_dir: Path, runs: Path, deadline: fl
     return {**record, "status": result.status, "memory_limit_bytes": limit, "wall_time_s": round(result.wall_time_s, 1),
             "oom_step": result.oom_step, "oom_message": (result.oom_message or "")[:500] or None,
             "ranks": [{"rank": r.rank, "device": r.device, "trainable_params": r.trainable_params,
-                       "steps": [{"step": s.step, "peak_allocated_bytes": s.peak_allocated_bytes,
-                                  "peak_reserved_bytes": s.peak_reserved_bytes,
-                                  "optimizer_state_bytes": s.optimizer_state_bytes, "loss": s.loss,
-                                  "reserved_after_step_bytes": s.reserved_after_step_bytes,
-                                  "device_used_bytes": s.device_used_bytes,
-                                  "optimizer_step_skipped": s.optimizer_step_skipped}
-                                 for s in r.steps]}
+                       "steps": [asdict(s) for s in r.steps]}
                       for r in result.ranks]}
 
 
@@ -199,7 +193,7 @@ def run(out: Path, model: str = "full", only: list[str] | None = None, parallel:
               "predict_with_gpu": "t4" if cuda else None, "runs": []}
     if cuda:
         report["provenance"] = f"measured on {report['device']}" + (
-            "" if "T4" in report["device"] else " imitating a T4's kernels (memory-efficient SDPA, T4 cuBLAS workspace)")
+            "" if real_t4 else " imitating a T4's kernels (memory-efficient SDPA, T4 cuBLAS workspace)")
     else:
         report["provenance"] = "measured on CPU (live tensor bytes)"
     print(f"gpu_check: {report['provenance']}, torch {report['torch']}; model ready after "
@@ -243,7 +237,8 @@ def _line(record: dict) -> str:
         return f"{record['name']:48} {record['status']}: {why}"
     steps = record["ranks"][0]["steps"]
     peaks = ", ".join(f"{s['peak_allocated_bytes'] / GIB:.3f}" for s in steps)
-    line = f"{record['name']:48} ok: peak allocated per step {peaks} GiB ({record['wall_time_s']} s)"
+    line = (f"{record['name']:48} ok: peak allocated per step {peaks} GiB, measured on "
+            f"{record['ranks'][0]['device']} ({record['wall_time_s']} s)")
     outside = outside_allocator_bytes(record)
     if outside is not None:
         line += f"; outside the allocator (CUDA context, workspaces): {outside / GIB:.2f} GiB"
@@ -287,6 +282,8 @@ class Comparison:
     measured_bytes: int
     predicted_bytes: int
     tolerance: float
+    measured_on: str  # the measurement file's provenance
+    predicted_for: str  # the prediction's provenance
 
     @property
     def error(self) -> float:
@@ -297,9 +294,9 @@ class Comparison:
         return abs(self.error) <= self.tolerance
 
     def describe(self) -> str:
-        return (f"{self.run} (rank {self.rank}, {self.step} step = step {self.measured_step}): measured "
-                f"{self.measured_bytes / GIB:.3f} GiB, predicted {self.predicted_bytes / GIB:.3f} GiB "
-                f"({self.error:+.1%}, tolerance {self.tolerance:.0%})")
+        return (f"{self.run} (rank {self.rank}, {self.step} step = step {self.measured_step}): "
+                f"{self.measured_bytes / GIB:.3f} GiB {self.measured_on}, {self.predicted_bytes / GIB:.3f} GiB "
+                f"{self.predicted_for} ({self.error:+.1%}, tolerance {self.tolerance:.0%})")
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "error": round(self.error, 5)}
@@ -357,7 +354,8 @@ def compare(report: dict, runs: list[dict] | None = None) -> list[Comparison]:
             for label, step in _step_pairs(rank["steps"]):
                 figure = predicted.first_step if label == "first" else predicted.steady_step
                 rows.append(Comparison(record["name"], rank["rank"], label, step["step"],
-                                       step["peak_allocated_bytes"], figure.peak_allocated_bytes, tolerance))
+                                       step["peak_allocated_bytes"], figure.peak_allocated_bytes, tolerance,
+                                       report["provenance"], prediction.provenance))
     return rows
 
 
