@@ -5,14 +5,22 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup clean notebooks device-wheels
+.PHONY: run test setup clean notebooks device-wheels lock test-colab
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml states the ranges m3lab works with; constraints/ci.txt is the exact set CI tests.
+$(VENV)/.installed: pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first: a plain `pip install torch` would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints/ci.txt torch
+	$(PY) -m pip install --quiet -c constraints/ci.txt -e '.[dev]'
 	touch $@
+
+# Maintainers: after changing a dependency in pyproject.toml, rewrite the lock from a fresh resolve.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet torch==2.13.0 && .venv-lock/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,3p' constraints/ci.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -v '^m3lab'; } > constraints/ci.txt.tmp
+	mv constraints/ci.txt.tmp constraints/ci.txt && rm -rf .venv-lock
 
 setup: $(VENV)/.installed
 
@@ -22,6 +30,11 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests $(wildcard notebooks/*.ipynb) --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200 --durations=10
+
+# The Colab lane: Colab's package set (.ci/colab/), the notebooks' install cell on top, then the fast
+# tests and the notebooks there (.ci/colab/lane.sh says what stands in for what).
+test-colab:
+	bash .ci/colab/lane.sh
 
 # Maintainers: write the notebooks from notebooks/build_notebooks.py and execute them top to bottom,
 # so that the committed outputs (which nbval compares) come from a clean run.

@@ -7,13 +7,18 @@ FlagEmbedding's README uses for BGE-M3 (dense 0.4, sparse 0.2, ColBERT 0.4).
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import dataclass, field
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from m3lab.data import load_jsonl, resolve_data_path
+from m3lab.io import write_text_atomic
 
 MODES = ("dense", "sparse", "colbert", "combined")
 COMBINED_WEIGHTS = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
@@ -61,12 +66,8 @@ def _rank_metrics(scores: np.ndarray, relevant: list[set[int]], ks: tuple[int, .
     return float(np.mean(reciprocal)), {k: float(np.mean(v)) for k, v in recall.items()}
 
 
-def evaluate_retrieval(model_path: str | Path, eval_path: str | Path = "data/eval.jsonl",
-                       corpus_path: str | Path = "data/corpus.jsonl", ks: tuple[int, ...] = (1, 5, 10),
-                       max_length: int = 512, device: str | None = None) -> RetrievalScores:
-    """Score every held-out query against the whole corpus with each of BGE-M3's scores."""
-    from FlagEmbedding import BGEM3FlagModel
-
+def _held_out(eval_path, corpus_path) -> tuple[list[dict], list[str], list[set[int]]]:
+    """The held-out queries, the corpus, and for each query the corpus indices of its positives."""
     records = load_jsonl(eval_path, need_negatives=False)
     corpus = load_corpus(corpus_path)
     index = {text: i for i, text in enumerate(corpus)}
@@ -77,6 +78,39 @@ def evaluate_retrieval(model_path: str | Path, eval_path: str | Path = "data/eva
             raise ValueError(f"{resolve_data_path(eval_path)}:{number}: none of this query's positives is in "
                              f"{resolve_data_path(corpus_path)}; add them to the corpus.")
         relevant.append(wanted)
+    return records, corpus, relevant
+
+
+def evaluate_retrieval(model: str | Path, eval_path: str | Path = "data/eval.jsonl",
+                       corpus_path: str | Path = "data/corpus.jsonl", ks: tuple[int, ...] = (1, 5, 10),
+                       max_length: int = 512, device: str | None = None) -> RetrievalScores:
+    """Score every held-out query against the whole corpus with each of BGE-M3's scores.
+
+    ``model``: a folder, a hub id, or "tiny-bge-m3". The model is loaded in a child process, as
+    training runs are, so that a notebook kernel never holds it on the GPU afterwards.
+    """
+    from m3lab.standin import resolve_model
+
+    _held_out(eval_path, corpus_path)  # bad data fails here, with its file and line
+    with tempfile.TemporaryDirectory(prefix="m3lab-evaluate-") as scratch:
+        out = Path(scratch) / "scores.json"
+        argv = [sys.executable, "-m", "m3lab.evaluate", str(resolve_model(str(model))), "--out", str(out),
+                "--eval", str(resolve_data_path(eval_path)), "--corpus", str(resolve_data_path(corpus_path)),
+                "--max-length", str(max_length), "--ks", *map(str, ks)] + (["--device", device] if device else [])
+        child = subprocess.run(argv, capture_output=True, text=True)  # progress bars stay out of the notebook
+        if child.returncode != 0:
+            raise RuntimeError(f"scoring {model} failed (exit {child.returncode}):\n" + child.stderr[-3000:])
+        saved = json.loads(out.read_text())
+    return RetrievalScores(str(model), saved["queries"], saved["corpus"], saved["mrr_at_10"],
+                           {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()})
+
+
+def _score(model_path: str, eval_path: str, corpus_path: str, ks: tuple[int, ...], max_length: int,
+           device: str | None) -> RetrievalScores:
+    """The scoring itself, in this process: FlagEmbedding's encoder and its own three scores."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    records, corpus, relevant = _held_out(eval_path, corpus_path)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,3 +129,22 @@ def evaluate_retrieval(model_path: str | Path, eval_path: str | Path = "data/eva
     for mode in MODES:
         result.mrr_at_10[mode], result.recall[mode] = _rank_metrics(scores[mode], relevant, ks)
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m3lab.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a model folder or hub id")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the scores (JSON)")
+    parser.add_argument("--eval", default="data/eval.jsonl")
+    parser.add_argument("--corpus", default="data/corpus.jsonl")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    scores = _score(args.model, args.eval, args.corpus, tuple(args.ks), args.max_length, args.device)
+    write_text_atomic(args.out, json.dumps(asdict(scores)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

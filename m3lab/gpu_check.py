@@ -54,6 +54,11 @@ class Check:
     alone: bool = False  # run with nothing beside it (it needs most of the card)
 
 
+# What notebook 07 runs: two configurations, a few minutes on a T4; the tiny stand-in's two on a CPU
+NOTEBOOK_CHECKS = {"full": ["advice, fix_encoder on", "advice (ZeRO-1)"],
+                   "tiny": ["tiny: ZeRO-1 + gradient checkpointing", "tiny: fix_encoder, ZeRO-0"]}
+
+
 def checks(model: str = "full") -> list[Check]:
     """The configurations the check trains, most informative first (a time budget cuts the tail)."""
     if model == "tiny":

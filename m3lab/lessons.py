@@ -1,27 +1,34 @@
-"""What every notebook of the series shares: the machine it runs on, the versions that matter,
-the tokenizer to count with, and prediction tables whose every figure says where it came from.
+"""What every notebook of the series shares: the machine it runs on and the sizes it picks there,
+the versions that matter, the tokenizer to count with, and prediction tables that say where each figure came from.
 
-On a CUDA GPU the notebooks measure real runs of BAAI/bge-m3 and overlay them on the predictions;
-on a CPU they use the predictor for full-size figures and real runs of the tiny stand-in.
+Every cell runs the same code on a T4 and in CI (a CPU): the environment only picks sizes, as
+pyro's notebooks do with ``smoke_test``. On a CUDA GPU real runs train BAAI/bge-m3 in fp16 and are
+measured; on a CPU they train the tiny stand-in in fp32, at small lengths and few steps.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
+import warnings
 from dataclasses import dataclass
 
-from m3lab.config import Hardware, TrainConfig
-from m3lab.gpus import GIB, gpu_profile
-from m3lab.memory import MemoryReport, predict
-from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
+# Noise a learner cannot act on, kept out of the notebooks' outputs: tqdm's note that Jupyter's
+# widgets are missing (the text progress bar works), printed when FlagEmbedding imports tqdm.auto.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from m3lab.config import Hardware, TrainConfig  # noqa: E402
+from m3lab.gpus import GIB, gpu_profile  # noqa: E402
+from m3lab.memory import MemoryReport, predict  # noqa: E402
+from m3lab.standin import REAL_MODEL, STANDIN, resolve_model  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "deepspeed", "accelerate", "matplotlib", "m3lab")
+CPU_MEMORY_CAP = 256 * 2**20  # the stand-in's "card" in the OOM demonstrations
 
 
 @dataclass(frozen=True)
 class Environment:
-    """Where the notebook runs: a CUDA GPU (measure) or a CPU (predict, and train the stand-in)."""
+    """Where the notebook runs, and the sizes real runs take there (the only thing that differs)."""
 
     on_gpu: bool
     gpu_name: str | None
@@ -37,10 +44,44 @@ class Environment:
     def is_t4(self) -> bool:
         return bool(self.gpu_name and "T4" in self.gpu_name)
 
+    @property
+    def max_processes(self) -> int:
+        """How many training processes real runs may use: one per GPU; two on a CPU (gloo)."""
+        return self.gpu_count if self.on_gpu else 2
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """The cap real runs get: a T4's usable memory on a bigger GPU, so that it runs out where a
+        T4 would; none on a T4 (the card is the cap) or on a CPU."""
+        return gpu_profile("t4").usable_bytes if self.on_gpu and not self.is_t4 else None
+
+    @property
+    def oom_limit_bytes(self) -> int | None:
+        """The cap of the out-of-memory demonstrations: a T4's (as ``memory_limit_bytes``); on a CPU
+        256 MiB, small enough for the stand-in to run out as BGE-M3 does on a T4."""
+        return self.memory_limit_bytes if self.on_gpu else CPU_MEMORY_CAP
+
+    @property
+    def predicts_for(self) -> str | None:
+        """The GPU profile that predicts this machine's own runs (None: the CPU, no emulation)."""
+        return "t4" if self.on_gpu else None
+
+    @property
+    def gpu_check_model(self) -> str:
+        """``m3lab.gpu_check``'s model here: the full-size stand-in on a GPU, the tiny one on a CPU."""
+        return "full" if self.on_gpu else "tiny"
+
+    def sized(self, config: TrainConfig, **cpu_sizes) -> TrainConfig:
+        """``config`` as this machine runs it: with BGE-M3 on a GPU; on a CPU with the stand-in,
+        in fp32 (fp16 training needs CUDA) and at ``cpu_sizes`` (lengths, group, steps, bucket...)."""
+        if self.on_gpu:
+            return config.replace(model=self.model)
+        return config.replace(model=self.model, fp16=False, bf16=False, **cpu_sizes)
+
     def describe(self) -> str:
         if not self.on_gpu:
             return ("no GPU: full-size figures are predicted for a T4 (m3lab.memory), and real training runs "
-                    f"use {STANDIN}, a tiny offline stand-in, measured on the CPU")
+                    f"use {STANDIN}, a tiny offline stand-in, at small sizes, measured on the CPU")
         usable = f"{self.usable_bytes / GIB:.2f} GiB usable" if self.usable_bytes else "usable memory unknown"
         return (f"{self.gpu_count} x {self.gpu_name} ({usable}): real runs of {REAL_MODEL} are measured and "
                 "drawn over the predictions" + ("" if self.is_t4 else
@@ -120,9 +161,10 @@ def print_commands(configs: dict[str, TrainConfig]) -> None:
         print(" ".join(shlex.quote(arg) for arg in config.command()))
 
 
-def t4_memory_limit(env: Environment) -> int | None:
-    """Bytes to cap a bigger GPU to, so that it runs out where a T4 would; None on a T4 or a CPU.
-    (``train(memory_limit_bytes=...)`` applies it with ``torch.cuda.set_per_process_memory_fraction``.)"""
-    if not env.on_gpu or env.is_t4:
-        return None
-    return gpu_profile("t4").usable_bytes
+def predict_run(config: TrainConfig, env: Environment) -> MemoryReport:
+    """The prediction for a run this machine makes: BGE-M3 on a T4 profile on a GPU; on a CPU the
+    stand-in's own geometry, as live tensor bytes (the figure the CPU run measures)."""
+    from m3lab.memory import bge_m3_config, load_model_config, spec_from_config
+
+    geometry = bge_m3_config() if config.model == REAL_MODEL else load_model_config(resolve_model(config.model))
+    return predict(gpu=env.predicts_for, spec=spec_from_config(config, model_config=geometry))

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from m3lab.gpus import gpu_profile
 from m3lab import lessons, memory, plots
 from m3lab.evaluate import _rank_metrics, load_corpus
 
@@ -56,7 +57,25 @@ def test_no_gpu_environment_says_what_it_will_do():
     env = lessons.environment()
     assert not env.on_gpu and env.model == "tiny-bge-m3"
     assert "no GPU" in env.describe() and "predicted" in env.describe()
-    assert lessons.t4_memory_limit(env) is None
+    assert env.memory_limit_bytes is None and env.oom_limit_bytes == lessons.CPU_MEMORY_CAP
+    assert env.max_processes == 2
+
+
+def test_the_environment_picks_sizes_and_nothing_else():
+    """One code path: a T4, a bigger GPU and a CPU run the same config; only model, precision, sizes differ."""
+    from m3lab.config import TrainConfig
+
+    config = TrainConfig.common_t4_advice(max_steps=60)
+    t4 = lessons.Environment(True, "Tesla T4", 1, 15_828_320_256)
+    h200 = lessons.Environment(True, "NVIDIA H200", 1, 150 * 2**30)
+    cpu = lessons.Environment(False, None, 0, None)
+    assert t4.sized(config, max_steps=2) == config.replace(model="BAAI/bge-m3")
+    assert t4.memory_limit_bytes is None and h200.memory_limit_bytes == gpu_profile("t4").usable_bytes
+    assert (t4.oom_limit_bytes, h200.oom_limit_bytes) == (None, h200.memory_limit_bytes)
+    small = cpu.sized(config, max_steps=2, passage_max_len=128)
+    assert small == config.replace(model="tiny-bge-m3", fp16=False, max_steps=2, passage_max_len=128)
+    assert (t4.predicts_for, cpu.predicts_for) == ("t4", None)
+    assert (t4.gpu_check_model, cpu.gpu_check_model) == ("full", "tiny")
 
 
 def test_print_commands_gives_one_copyable_line_per_configuration(capsys):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The Colab lane (make test-colab): Colab's GPU runtime as far as this machine can have it, the
+# notebooks' own install cell run on top of it, then the tests in the clone that cell made.
+#
+# - Python 3.11 (this machine's; Colab runs 3.13, whose torch here would be a multi-GB CUDA build).
+# - torch: the CPU build of 2.13.0 on this disk stands in for Colab's 2.11.0+cu128; Colab's
+#   setuptools 75.2 is older than that torch needs, so both are left out of the constraints.
+# - Every other package of m3lab's closure that Colab ships (.ci/colab/preinstalled.txt) is
+#   installed first at Colab's version (its pip freeze as constraints).
+# - The install cell is taken from notebooks/00_setup_and_data.py and run as a learner's kernel
+#   runs it; M3LAB_SOURCE makes it clone this repository's HEAD instead of GitHub.
+# - `pip freeze` before and after go to build/colab/; tests/test_colab_lane.py compares them.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+LANE=$ROOT/.venv-colab
+OUT=$ROOT/build/colab
+FREEZE=.ci/colab/pip-freeze.gpu.2026-08-19.txt
+PYTHON=${PYTHON:-python3.11}
+
+rm -rf "$LANE" "$OUT"
+mkdir -p "$OUT"
+"$PYTHON" -m venv "$LANE"
+grep -v -E '^(torch|torchaudio|torchvision|torchcodec|setuptools)==' "$FREEZE" > "$OUT/constraints.txt"
+"$LANE/bin/pip" install --quiet torch==2.13.0
+"$LANE/bin/pip" install --quiet -c "$OUT/constraints.txt" -r .ci/colab/preinstalled.txt
+"$LANE/bin/pip" freeze --all --exclude-editable > "$OUT/before.txt"
+
+# The install cell, verbatim, in a fresh interpreter (a kernel) whose working folder is $OUT/content
+mkdir -p "$OUT/content"
+"$LANE/bin/python" .ci/colab/install_cell.py notebooks/00_setup_and_data.py > "$OUT/install_cell.py"
+(cd "$OUT/content" && M3LAB_SOURCE="file://$ROOT" "$LANE/bin/python" "$OUT/install_cell.py")
+"$LANE/bin/pip" freeze --all --exclude-editable > "$OUT/after.txt"
+
+# Test tools, which a learner does not install: at Colab's versions where it ships them
+"$LANE/bin/pip" install --quiet -c "$OUT/constraints.txt" pytest nbval ipykernel nbformat nbconvert jupytext
+
+# The tests, from the clone the install cell made (as on Colab: m3lab-repo/ beside the notebook)
+cd "$OUT/content/m3lab-repo"
+export M3LAB_COLAB_LANE="$OUT" M3LAB_CACHE="$OUT/cache"
+"$LANE/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" tests notebooks/*.ipynb --nbval-lax \
+    --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200 --durations=5

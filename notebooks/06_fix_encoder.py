@@ -1,0 +1,121 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · fix_encoder
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/m3lab/m3lab/blob/main/notebooks/06_fix_encoder.ipynb)
+#
+# `fix_encoder` is often suggested as the last resort: train only the sparse and ColBERT heads. What
+# does it train, what does it leave out, and what does it save?
+#
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.memory`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+
+# %%
+# Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
+# ranges that hold the versions Colab ships (torch, transformers, numpy, protobuf, ...), so pip only
+# adds what is missing (FlagEmbedding, DeepSpeed, bitsandbytes and a few small packages) and changes
+# nothing already installed: no restart needed. Where m3lab is installed (make test), this does nothing.
+import importlib.util, os, socket, subprocess, sys
+REPOSITORY = "https://github.com/m3lab/m3lab"
+if importlib.util.find_spec("m3lab") is None:
+    source = os.environ.get("M3LAB_SOURCE", REPOSITORY)  # the Colab lane (make test-colab) clones a local copy
+    if source.startswith("https://"):
+        try:
+            socket.create_connection(("github.com", 443), timeout=5).close()
+        except OSError:
+            raise SystemExit("No internet. On Kaggle, open Settings in the notebook's side bar, switch "
+                             "Internet on (it needs a verified phone number), then run this cell again.")
+    if not os.path.isdir("m3lab-repo"):
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", source, "m3lab-repo"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", "m3lab-repo"], check=True)
+    sys.path.insert(0, os.path.abspath("m3lab-repo"))
+
+# %%
+import matplotlib
+matplotlib.rcParams["figure.dpi"] = 80
+from m3lab import lessons, plots
+from m3lab.config import TrainConfig
+from m3lab.gpus import GIB
+
+env = lessons.environment()
+print(env.describe())
+print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+
+import torch
+from m3lab.memory import _build_m3_model, spec_from_config
+
+def parameters(config):
+    with torch.device("meta"):  # the full-size model without memory
+        model = _build_m3_model(spec_from_config(config))
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    return sum(p.numel() for p in model.parameters()), trainable
+
+total, trainable = parameters(TrainConfig.common_t4_advice())
+print(f"fix_encoder off: {sum(trainable.values()):,} of {total:,} parameters train")
+total, trainable = parameters(TrainConfig.common_t4_advice(fix_encoder=True))
+print(f"fix_encoder on:  {sum(trainable.values()):,} of {total:,} parameters train:")
+for name, count in trainable.items():
+    print(f"    {name}: {count:,}")
+
+# %% [markdown]
+# Only `colbert_linear` and `sparse_linear` train. The **dense** embedding is the CLS vector of the
+# encoder itself, with no head of its own, so with the encoder frozen the dense retrieval of the
+# model does not change at all: a fine-tuning run whose most used output stays exactly as it was.
+
+# %%
+configs = {"common advice": TrainConfig.common_t4_advice(),
+           "common advice + fix_encoder": TrainConfig.common_t4_advice(fix_encoder=True),
+           "example 8192 + fix_encoder": TrainConfig.upstream_example(passage_max_len=8192, fix_encoder=True)}
+reports = lessons.predict_all(configs)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(lessons.prediction_table(reports))
+
+# %%
+plots.breakdown_bars(reports, title="fix_encoder: what is left");
+
+# %%
+# Every configuration above as the command to copy (--deepspeed names the JSON that
+# config.deepspeed_json() prints; lesson 07 shows one whole)
+lessons.print_commands(configs)
+
+# %% [markdown]
+# ## The trap: fix_encoder without unified_finetuning
+#
+# With `unified_finetuning` off, FlagEmbedding builds no sparse or ColBERT head (they are `None`),
+# so `fix_encoder` leaves nothing to train; the run would start, log a loss and change nothing.
+# m3lab refuses it before launch:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+
+from m3lab.config import ConfigError
+
+try:
+    TrainConfig.common_t4_advice(fix_encoder=True, unified_finetuning=False, use_self_distill=False).check()
+except ConfigError as error:
+    print(error)
+
+# %% [markdown]
+# **Verdict.** `fix_encoder` frees most of the card (the optimizer states of 568M parameters go),
+# but it is not fine-tuning BGE-M3: the encoder and therefore the dense embeddings stay as they were.
+# Note also what remains at the peak: the sparse head's (passages x tokens x vocabulary) tensor,
+# which is why FlagEmbedding's example at 8,192 tokens is still 116 GiB over with a frozen encoder.
+# Use it when only the sparse and ColBERT scores need adapting; otherwise see lesson 07.
