@@ -36,12 +36,15 @@ test: $(VENV)/.installed
 test-colab:
 	bash .ci/colab/lane.sh
 
-# Maintainers: write the notebooks from notebooks/build_notebooks.py and execute them top to bottom,
-# so that the committed outputs (which nbval compares) come from a clean run.
+# Maintainers: the lessons' sources are notebooks/NN_*.py (jupytext percent files). This writes their
+# cells into the paired .ipynb and executes it top to bottom, so that the committed outputs (which
+# nbval compares) come from a clean run. NB=00_setup_and_data limits it to one lesson.
+LESSONS = $(if $(NB),$(addprefix notebooks/,$(addsuffix .py,$(NB))),$(wildcard notebooks/[0-9]*.py))
 notebooks: $(VENV)/.installed
-	cd notebooks && ../$(PY) build_notebooks.py $(NB)
-	for nb in $(if $(NB),$(addprefix notebooks/,$(addsuffix .ipynb,$(NB))),notebooks/[0-9]*.ipynb); do \
-		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
+	for lesson in $(LESSONS); do \
+		$(VENV)/bin/jupytext --quiet --to ipynb --update $$lesson && \
+		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 \
+			$${lesson%.py}.ipynb || exit 1; \
 	done
 
 # Maintainers with a GPU machine that has only PyTorch (no network): the wheels of the training

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,9 @@ from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
 # FlagEmbedding's runner with m3lab's additions (the efficient sparse head); same arguments plus m3lab's
 M3LAB_M3_MODULE = "m3lab.run_m3"
-DEFAULT_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "data" / "train.jsonl")
+# Relative, as people type it: printed commands must run from a checkout on any machine (m3lab.train
+# resolves it against the repository when it launches a run)
+DEFAULT_TRAIN_DATA = "data/train.jsonl"
 # FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
 REDUCE_BUCKET_SIZE = 500_000_000
@@ -290,7 +293,7 @@ class TrainConfig:
             args += ["--max_steps", str(self.max_steps)]
         else:
             args += ["--num_train_epochs", f"{self.num_train_epochs:g}"]
-        args += ["--warmup_ratio", f"{self.warmup_ratio:g}",
+        args += ["--warmup_steps", str(self.warmup_steps()),
                  "--fp16", flag(self.fp16),
                  "--bf16", flag(self.bf16),
                  "--gradient_checkpointing", flag(self.gradient_checkpointing),
@@ -334,6 +337,28 @@ class TrainConfig:
                       model_path: str | None = None) -> str:
         """The command as you would type it: one option per line, quoted where the shell needs it."""
         return format_command(self.command(output_dir, deepspeed_json_path, model_path))
+
+    def warmup_steps(self) -> int:
+        """``warmup_ratio`` of the run's optimizer steps, as the step count HF Trainer derives from it
+        (rounded up). Commands say ``--warmup_steps N``: transformers 5 dropped ``--warmup_ratio``
+        (there a float ``--warmup_steps`` below 1 is the ratio, which transformers 4 refuses), and
+        a whole number means the same on both."""
+        if self.warmup_ratio == 0:
+            return 0
+        if self.max_steps > 0:
+            return math.ceil(self.warmup_ratio * self.max_steps)
+        from m3lab.data import resolve_data_path
+
+        records = 0
+        for name in self.train_data:
+            path = resolve_data_path(name)
+            files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
+            if not all(f.is_file() for f in files) or not files:
+                raise ValueError(f"--train_data {name}: not found, so the warmup steps of an epoch-long run cannot "
+                                 "be counted; set max_steps, or warmup_ratio=0, or point train_data at the files.")
+            records += sum(1 for f in files for line in f.open(encoding="utf-8") if line.strip())
+        per_step = self.per_device_train_batch_size * self.num_processes * self.gradient_accumulation_steps
+        return math.ceil(self.warmup_ratio * (records // per_step) * self.num_train_epochs)
 
     @property
     def uses_m3lab_levers(self) -> bool:

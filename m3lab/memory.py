@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from m3lab import compat
 from m3lab.config import OPTIMIZERS  # HF Trainer --optim values, each traced by _make_optimizer
 from m3lab.fake_cache_key import faster_dispatch
 from m3lab.gpus import GIB, GPU, gpu_profile
@@ -582,23 +583,7 @@ def _sdpa_emulation(kernel: str):
 
 
 @contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-def _no_padding_mask(mask, dtype, tgt_len=None):
-    # Inputs are full length, so every mask is all ones, and transformers returns None for it;
-    # its own check (torch.all(mask == 1)) reads data, which fake tensors do not have.
-    return None
-
-
-@contextlib.contextmanager
-def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str = "cpu"):
+def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, model_config, device: str = "cpu"):
     """Fake process group (rank of world), CPU DeepSpeed accelerator, GPU kernels; all undone after."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -607,8 +592,6 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
     import deepspeed.utils.groups as ds_groups
     from deepspeed.accelerator import get_accelerator, set_accelerator
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-    from transformers import modeling_utils
 
     if dist.is_initialized():
         raise RuntimeError("m3lab.memory.predict needs a process without torch.distributed initialised; "
@@ -632,15 +615,14 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
         # pointers, which fake tensors warn about; no data is read, so the warning is noise here
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+        # DeepSpeed 0.19's ZeRO partitioning still calls torch's old all-gather name; nothing to act on
+        warnings.filterwarnings("ignore", ".*all_gather_into_tensor. is deprecated", FutureWarning)
         stack.enter_context(faster_dispatch())
-        stack.enter_context(_patched(modeling_utils.PreTrainedModel, "warn_if_padding_and_no_attention_mask",
-                                     lambda *args, **kwargs: None))
-        for module in list(sys.modules.values()):
-            if getattr(module, "__name__", "").startswith("transformers.models.") and \
-                    hasattr(module, "_prepare_4d_attention_mask_for_sdpa"):
-                stack.enter_context(_patched(module, "_prepare_4d_attention_mask_for_sdpa", _no_padding_mask))
+        stack.enter_context(compat.no_shared_memory_comm())
+        stack.enter_context(compat.no_padding_warning())
+        stack.enter_context(compat.full_length_attention_masks(model_config))
         if gpu is not None:
-            stack.enter_context(_patched(torch.nn.functional, "scaled_dot_product_attention", _sdpa_emulation(kernel)))
+            stack.enter_context(compat.gpu_attention_kernel(_sdpa_emulation(kernel)))
             # torch optimizers pick their foreach (multi-tensor) path for CUDA tensors and the
             # single-tensor path on CPU; their temporaries differ, so take the GPU's path, except
             # for what an offloaded optimizer keeps in host memory (plain "cpu" when offloading).
@@ -649,10 +631,7 @@ def _simulation(gpu: GPU | None, kernel: str, rank: int, world: int, device: str
                     isinstance(p, torch.Tensor) and p.device.index is None for p in params)
                 return False, not differentiable and not on_host
 
-            for module in list(sys.modules.values()):
-                if getattr(module, "__name__", "").startswith("torch.optim") and \
-                        hasattr(module, "_default_to_fused_or_foreach"):
-                    stack.enter_context(_patched(module, "_default_to_fused_or_foreach", gpu_default))
+            stack.enter_context(compat.optimizer_paths(gpu_default))
         yield
     finally:
         stack.close()
@@ -869,11 +848,10 @@ def _bnb_adamw_8bit(params, model):
     the 256M-parameter word embeddings: 1.9 GiB of states instead of 0.5). Its update is one fused
     kernel per parameter, so the trace sees only its states: two uint8 moments, a shared 256-entry
     map each and one fp32 absmax per block of 256 values (fp32 moments under 4,096 values)."""
-    import bitsandbytes.functional as bnb_functional
     from bitsandbytes.optim import AdamW, GlobalOptimManager
 
     maps = _bnb_quantization_maps()
-    with _patched(bnb_functional, "create_dynamic_map", lambda signed=True, **kwargs: maps[signed].clone()):
+    with compat.prebuilt_quantization_maps(maps):
         optimizer = AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=8,
                           is_paged=False)
     manager = GlobalOptimManager.get_instance()
@@ -991,7 +969,7 @@ def _simulate_rank(spec: PredictSpec, gpu: GPU | None, rank: int, record_events:
     device = GPU_DEVICE if offload else "cpu"
     steps: list[StepPeak] = []
     bnb = _bnb_manager_restored() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
-    with _simulation(gpu, kernel, rank, spec.num_gpus, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
+    with _simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
             _default_device(device), trace:
         if spec.trainer == "flagembedding-m3":
             model, inputs = _build_m3_model(spec), _m3_inputs(spec)

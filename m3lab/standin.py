@@ -34,7 +34,8 @@ STANDIN_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
 STANDIN_VOCAB_SIZE = 4000  # SentencePiece pieces; the tokenizer adds <s>, <pad>, </s>, <mask>
 SPECIAL_TOKEN_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # XLM-R's; <mask> is the last id
 SEED = 0
-BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are rebuilt
+BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are rebuilt (3: a build under
+# transformers 5 could have a 5-token vocabulary)
 
 
 def _corpus_texts(corpus_path: Path) -> list[str]:
@@ -69,9 +70,15 @@ def _train_tokenizer(texts: list[str], workdir: Path):
             model_type="unigram", character_coverage=1.0, num_threads=1, max_sentence_length=1 << 20,
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2,
         )
-    return XLMRobertaTokenizerFast(
-        vocab_file=str(model_file), model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2
-    )
+    # from_pretrained(folder), not XLMRobertaTokenizerFast(vocab_file=...): transformers 5 ignores
+    # vocab_file there and returns a 5-token vocabulary without a word
+    tokenizer = XLMRobertaTokenizerFast.from_pretrained(
+        workdir, model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2)
+    expected = STANDIN_VOCAB_SIZE + 2  # XLM-R's numbering of the pieces, as transformers 4 has always built it
+    if len(tokenizer) != expected:
+        raise RuntimeError(f"the stand-in's tokenizer has {len(tokenizer)} tokens instead of {expected}: this "
+                           "transformers version did not read the SentencePiece model; report it with your versions.")
+    return tokenizer
 
 
 def build(target: Path, corpus_path: Path | None = None, full_size: bool = False) -> Path:

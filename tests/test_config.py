@@ -53,6 +53,20 @@ def test_every_argument_is_one_flagembedding_accepts():
     assert training_args.max_steps == 7 and training_args.gradient_accumulation_steps == 3
     assert training_args.unified_finetuning and training_args.use_self_distill and training_args.fix_encoder
     assert training_args.deepspeed is None and training_args.fp16 is False
+    assert training_args.warmup_steps == 1  # 10% of 7 steps, rounded up as HF Trainer rounds a ratio
+
+
+def test_warmup_is_a_step_count_on_both_transformers_majors(tmp_path):
+    """transformers 5 has no --warmup_ratio; the ratio becomes the steps HF would derive from it."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n' * 50 + "\n")
+    config = TrainConfig(train_data=[str(data)], per_device_train_batch_size=2, num_processes=2,
+                         num_train_epochs=3, warmup_ratio=0.1)
+    assert "--warmup_ratio" not in config.command()
+    assert _args(config.command())["warmup_steps"] == "4"  # ceil(0.1 * (50 // 4) * 3 epochs)
+    assert config.replace(max_steps=60).warmup_steps() == 6 and config.replace(warmup_ratio=0).warmup_steps() == 0
+    with pytest.raises(ValueError, match="--train_data .*missing.jsonl: not found.*set max_steps"):
+        config.replace(train_data=[str(tmp_path / "missing.jsonl")]).command()
 
 
 def test_deepspeed_json_mirrors_the_config():
@@ -71,7 +85,7 @@ def test_deepspeed_json_mirrors_the_config():
 def test_shell_command_round_trips_through_the_shell():
     import shlex
 
-    config = TrainConfig(train_data=["my data/train.jsonl"])
+    config = TrainConfig(train_data=["my data/train.jsonl"], max_steps=100)
     text = config.shell_command()
     assert shlex.split(text.replace("\\\n", " ")) == config.command()
     assert "\n    --train_group_size 8" in text

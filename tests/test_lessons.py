@@ -102,3 +102,19 @@ def test_memory_curve_compares_labelled_series(two_reports):
     assert "plain: peak allocated, predicted for Tesla T4 (Colab)" in labels
     plain = next(line for line in ax.get_lines() if line.get_label().startswith("plain"))
     assert list(plain.get_ydata()) == [r.peak_allocated_bytes / 2**30 for r in reports[::-1]]
+
+
+def test_retrieval_is_scored_in_a_child_process(monkeypatch):
+    """The kernel never loads the model (on a GPU it would stay there while the next run trains)."""
+    import FlagEmbedding
+
+    from m3lab.evaluate import MODES, evaluate_retrieval
+
+    def loaded_here(*args, **kwargs):
+        raise AssertionError("the model was loaded in the calling process")
+
+    monkeypatch.setattr(FlagEmbedding, "BGEM3FlagModel", loaded_here)
+    scores = evaluate_retrieval("tiny-bge-m3")
+    assert (scores.queries, scores.corpus) == (50, 303)
+    assert set(scores.mrr_at_10) == set(MODES) and all(0 <= v <= 1 for v in scores.mrr_at_10.values())
+    assert set(scores.recall["dense"]) == {1, 5, 10}

@@ -1,0 +1,52 @@
+"""The one place m3lab patches third-party internals: every target exists in the installed
+versions (CI's lock and the Colab lane run this), and a missing one is an error, not a no-op."""
+
+import pytest
+import torch
+
+from m3lab import compat
+
+
+def test_every_patched_target_exists_in_the_installed_versions():
+    compat.check_targets()
+
+
+def test_a_target_that_moved_is_an_error_naming_it(monkeypatch):
+    import importlib
+
+    # by its full name: ``deepspeed.comm.torch`` as an attribute is torch itself
+    monkeypatch.delattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op")
+    with pytest.raises(compat.CompatError, match="deepspeed.comm.torch.build_shm_op no longer exists"):
+        compat.check_targets()
+    with pytest.raises(compat.CompatError):
+        with compat.no_shared_memory_comm():
+            pass
+
+
+def test_patches_apply_and_are_undone():
+    original = torch.nn.functional.scaled_dot_product_attention
+    with compat.gpu_attention_kernel(lambda *args, **kwargs: "emulated"):
+        assert torch.nn.functional.scaled_dot_product_attention() == "emulated"
+    assert torch.nn.functional.scaled_dot_product_attention is original
+
+
+def test_full_length_inputs_get_no_attention_mask_on_this_transformers_major():
+    """Under fake tensors transformers must not build a (B, 1, L, L) mask for full-length inputs:
+    on transformers 5 it would, believing it is being traced, unless the patch applies."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    config = XLMRobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=520, attn_implementation="sdpa")
+    masks = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return real_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    with compat.gpu_attention_kernel(spy), compat.full_length_attention_masks(config), FakeTensorMode():
+        model = XLMRobertaModel(config)
+        ids = torch.ones(2, 512, dtype=torch.long)
+        model(input_ids=ids, attention_mask=torch.ones(2, 512, dtype=torch.long))
+    assert masks == [None]

@@ -1,0 +1,64 @@
+"""The lessons as files: each is a jupytext percent file paired with its executed notebook, and what
+every lesson shares (the Colab badge, the install cell, the environment cell) is the same everywhere."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+LESSONS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+REPOSITORY_URL = tomllib.loads((NOTEBOOKS.parent / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+REPOSITORY = REPOSITORY_URL.removeprefix("https://github.com/")
+
+
+def _code(cells) -> list[str]:
+    return [cell.source for cell in cells if cell.cell_type == "code"]
+
+
+def test_every_lesson_is_a_pair():
+    assert len(LESSONS) == 9
+    assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == [p.stem for p in LESSONS]
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_the_percent_file_and_the_notebook_say_the_same(lesson):
+    """The .py is the source people edit; the .ipynb must hold exactly its cells (then its outputs).
+    After an edit: `make notebooks NB=<name>` (or `jupytext --sync`) brings the notebook along."""
+    source = jupytext.read(lesson)
+    executed = nbformat.read(lesson.with_suffix(".ipynb"), as_version=4)
+    assert [(c.cell_type, c.source) for c in source.cells] == [(c.cell_type, c.source) for c in executed.cells], \
+        f"{lesson.name} and its .ipynb differ: run `make notebooks NB={lesson.stem}`"
+    assert executed.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_every_lesson_opens_with_the_shared_cells(lesson):
+    cells = jupytext.read(lesson).cells
+    first = jupytext.read(LESSONS[0]).cells
+    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             f"(https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{lesson.stem}.ipynb)")
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"# {lesson.stem[:2]} · ")
+    assert badge in cells[0].source, f"{lesson.name}: the Colab badge must open this lesson from {REPOSITORY}"
+    assert _code(cells)[:2] == _code(first)[:2], f"{lesson.name}: the install and environment cells differ from 00's"
+    install = _code(cells)[0]
+    assert f'REPOSITORY = "{REPOSITORY_URL}"' in install  # the one setting, from pyproject's [project.urls]
+
+
+def test_no_cell_branches_on_the_machine():
+    """One code path: the environment picks sizes (env.sized, env.memory_limit_bytes, ...); no cell
+    runs different code on a GPU than CI runs on a CPU."""
+    offenders = [f"{lesson.name}: {line.strip()}" for lesson in LESSONS
+                 for line in lesson.read_text(encoding="utf-8").splitlines()
+                 if re.search(r"\benv\.(on_gpu|is_t4|gpu_count|gpu_name)\b", line) and not line.lstrip().startswith("#")]
+    assert not offenders, offenders
+
+
+def test_committed_notebooks_hold_no_path_of_the_machine_that_ran_them():
+    pattern = re.compile(r"(/work/|/home/[^/\s]+/|/root/|/tmp/|/Users/[^/\s]+/|\.venv/lib/python)")
+    for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+        found = pattern.findall(notebook.read_text(encoding="utf-8"))
+        assert not found, f"{notebook.name} holds machine paths {sorted(set(found))}: re-run `make notebooks`"
