@@ -34,8 +34,16 @@ STANDIN_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
 STANDIN_VOCAB_SIZE = 4000  # SentencePiece pieces; the tokenizer adds <s>, <pad>, </s>, <mask>
 SPECIAL_TOKEN_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # XLM-R's; <mask> is the last id
 SEED = 0
-BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are rebuilt (3: a build under
-# transformers 5 could have a 5-token vocabulary)
+BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are rebuilt (3: the tokenizer ships)
+
+
+# The stand-in's tokenizer ships with m3lab, written once under transformers 4 by
+# ``python -m m3lab.standin --write-tokenizer``: transformers 5 converts the same SentencePiece model
+# into a different fast tokenizer (about 6% fewer tokens on the corpus) whose config transformers 4
+# cannot read, so a tokenizer built at run time would make the stand-in differ from stack to stack.
+# Both majors read these files the same way (tested: the same ids).
+TOKENIZER_DIR = Path(__file__).resolve().parent / "standin_tokenizer"
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def _corpus_texts(corpus_path: Path) -> list[str]:
@@ -52,36 +60,54 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("M3LAB_CACHE", Path.home() / ".cache" / "m3lab"))
 
 
-def _train_tokenizer(texts: list[str], workdir: Path):
-    """An XLM-R tokenizer over a SentencePiece Unigram model trained on the bundled corpus.
+def write_tokenizer(target: Path = TOKENIZER_DIR, corpus_path: Path | None = None) -> Path:
+    """Train the stand-in's tokenizer on the bundled corpus and write its files into ``target``.
 
-    SentencePiece is what XLM-R's own tokenizer was trained with; with one thread it learns the
-    same model every time (the ``tokenizers`` Unigram trainer does not: tie-scored pieces come out
-    in hash order). ``XLMRobertaTokenizerFast`` then adds XLM-R's fairseq numbering, <s>=0,
-    <pad>=1, </s>=2, <unk>=3, <mask> last, and converts it to a ``tokenizers`` fast tokenizer.
+    An XLM-R tokenizer over a SentencePiece Unigram model: SentencePiece is what XLM-R's own
+    tokenizer was trained with, and with one thread it learns the same model every time (the
+    ``tokenizers`` Unigram trainer does not: tie-scored pieces come out in hash order).
+    ``XLMRobertaTokenizerFast`` adds XLM-R's fairseq numbering, <s>=0, <pad>=1, </s>=2, <unk>=3,
+    <mask> last, and converts it to a ``tokenizers`` fast tokenizer; that conversion changed in
+    transformers 5, so this runs under transformers 4 only.
     """
     import sentencepiece
+    import transformers
     from transformers import XLMRobertaTokenizerFast
 
-    model_file = workdir / "sentencepiece.bpe.model"  # the file name XLM-R checkpoints use
-    with model_file.open("wb") as handle:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=handle, vocab_size=STANDIN_VOCAB_SIZE,
-            model_type="unigram", character_coverage=1.0, num_threads=1, max_sentence_length=1 << 20,
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2,
-        )
-    # from_pretrained(folder), not XLMRobertaTokenizerFast(vocab_file=...): transformers 5 ignores
-    # vocab_file there and returns a 5-token vocabulary without a word
-    tokenizer = XLMRobertaTokenizerFast.from_pretrained(
-        workdir, model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2)
-    expected = STANDIN_VOCAB_SIZE + 2  # XLM-R's numbering of the pieces, as transformers 4 has always built it
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        raise SystemExit("write the stand-in's tokenizer under transformers 4 (make setup's .venv): transformers "
+                         f"{transformers.__version__} converts SentencePiece models differently.")
+    texts = _corpus_texts(corpus_path or default_corpus_path())
+    with tempfile.TemporaryDirectory() as scratch:
+        model_file = Path(scratch) / "sentencepiece.bpe.model"  # the file name XLM-R checkpoints use
+        with model_file.open("wb") as handle:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=handle, vocab_size=STANDIN_VOCAB_SIZE,
+                model_type="unigram", character_coverage=1.0, num_threads=1, max_sentence_length=1 << 20,
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2,
+            )
+        tokenizer = XLMRobertaTokenizerFast(
+            vocab_file=str(model_file), model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    expected = STANDIN_VOCAB_SIZE + 2  # XLM-R's numbering of the pieces, as transformers 4 builds it
     if len(tokenizer) != expected:
-        raise RuntimeError(f"the stand-in's tokenizer has {len(tokenizer)} tokens instead of {expected}: this "
-                           "transformers version did not read the SentencePiece model; report it with your versions.")
+        raise RuntimeError(f"the stand-in's tokenizer ({folder}) has {len(tokenizer)} tokens instead of {expected}: "
+                           "this transformers version reads it differently; report it with your versions.")
     return tokenizer
 
 
-def build(target: Path, corpus_path: Path | None = None, full_size: bool = False) -> Path:
+def build(target: Path, full_size: bool = False) -> Path:
     """Build the stand-in checkpoint into ``target`` (which must not exist) and return it.
 
     ``full_size``: BGE-M3's dimensions and its 250,002-row vocabulary (2.3 GB of fp32 weights),
@@ -93,12 +119,12 @@ def build(target: Path, corpus_path: Path | None = None, full_size: bool = False
     target = Path(target)
     if target.exists():
         raise FileExistsError(f"{target} already exists; pass a new folder or delete it first.")
-    texts = _corpus_texts(corpus_path or default_corpus_path())
-
     staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None,
                                     prefix=f".{target.name}."))
     try:
-        tokenizer = _train_tokenizer(texts, staging)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TOKENIZER_DIR / name, staging / name)
+        tokenizer = _load_tokenizer(staging)
         sizes = {} if full_size else {**STANDIN_SIZES, "vocab_size": len(tokenizer)}
         config = XLMRobertaConfig(**{**BGE_M3_CONFIG, **sizes})
         generator_state = torch.random.get_rng_state()
@@ -110,7 +136,6 @@ def build(target: Path, corpus_path: Path | None = None, full_size: bool = False
         finally:
             torch.random.set_rng_state(generator_state)
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
         torch.save(colbert_linear.state_dict(), staging / "colbert_linear.pt")
         torch.save(sparse_linear.state_dict(), staging / "sparse_linear.pt")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -121,20 +146,21 @@ def build(target: Path, corpus_path: Path | None = None, full_size: bool = False
     return target
 
 
-def _cache_key(corpus_path: Path) -> str:
-    digest = hashlib.sha256(corpus_path.read_bytes())
-    digest.update(json.dumps([STANDIN_SIZES, STANDIN_VOCAB_SIZE, SEED, BUILD_VERSION]).encode())
+def _cache_key() -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        digest.update((TOKENIZER_DIR / name).read_bytes())
+    digest.update(json.dumps([STANDIN_SIZES, SEED, BUILD_VERSION]).encode())
     return digest.hexdigest()[:12]
 
 
-def standin_path(cache_dir: Path | None = None, corpus_path: Path | None = None, full_size: bool = False) -> Path:
+def standin_path(cache_dir: Path | None = None, full_size: bool = False) -> Path:
     """The cached stand-in checkpoint (tiny, or ``full_size``), built on first use."""
-    corpus_path = corpus_path or default_corpus_path()
     name = FULL_SIZE_STANDIN if full_size else STANDIN
-    target = (cache_dir or default_cache_dir()) / f"{name}-{_cache_key(corpus_path)}"
+    target = (cache_dir or default_cache_dir()) / f"{name}-{_cache_key()}"
     if not target.exists():
         try:
-            build(target, corpus_path, full_size=full_size)
+            build(target, full_size=full_size)
         except FileExistsError:  # another process built it meanwhile
             pass
     return target
@@ -154,3 +180,15 @@ def resolve_model(model: str) -> str:
 
 def is_standin(model: str) -> bool:
     return model == STANDIN or Path(model).name.startswith(STANDIN + "-")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m m3lab.standin", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-tokenizer", action="store_true",
+                        help=f"retrain the stand-in's tokenizer on data/corpus.jsonl into {TOKENIZER_DIR.name}/")
+    if parser.parse_args().write_tokenizer:
+        print(write_tokenizer())
+    else:
+        print(standin_path())

@@ -49,3 +49,26 @@ def test_build_refuses_an_existing_folder(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FileExistsError):
         standin.build(tmp_path / "x")
+
+
+# Written down from transformers 4.57.6 (CI's lock); the Colab lane runs this under transformers 5.15
+SAMPLE = "列表 Liste list. The quick brown fox; ¿Qué pasa? Überprüfung 数据集"
+SAMPLE_IDS = [0, 5, 3989, 3988, 1369, 77, 3, 22, 1239, 2742, 345, 64, 1463, 49, 342, 128, 47, 58, 5, 3, 2478, 375,
+              598, 1019, 69, 1680, 5, 3, 237, 194, 373, 3664, 871, 5, 2897, 3901, 2]
+
+
+def test_the_tokenizer_gives_the_same_ids_on_every_transformers_major(standin_dir):
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(standin_dir)(SAMPLE)["input_ids"] == SAMPLE_IDS
+
+
+def test_the_shipped_tokenizer_is_what_its_recipe_writes(tmp_path):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        with pytest.raises(SystemExit, match="under transformers 4"):
+            standin.write_tokenizer(tmp_path / "tokenizer")
+        return
+    written = standin.write_tokenizer(tmp_path / "tokenizer")
+    assert _digests(written) == {name: digest for name, digest in _digests(standin.TOKENIZER_DIR).items()}

@@ -32,6 +32,27 @@ mkdir -p "$OUT/content"
 (cd "$OUT/content" && M3LAB_SOURCE="file://$ROOT" "$LANE/bin/python" "$OUT/install_cell.py")
 "$LANE/bin/pip" freeze --all --exclude-editable > "$OUT/after.txt"
 
+# Python 3.13, as Colab runs it: the same install must resolve to Colab's exact versions there too
+# (a dry run: pip reads the wheels' metadata, so no multi-GB CUDA torch is downloaded), and m3lab's
+# code must compile. The tests themselves run on 3.11 above, the only Python with a CPU torch here.
+PY313=""
+for candidate in python3.13 "$(pyenv root 2>/dev/null)"/versions/3.13*/bin/python3.13; do
+    if "$candidate" -c "" 2>/dev/null; then PY313=$candidate; break; fi
+done
+if [ -n "$PY313" ]; then
+    rm -rf "$OUT/py313" && "$PY313" -m venv "$OUT/py313"
+    # Colab's torch 2.11.0+cu128 comes from PyTorch's own index (CUDA 12.8); PyPI's 2.11.0 (CUDA 13)
+    # stands in for it, with the CUDA runtime packages left to it
+    sed 's/^torch==2.11.0+cu128$/torch==2.11.0/' "$FREEZE" |
+        grep -v -i -E '^(torchaudio|torchvision|torchcodec|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==' > "$OUT/constraints313.txt"
+    "$OUT/py313/bin/pip" install --quiet --dry-run --ignore-installed --report "$OUT/py313-report.json" \
+        -c "$OUT/constraints313.txt" "torch==2.11.0" "$ROOT"
+    "$OUT/py313/bin/python" -m compileall -q "$ROOT/m3lab" > /dev/null
+    echo "Python 3.13: the install resolves to Colab's versions; m3lab compiles"
+else
+    echo "Python 3.13 not found: its dry run is skipped"
+fi
+
 # Test tools, which a learner does not install: at Colab's versions where it ships them
 "$LANE/bin/pip" install --quiet -c "$OUT/constraints.txt" pytest nbval ipykernel nbformat nbconvert jupytext
 
