@@ -86,8 +86,8 @@ def write_tokenizer(target: Path = TOKENIZER_DIR, corpus_path: Path | None = Non
                 model_type="unigram", character_coverage=1.0, num_threads=1, max_sentence_length=1 << 20,
                 unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2,
             )
-        tokenizer = XLMRobertaTokenizerFast(
-            vocab_file=str(model_file), model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2)
+        tokenizer = XLMRobertaTokenizerFast.from_pretrained(
+            scratch, model_max_length=BGE_M3_CONFIG["max_position_embeddings"] - 2)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         tokenizer.save_pretrained(staging)
         if target.exists():
