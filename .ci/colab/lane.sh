@@ -10,6 +10,8 @@
 # - The install cell is taken from notebooks/00_setup_and_data.py and run as a learner's kernel
 #   runs it; M3LAB_SOURCE makes it clone this repository's HEAD instead of GitHub.
 # - `pip freeze` before and after go to build/colab/; tests/test_colab_lane.py compares them.
+# - COLAB_NOTEBOOKS=0 leaves out executing the notebooks (CI, for its 90 minutes; README gives the
+#   last full run's result and date).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -65,6 +67,10 @@ export M3LAB_COLAB_LANE="$OUT" M3LAB_CACHE="$OUT/cache"
 # stack two things legitimately differ (the stand-in's random weights: transformers 5 initialises in
 # another order; the allocator-cache estimates: transformers 5 allocates in another order), so here a
 # lesson passes when every cell runs; how the checked cells differ goes to checked-cells.txt.
+if [ "${COLAB_NOTEBOOKS:-1}" = 0 ]; then
+    echo "Colab lane passed (notebooks not executed: COLAB_NOTEBOOKS=0)"
+    exit 0
+fi
 mkdir -p "$OUT/executed"
 for notebook in notebooks/[0-9]*.ipynb; do
     "$LANE/bin/jupyter" nbconvert --log-level WARN --to notebook --execute --ExecutePreprocessor.timeout=1800 \
