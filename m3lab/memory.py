@@ -658,6 +658,9 @@ def _build_m3_model(spec: PredictSpec):
     from transformers import AutoModel
 
     encoder = AutoModel.from_config(spec.model_config, attn_implementation=spec.attn_implementation)
+    # An encoder keeps no key/value cache in training; transformers 5 warns on every checkpointed
+    # trace unless the config says so (no memory changes: the cache is only for decoders)
+    encoder.config.use_cache = False
     hidden = spec.model_config.hidden_size
     parts = {"model": encoder, "colbert_linear": torch.nn.Linear(hidden, hidden),
              "sparse_linear": torch.nn.Linear(hidden, 1)}
@@ -905,6 +908,7 @@ def _build_hf_model(spec: PredictSpec):
     config = spec.model_config
     config.num_labels = spec.num_labels
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=spec.attn_implementation)
+    model.config.use_cache = False  # as in _build_m3_model
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     inputs = {"input_ids": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
