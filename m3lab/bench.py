@@ -14,7 +14,7 @@ import statistics
 import time
 
 from m3lab.config import TrainConfig
-from m3lab.memory import GIB, predict
+from m3lab.predict import GIB, predict
 
 
 def sweep() -> list[tuple[str, TrainConfig]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _run(args) -> int:
@@ -16,13 +15,9 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    from m3lab.data import DataError, load_jsonl
+    from m3lab.data import load_jsonl
 
-    try:
-        records = load_jsonl(args.files)
-    except DataError as err:
-        print(err, file=sys.stderr)
-        return 1
+    records = load_jsonl(args.files)
     print(f"{len(records)} valid records in {len(args.files)} file(s)")
     return 0
 
@@ -38,50 +33,72 @@ def _command(args) -> int:
     return 0
 
 
-def _predict_spec(args):
-    """A PredictSpec from ``m3lab predict``'s options (FlagEmbedding's and HF's defaults)."""
-    from m3lab.config import TrainConfig
-    from m3lab.memory import PredictSpec, bge_m3_config, load_model_config
+# m3lab predict's own options and their defaults: FlagEmbedding 1.4.2's and HF Trainer's, so that
+# leaving an option out means what leaving it out of a FlagEmbedding command means
+# (tests/test_cli.py holds these to FlagEmbedding's argument classes).
+FLAGEMBEDDING_DEFAULTS = {"per_device_train_batch_size": 8, "query_max_len": 32, "passage_max_len": 128,
+                          "train_group_size": 8, "unified_finetuning": False, "use_self_distill": False,
+                          "gradient_accumulation_steps": 1, "optim": "adamw_torch_fused", "sub_batch_size": None}
 
-    model_config = bge_m3_config() if args.model_config == "bge-m3" else load_model_config(args.model_config)
+
+def _config_from_options(args):
+    """The TrainConfig that ``m3lab predict``'s own options describe."""
+    from m3lab.config import TrainConfig
+    from m3lab.standin import REAL_MODEL
+
+    optim = args.optim
     if args.deepspeed in (None, "none"):
-        deepspeed = None
+        deepspeed = dict(deepspeed_stage=None, torch_adam=args.torch_adam)
     elif args.deepspeed in ("0", "1", "2"):
-        precision = args.precision
-        deepspeed = TrainConfig(deepspeed_stage=int(args.deepspeed), offload_optimizer=args.offload_optimizer,
-                                fp16=precision == "fp16", bf16=precision == "bf16",
-                                per_device_train_batch_size=args.batch_size,
-                                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                num_processes=args.num_gpus).deepspeed_config()
+        deepspeed = dict(deepspeed_stage=int(args.deepspeed), torch_adam=args.torch_adam)
     else:
-        deepspeed = json.loads(Path(args.deepspeed).read_text())
-        if args.offload_optimizer:
-            deepspeed.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu"}
-    if deepspeed is not None and "optimizer" in deepspeed and args.optim != "adamw_torch":
-        raise SystemExit(f"m3lab predict: --optim {args.optim} has no effect with --deepspeed {args.deepspeed}: the "
-                         "DeepSpeed JSON names its own optimizer and HF Trainer ignores --optim. Use --deepspeed none.")
-    return PredictSpec(
-        trainer=args.trainer, model_config=model_config, batch_size=args.batch_size,
-        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-        train_group_size=args.train_group_size, unified_finetuning=args.unified_finetuning,
-        use_self_distill=args.use_self_distill, fix_encoder=args.fix_encoder,
-        negatives_cross_device=args.negatives_cross_device, efficient_sparse_head=args.efficient_sparse_head,
+        from m3lab.predict.paste import deepspeed_fields
+
+        deepspeed = deepspeed_fields(args.deepspeed)
+        if not deepspeed.pop("json_names_optimizer"):
+            deepspeed["torch_adam"] = args.torch_adam
+    if deepspeed["deepspeed_stage"] is not None and optim == FLAGEMBEDDING_DEFAULTS["optim"]:
+        optim = "adamw_torch"  # unused: HF hands DeepSpeed the JSON's optimizer (--optim stays at its default)
+    if args.offload_optimizer:
+        deepspeed["offload_optimizer"] = True
+    return TrainConfig(
+        model=REAL_MODEL if args.model_config == "bge-m3" else args.model_config, trainer=args.trainer,
+        seq_len=args.seq_len, per_device_train_batch_size=args.batch_size, query_max_len=args.query_max_len,
+        passage_max_len=args.passage_max_len, train_group_size=args.train_group_size,
+        unified_finetuning=args.unified_finetuning, use_self_distill=args.use_self_distill,
+        fix_encoder=args.fix_encoder, negatives_cross_device=args.negatives_cross_device,
+        sub_batch_size=args.sub_batch_size, efficient_sparse_head=args.efficient_sparse_head,
         freeze_word_embeddings=args.freeze_word_embeddings, grad_cache_chunk_size=args.grad_cache_chunk_size,
-        task=args.task, seq_len=args.seq_len,
-        precision=args.precision, optim=args.optim, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
-        deepspeed=deepspeed, num_gpus=args.num_gpus)
+        fp16=args.precision == "fp16", bf16=args.precision == "bf16", optim=optim,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, gradient_checkpointing=args.gradient_checkpointing,
+        num_processes=args.num_gpus, attn_implementation=args.attn_implementation,
+        max_steps=1000, **deepspeed)
 
 
 def _predict(args) -> int:
-    from m3lab.memory import GIB, predict
-
     import contextlib
 
+    from m3lab.config import ConfigError
+    from m3lab.predict import GIB, predict
+
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if args.command:
+        from m3lab.predict.paste import parse_command
+
+        own = [dest for dest, default in args.defaults.items() if getattr(args, dest) != default]
+        if own:
+            raise ConfigError([f"{', '.join('--' + d.replace('_', '-') for d in own)} and a pasted command both "
+                               "describe the run; put every setting in the command after --."])
+        pasted = parse_command(args.command)
+        config = pasted.config
+        for note in pasted.notes:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        config = _config_from_options(args)
     # DeepSpeed prints progress to stdout; with --json, stdout must hold the JSON object alone.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-        report = predict(gpu=args.gpu, spec=_predict_spec(args), record_events=bool(args.snapshot),
-                         exact=args.exact)
+        report = predict(config, args.gpu, record_events=bool(args.snapshot), exact=args.exact)
     if args.snapshot:
         report.save_snapshot(args.snapshot)
     if args.json:
@@ -100,17 +117,18 @@ def _predict(args) -> int:
 def _fit(args) -> int:
     import contextlib
 
-    from m3lab.data import DataError
+    from m3lab.config import ConfigError
     from m3lab.fit import fit
-    from m3lab.memory import GIB
+    from m3lab.gpus import GIB, gpu_profile
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
-            result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
-                         max_group=args.max_group, log=lambda line: print(line, file=sys.stderr))
-    except DataError as err:
-        print(err, file=sys.stderr)
-        return 1
+    gpu_profile(args.gpu)  # an unknown GPU is a mistake to report before the data is read
+    if args.margin_gib < 0 or not 0 < args.coverage <= 1 or args.max_group < 2:
+        raise ConfigError(["--margin-gib must be 0 or more, --coverage between 0 and 1 (e.g. 0.95), --max-group 2 or "
+                       f"more; got {args.margin_gib:g}, {args.coverage:g}, {args.max_group}."])
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
+        result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
+                     max_group=args.max_group, log=lambda line: print(line, file=sys.stderr))
     print(result.table())
     if result.best is None:
         print(f"\nNothing fits {result.gpu} with {args.margin_gib:g} GiB to spare, even with group 2 and every "
@@ -130,43 +148,63 @@ def _fit(args) -> int:
 
 
 def _add_predict_options(parser) -> None:
-    from m3lab.memory import OPTIMIZERS
+    from m3lab.config import OPTIMIZERS
 
-    parser.add_argument("--trainer", choices=["flagembedding-m3", "hf"], default="flagembedding-m3")
-    parser.add_argument("--model-config", default="bge-m3", help='"bge-m3" (built in) or a config.json path')
-    parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (HF default 8)")
-    parser.add_argument("--task", default="sequence-classification", choices=["sequence-classification"])
-    parser.add_argument("--seq-len", type=int, default=512, help="hf: tokens per example")
-    parser.add_argument("--query-max-len", type=int, default=32, help="FlagEmbedding's default 32")
-    parser.add_argument("--passage-max-len", type=int, default=128, help="FlagEmbedding's default 128")
-    parser.add_argument("--train-group-size", type=int, default=8)
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--optim", choices=list(OPTIMIZERS), default="adamw_torch")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="sdpa")
-    parser.add_argument("--deepspeed", default="none", help="none, 0, 1, 2, or a DeepSpeed JSON path")
-    parser.add_argument("--offload-optimizer", action="store_true")
-    parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--fix-encoder", action="store_true")
-    parser.add_argument("--unified-finetuning", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--use-self-distill", action="store_true")
-    parser.add_argument("--negatives-cross-device", action="store_true")
-    parser.add_argument("--efficient-sparse-head", action="store_true",
-                        help="m3lab's O(batch x vocab) sparse head (training runs use m3lab.run_m3)")
-    parser.add_argument("--freeze-word-embeddings", action="store_true",
-                        help="keep the word-embedding matrix fixed while the rest trains")
-    parser.add_argument("--grad-cache-chunk-size", type=int, default=0, metavar="N",
-                        help="gradient caching: encode N texts at a time (0: off; training runs use m3lab.run_m3)")
+    d = FLAGEMBEDDING_DEFAULTS
     parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")
     parser.add_argument("--exact", action="store_true", help="trace every layer instead of extrapolating (slower)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="after --: your training command as you run it (torchrun ... -m "
+                             "FlagEmbedding.finetune.embedder.encoder_only.m3 ...); or describe the run with the "
+                             "options below (FlagEmbedding's defaults)")
+    run = parser.add_argument_group("the run, without a pasted command (defaults: FlagEmbedding's and HF Trainer's)")
+    run.add_argument("--trainer", choices=["flagembedding-m3", "hf"], default="flagembedding-m3")
+    run.add_argument("--model-config", default="bge-m3", help='"bge-m3" (built in) or a config.json path')
+    run.add_argument("--batch-size", type=int, default=d["per_device_train_batch_size"],
+                     help="per_device_train_batch_size (HF default 8)")
+    run.add_argument("--seq-len", type=int, default=512, help="hf: tokens per example")
+    run.add_argument("--query-max-len", type=int, default=d["query_max_len"], help="FlagEmbedding's default 32")
+    run.add_argument("--passage-max-len", type=int, default=d["passage_max_len"], help="FlagEmbedding's default 128")
+    run.add_argument("--train-group-size", type=int, default=d["train_group_size"])
+    run.add_argument("--sub-batch-size", type=int, default=d["sub_batch_size"], metavar="N",
+                     help="FlagEmbedding's --sub_batch_size: encode N texts at a time")
+    run.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    run.add_argument("--optim", choices=list(OPTIMIZERS), default=d["optim"], help="without DeepSpeed (HF's default "
+                     "adamw_torch_fused)")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"])
+    run.add_argument("--gradient-checkpointing", action="store_true")
+    run.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="sdpa")
+    run.add_argument("--deepspeed", default="none", help="none, 0, 1, 2 (m3lab's JSON), or your DeepSpeed JSON's path")
+    run.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --deepspeed 0/1/2: torch's AdamW (default) or, --no-torch-adam, DeepSpeed's FusedAdam")
+    run.add_argument("--offload-optimizer", action="store_true")
+    run.add_argument("--num-gpus", type=int, default=1)
+    run.add_argument("--fix-encoder", action="store_true")
+    run.add_argument("--unified-finetuning", action=argparse.BooleanOptionalAction, default=d["unified_finetuning"])
+    run.add_argument("--use-self-distill", action=argparse.BooleanOptionalAction, default=d["use_self_distill"])
+    run.add_argument("--negatives-cross-device", action="store_true")
+    run.add_argument("--efficient-sparse-head", action="store_true",
+                     help="m3lab's O(batch x vocab) sparse head (training runs use m3lab.run_m3)")
+    run.add_argument("--freeze-word-embeddings", action="store_true",
+                     help="keep the word-embedding matrix fixed while the rest trains")
+    run.add_argument("--grad-cache-chunk-size", type=int, default=0, metavar="N",
+                     help="gradient caching: encode N texts at a time (0: off; training runs use m3lab.run_m3)")
+    parser.set_defaults(run_options=[action.dest for action in run._group_actions])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake ends in one line that says what to do (exit status 2, as argparse's)."""
+
+    def error(self, message):
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="m3lab", description="Fine-tune BGE-M3 on a T4 without OOM.")
-    sub = parser.add_subparsers(dest="verb")
+    parser = _Parser(prog="m3lab", description="Fine-tune BGE-M3 on a T4 without OOM.")
+    sub = parser.add_subparsers(dest="verb", parser_class=_Parser)
     run = sub.add_parser("run", help="the main job: data check, measured runs, fine-tuning, report")
     run.add_argument("--out", default="results", help="where the report and plots go (default: results)")
     run.add_argument("--model", default="auto",
@@ -193,7 +231,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])
-    return args.func(args)
+    if args.verb == "predict":
+        args.defaults = {dest: predict.get_default(dest) for dest in args.run_options}
+    return _reporting_mistakes(args)
+
+
+def _reporting_mistakes(args) -> int:
+    """Run the verb; bad input (a ConfigError or DataError) ends in its message and exit status 2, a
+    run the predictor finds would fail in 1."""
+    from m3lab.config import ConfigError
+    from m3lab.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as error:
+        one = isinstance(error, ConfigError) and len(error.problems) == 1
+        print(f"m3lab {args.verb}: {error.problems[0] if one else error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # the predictor's verdict that training itself fails
+        from m3lab.predict import TrainingWouldFail
+
+        if not isinstance(error, TrainingWouldFail):
+            raise
+        print(f"m3lab {args.verb}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@ Each patch is a named context manager that undoes itself, and each replaces an a
 exist: ``check_targets()`` (run by the tests, on every supported version) raises ``CompatError``
 naming what moved, so that an upgrade cannot make a patch silently stop applying.
 
-Known limitation: the fake-tensor cache hooks still live beside their user (``m3lab.fake_cache_key``).
+The fake-tensor cache keys themselves are built in ``m3lab.fake_cache_key``; installing them in
+FakeTensorMode is a patch like the others and lives here (``fake_tensor_fast_dispatch``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
+import types
+import warnings
 from typing import Callable
 
 
@@ -100,6 +104,23 @@ def no_padding_warning():
                   lambda *args, **kwargs: None)
 
 
+@contextlib.contextmanager
+def hf_deepspeed_config(config: dict):
+    """HF's ``HfTrainerDeepSpeedConfig`` for ``config``, the object HF Trainer fills "auto" values
+    with. Creating one registers it in a transformers module global (a weak reference that ZeRO-3
+    checks consult); the one registered before, if any, is put back afterwards."""
+    module = importlib.import_module("transformers.integrations.deepspeed")
+    if "_hf_deepspeed_config_weak_ref" not in vars(module) or "HfTrainerDeepSpeedConfig" not in vars(module):
+        raise CompatError("transformers.integrations.deepspeed no longer has HfTrainerDeepSpeedConfig and its "
+                          "global reference; m3lab cannot fill DeepSpeed's \"auto\" values as HF does. Install "
+                          "a transformers m3lab supports (see pyproject.toml).")
+    saved = module._hf_deepspeed_config_weak_ref
+    try:
+        yield module.HfTrainerDeepSpeedConfig(config)
+    finally:
+        module._hf_deepspeed_config_weak_ref = saved
+
+
 # ---- torch ----------------------------------------------------------------------------------------
 def gpu_attention_kernel(sdpa: Callable):
     """``F.scaled_dot_product_attention`` replaced by the kernel the GPU would pick (see m3lab.memory)."""
@@ -129,12 +150,113 @@ def no_shared_memory_comm():
     return _patch("deepspeed.comm.torch", "build_shm_op", lambda: None)
 
 
+@contextlib.contextmanager
+def deepspeed_accelerator_as_gpu(device: str = "cpu"):
+    """DeepSpeed's CPU accelerator, made to say what a CUDA card says: fp16 and bf16 supported (so
+    DeepSpeed builds its half-precision optimizers), and its device named ``device`` (the trace's
+    stand-in for the GPU when DeepSpeed offloads to plain "cpu"). Afterwards DeepSpeed's cached
+    communication backend and process groups, module globals, are reset with the accelerator."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    comm, _ = _resolve("deepspeed.comm.comm", "cdb")
+    groups = importlib.import_module("deepspeed.utils.groups")
+    accelerator = CPU_Accelerator()
+    overrides = {"is_fp16_supported": lambda: True, "is_bf16_supported": lambda: True}
+    if device != "cpu":
+        overrides.update(current_device_name=lambda: device, device_name=lambda device_index=None: device)
+    for name, value in overrides.items():
+        if not callable(getattr(accelerator, name, None)):
+            raise CompatError(f"DeepSpeed's CPU_Accelerator has no {name}(); m3lab's predictor cannot make it "
+                              "stand in for a GPU. Install DeepSpeed 0.19.8 (see pyproject.toml).")
+        setattr(accelerator, name, value)
+    saved = get_accelerator()
+    set_accelerator(accelerator)
+    try:
+        yield
+    finally:
+        comm.cdb = None
+        importlib.reload(groups)  # DeepSpeed caches its process groups in module globals
+        set_accelerator(saved)
+
+
+def fused_adam_kernel(multi_tensor_adam: Callable):
+    """DeepSpeed's FusedAdam with its CUDA kernel replaced by ``multi_tensor_adam`` (same
+    arguments): FusedAdam's own Python (state creation, dtype grouping, step counts) runs as it is;
+    only ``FusedAdamBuilder().load()``, which would compile the CUDA op, hands over the stand-in."""
+    class KernelStandIn:
+        def load(self, verbose=True):
+            return types.SimpleNamespace(multi_tensor_adam=multi_tensor_adam)
+
+    return _patch("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder", KernelStandIn)
+
+
+def allreduce_chunk(engine, elements: int) -> None:
+    """Make ZeRO-0's gradient all-reduce use chunks of ``elements`` (the engine passes its module
+    constant as a default argument; the predictor's shallow copies need a smaller one)."""
+    # the default it replaces; the method itself is wrapped by DeepSpeed's NVTX decorator, which hides
+    # its signature, so a renamed keyword would fail loudly (TypeError) at the first call
+    _resolve("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE")
+    method = getattr(type(engine), "allreduce_gradients", None)
+    if method is None:
+        raise CompatError("DeepSpeedEngine.allreduce_gradients no longer exists; m3lab cannot shrink ZeRO-0's "
+                          "all-reduce chunks for shallow copies. Install DeepSpeed 0.19.8.")
+    engine.allreduce_gradients = functools.partial(method, engine, bucket_size=elements)
+
+
 # ---- bitsandbytes ---------------------------------------------------------------------------------
 def prebuilt_quantization_maps(maps: dict):
     """bitsandbytes builds its 8-bit maps from real numbers (``.tolist()``), which fake tensors do
     not have; hand it the maps built outside the trace instead."""
     return _patch("bitsandbytes.functional", "create_dynamic_map",
                   lambda signed=True, **kwargs: maps[signed].clone())
+
+
+@contextlib.contextmanager
+def bitsandbytes_overrides_isolated():
+    """bitsandbytes keeps HF's per-parameter overrides in a process-wide manager, keyed by parameter
+    id and by (group, index): the trace starts from an empty one, and its entries do not outlive it."""
+    obj, name = _resolve("bitsandbytes.optim", "GlobalOptimManager")
+    manager = getattr(obj, name).get_instance()
+    fields = ("module_weight_config_triple", "pid2config", "index2config")
+    missing = [f for f in fields if not hasattr(manager, f)]
+    if missing:
+        raise CompatError(f"bitsandbytes' GlobalOptimManager has no {', '.join(missing)}; m3lab's 8-bit AdamW "
+                          "trace cannot isolate it. Install a bitsandbytes m3lab supports (see pyproject.toml).")
+    saved = {f: getattr(manager, f) for f in fields}
+    for f, value in saved.items():
+        setattr(manager, f, type(value)())
+    try:
+        yield
+    finally:
+        for f, value in saved.items():
+            setattr(manager, f, value)
+
+
+# ---- torch's fake tensors ----------------------------------------------------------------------
+FAKE_TENSOR_TARGETS = ("_prep_args_for_hash", "_cache_key", "__torch_dispatch__")
+
+
+@contextlib.contextmanager
+def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, keys_agree: bool, unguard: bool = True):
+    """FakeTensorMode with m3lab's cache keys (``m3lab.fake_cache_key``; only if ``keys_agree``, i.e.
+    they match PyTorch's own on sample arguments) and its ``__torch_dispatch__`` without the
+    no-compile guard PyTorch wraps around it. Predictions are the same either way (tested); only
+    the time differs, so keys that disagree fall back to PyTorch's with a warning."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dispatch = vars(FakeTensorMode).get("__torch_dispatch__")
+    with contextlib.ExitStack() as stack:
+        if keys_agree:
+            stack.enter_context(_replaced(FakeTensorMode, "_prep_args_for_hash", cache_key_args))
+            stack.enter_context(_replaced(FakeTensorMode, "_cache_key", cache_key))
+        else:
+            warnings.warn("m3lab's fake-tensor cache keys differ from this PyTorch's; predictions stay right "
+                          "but take longer. Report your torch version.", RuntimeWarning, stacklevel=3)
+        unguarded = getattr(dispatch, "__wrapped__", None)
+        if unguard and unguarded is not None:
+            stack.enter_context(_replaced(FakeTensorMode, "__torch_dispatch__", unguarded))
+        yield
 
 
 def check_targets() -> None:
@@ -146,7 +268,16 @@ def check_targets() -> None:
                                     "PreTrainedModel.warn_if_padding_and_no_attention_mask"),
                                    ("torch.nn.functional", "scaled_dot_product_attention"),
                                    OPTIMIZER_PATH_CHOICE, ("deepspeed.comm.torch", "build_shm_op"),
-                                   ("bitsandbytes.functional", "create_dynamic_map")]:
+                                   ("deepspeed.comm.comm", "cdb"),
+                                   ("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref"),
+                                   ("transformers.integrations.deepspeed", "HfTrainerDeepSpeedConfig"),
+                                   ("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder"),
+                                   ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_gradients"),
+                                   ("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE"),
+                                   ("bitsandbytes.functional", "create_dynamic_map"),
+                                   ("bitsandbytes.optim", "GlobalOptimManager"),
+                                   *[("torch._subclasses.fake_tensor", f"FakeTensorMode.{name}")
+                                     for name in FAKE_TENSOR_TARGETS]]:
         try:
             _resolve(module_name, attribute)
         except CompatError as error:
@@ -156,5 +287,9 @@ def check_targets() -> None:
             pass
     except CompatError as error:
         problems.append(str(error))
+    from m3lab.fake_cache_key import builds_torch_keys
+
+    if not builds_torch_keys():
+        problems.append("m3lab.fake_cache_key builds fake-tensor cache keys this PyTorch does not; update it.")
     if problems:
         raise CompatError("\n".join(problems))

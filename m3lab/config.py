@@ -24,8 +24,9 @@ DEFAULT_TRAIN_DATA = "data/train.jsonl"
 # FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
 REDUCE_BUCKET_SIZE = 500_000_000
-# HF Trainer's --optim values m3lab models (m3lab.memory traces each)
+# HF Trainer's --optim values m3lab models (m3lab.predict traces each)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
+TRAINERS = ("flagembedding-m3", "hf")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("This training configuration cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def __reduce__(self):  # raised in the predictor's worker processes and pickled back whole
+        return type(self), (self.problems,)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,15 @@ class TrainConfig:
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     grad_cache_chunk_size: int = 0  # m3lab.grad_cache: encode this many texts at a time (0: off)
     optim: str = "adamw_torch"  # HF Trainer's --optim, used without DeepSpeed (e.g. adamw_bnb_8bit)
+    sub_batch_size: int | None = None  # FlagEmbedding's --sub_batch_size: encode N texts at a time (None: all)
+    torch_adam: bool = True  # the rendered JSON's AdamW: torch's (True) or DeepSpeed's CUDA FusedAdam (False)
+    # "flagembedding-m3", or "hf": plain HF Trainer fine-tuning a sequence classifier on texts of
+    # seq_len tokens (for the predictor only; m3lab renders no command for it)
+    trainer: str = "flagembedding-m3"
+    seq_len: int = 512
+    # how transformers runs attention; FlagEmbedding's runner has no option and gets "sdpa" (the
+    # predictor can compare "eager", which keeps the (L x L) scores)
+    attn_implementation: str = "sdpa"
     num_processes: int = 1
     seed: int = 42
     logging_steps: int = 1
@@ -121,11 +134,14 @@ class TrainConfig:
     def problems(self, hardware: Hardware | None = None) -> list[str]:
         """Every reason this configuration would fail or silently not do what it says."""
         found: list[str] = []
-        positive = ["train_group_size", "query_max_len", "passage_max_len", "per_device_train_batch_size",
+        positive = ["query_max_len", "passage_max_len", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "num_processes", "logging_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 found.append(f"{name} is {getattr(self, name)}; it must be at least 1.")
+        if self.train_group_size < 2 and self.trainer == "flagembedding-m3":
+            found.append(f"train_group_size is {self.train_group_size}; FlagEmbedding trains each query against one "
+                         "positive and train_group_size - 1 negatives, so it must be at least 2.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             found.append("Set max_steps > 0 or num_train_epochs > 0: as given, nothing would train.")
         if self.learning_rate <= 0:
@@ -161,6 +177,16 @@ class TrainConfig:
             found.append("grad_cache_chunk_size with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
                          "partition\"): gradient caching back-propagates once per chunk, and ZeRO-2 reduces each "
                          "gradient the first time it arrives. Use deepspeed_stage=1 or 0, or no DeepSpeed.")
+        if self.sub_batch_size is not None and self.sub_batch_size < 1:
+            found.append(f"sub_batch_size is {self.sub_batch_size}; give the texts encoded at a time (1 or more), or "
+                         "None to encode each batch at once.")
+        if self.sub_batch_size is not None and self.grad_cache_chunk_size:
+            found.append("sub_batch_size and grad_cache_chunk_size both split the batch; gradient caching replaces "
+                         "FlagEmbedding's encoding loop, so sub_batch_size would be ignored. Use one of them.")
+        if self.trainer not in TRAINERS:
+            found.append(f"trainer is {self.trainer!r}; m3lab knows {', '.join(TRAINERS)}.")
+        if self.seq_len < 1:
+            found.append(f"seq_len is {self.seq_len}; it must be at least 1.")
         if self.optim not in OPTIMIZERS:
             found.append(f"optim is {self.optim!r}; m3lab knows {', '.join(OPTIMIZERS)}.")
         elif self.optim != "adamw_torch" and self.deepspeed_stage is not None:
@@ -256,8 +282,10 @@ class TrainConfig:
             "fp16": {"enabled": self.fp16, "loss_scale": 0, "loss_scale_window": 1000,
                      "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1},
             "bf16": {"enabled": self.bf16},
+            # torch_adam: PyTorch's AdamW; without it DeepSpeed builds its CUDA FusedAdam (upstream's ds_stage0.json)
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                      "weight_decay": "auto", "torch_adam": True}},
+                                                      "weight_decay": "auto",
+                                                      **({"torch_adam": True} if self.torch_adam else {})}},
             # An offloaded optimizer is an ordinary torch AdamW on the CPU; DeepSpeed's compiled
             # CPUAdam is faster but needs a build step that Colab does not always survive.
             **({"zero_force_ds_cpu_optimizer": False} if self.offload_optimizer else {}),
@@ -273,6 +301,10 @@ class TrainConfig:
     def flagembedding_args(self, output_dir: str, deepspeed_json_path: str | None = None,
                            model_path: str | None = None) -> list[str]:
         """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3``."""
+        if self.trainer != "flagembedding-m3" or self.attn_implementation != "sdpa":
+            raise ConfigError([f"trainer={self.trainer!r}, attn_implementation={self.attn_implementation!r} describe a "
+                               "run for the predictor only; FlagEmbedding's runner trains trainer='flagembedding-m3' "
+                               "with attn_implementation='sdpa'."])
         def flag(value: bool) -> str:
             return "True" if value else "False"
 
@@ -298,8 +330,11 @@ class TrainConfig:
                  "--bf16", flag(self.bf16),
                  "--gradient_checkpointing", flag(self.gradient_checkpointing),
                  "--dataloader_drop_last", flag(self.dataloader_drop_last)]
-        if self.optim != "adamw_torch":
+        if self.deepspeed_stage is None:
+            # always written out: HF Trainer's own default is adamw_torch_fused (transformers >= 4.56)
             args += ["--optim", self.optim]
+        if self.sub_batch_size is not None:
+            args += ["--sub_batch_size", str(self.sub_batch_size)]
         if self.deepspeed_stage is not None:
             args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path
                      or f"ds_stage{self.deepspeed_stage}.json"]

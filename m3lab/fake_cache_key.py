@@ -25,18 +25,15 @@ traced step compiles anything, and the tests compare whole predictions made with
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 from torch._prims_common import are_strides_like_channels_last_or_false
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-_TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash
+_TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash  # PyTorch's own, kept before m3lab.compat replaces it
 _TORCH_CACHE_KEY = FakeTensorMode._cache_key
-_TORCH_DISPATCH = FakeTensorMode.__dict__["__torch_dispatch__"]
-# The function inside PyTorch's no-compile guard (functools.wraps keeps it); None if not wrapped
-_UNGUARDED_DISPATCH = getattr(_TORCH_DISPATCH, "__wrapped__", None)
+UNGUARD_DISPATCH = True  # the tests switch it off to compare with PyTorch's guarded dispatch
 # Argument types whose key is just (type, value), as PyTorch's own code makes it
 _PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format))
 _SEQUENCES = frozenset((list, tuple, torch.Size))
@@ -141,19 +138,9 @@ def builds_torch_keys() -> bool:
         return False
 
 
-@contextlib.contextmanager
 def faster_dispatch():
     """While the block runs: ``cache_key`` and ``cache_key_args`` in place of PyTorch's (if they
-    agree with it), and FakeTensorMode's dispatch without the no-compile guard (if it has one)."""
-    keys = builds_torch_keys()
-    if keys:
-        FakeTensorMode._prep_args_for_hash = cache_key_args
-        FakeTensorMode._cache_key = cache_key
-    if _UNGUARDED_DISPATCH is not None:
-        FakeTensorMode.__torch_dispatch__ = _UNGUARDED_DISPATCH
-    try:
-        yield
-    finally:
-        FakeTensorMode._prep_args_for_hash = _TORCH_KEY_ARGS
-        FakeTensorMode._cache_key = _TORCH_CACHE_KEY
-        FakeTensorMode.__torch_dispatch__ = _TORCH_DISPATCH
+    agree with it), and FakeTensorMode's dispatch without the no-compile guard (see m3lab.compat)."""
+    from m3lab import compat
+
+    return compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, builds_torch_keys(), UNGUARD_DISPATCH)

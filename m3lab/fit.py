@@ -33,7 +33,7 @@ MODEL_MAX_LEN = 8192  # BGE-M3's longest input
 class Trial:
     setting: str
     config: TrainConfig
-    report: object  # memory.MemoryReport
+    report: object  # predict.MemoryReport
     fits: bool
 
 
@@ -91,7 +91,7 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tup
 def fit(data: list[str] | str, gpu: str = "t4", margin_gib: float = 1.0, coverage: float = 0.95,
         tokenizer=None, max_group: int = 16, log=print) -> FitResult:
     """Search memory settings and group sizes with the predictor; see the module docstring."""
-    from m3lab.memory import predict
+    from m3lab.predict import predict
 
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     query_len, passage_len, negatives, tokenizer_name = data_lengths(data, coverage, tokenizer)

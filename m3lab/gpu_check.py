@@ -341,8 +341,8 @@ def _step_pairs(steps: list[dict]) -> list[tuple[str, dict]]:
 
 def compare(report: dict, runs: list[dict] | None = None) -> list[Comparison]:
     """Each measured step of each finished run beside the predictor's figure for it."""
-    from m3lab import memory
-    from m3lab.standin import STANDIN, standin_path
+    from m3lab.predict import bge_m3_config, predict
+    from m3lab.standin import STANDIN
 
     gpu = report.get("predict_with_gpu")
     tolerance = TOLERANCE["cuda" if gpu else "cpu"]
@@ -351,9 +351,9 @@ def compare(report: dict, runs: list[dict] | None = None) -> list[Comparison]:
         if record["status"] != "ok":
             continue
         config = TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]})
-        model_config = memory.load_model_config(standin_path()) if config.model == STANDIN else memory.bge_m3_config()
-        prediction = memory.predict(gpu=gpu, spec=memory.spec_from_config(config, model_config=model_config),
-                                    exact=gpu is None)
+        # the stand-in's geometry is built in; every other model measured here has BGE-M3's shapes
+        model_config = None if config.model == STANDIN else bge_m3_config()
+        prediction = predict(config, gpu, model_config=model_config, exact=gpu is None)
         for rank in record["ranks"]:
             predicted = prediction.per_rank[rank["rank"]]
             for label, step in _step_pairs(rank["steps"]):

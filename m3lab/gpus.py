@@ -58,5 +58,7 @@ def gpu_profile(name: str) -> GPU:
     key = name.lower().replace("_", "-").replace(" ", "")
     key = ALIASES.get(key, key)
     if key not in PROFILES:
-        raise ValueError(f"unknown GPU {name!r}; choose one of {', '.join(PROFILES)}")
+        from m3lab.config import ConfigError
+
+        raise ConfigError([f"--gpu {name}: unknown GPU; choose one of {', '.join(PROFILES)}."])
     return PROFILES[key]

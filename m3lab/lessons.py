@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 from m3lab.config import Hardware, TrainConfig  # noqa: E402
 from m3lab.gpus import GIB, gpu_profile  # noqa: E402
-from m3lab.memory import MemoryReport, predict  # noqa: E402
+from m3lab.predict import MemoryReport, predict  # noqa: E402
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "deepspeed", "accelerate", "matplotlib", "m3lab")
@@ -164,7 +164,4 @@ def print_commands(configs: dict[str, TrainConfig]) -> None:
 def predict_run(config: TrainConfig, env: Environment) -> MemoryReport:
     """The prediction for a run this machine makes: BGE-M3 on a T4 profile on a GPU; on a CPU the
     stand-in's own geometry, as live tensor bytes (the figure the CPU run measures)."""
-    from m3lab.memory import bge_m3_config, load_model_config, spec_from_config
-
-    geometry = bge_m3_config() if config.model == REAL_MODEL else load_model_config(resolve_model(config.model))
-    return predict(gpu=env.predicts_for, spec=spec_from_config(config, model_config=geometry))
+    return predict(config, env.predicts_for)

@@ -18,7 +18,7 @@ from m3lab.config import Hardware, TrainConfig
 from m3lab.data import load_jsonl, resolve_data_path, token_length_stats, token_lengths
 from m3lab.gpus import gpu_profile
 from m3lab.io import write_json_atomic, write_text_atomic
-from m3lab.memory import predict
+from m3lab.predict import predict
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 from m3lab.train import TrainResult, train
 

@@ -21,7 +21,7 @@
 # `fix_encoder` is often suggested as the last resort: train only the sparse and ColBERT heads. What
 # does it train, what does it leave out, and what does it save?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.memory`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -57,12 +57,10 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # %%
 # NBVAL_CHECK_OUTPUT
 
-import torch
-from m3lab.memory import _build_m3_model, spec_from_config
+from m3lab.predict import model_for
 
 def parameters(config):
-    with torch.device("meta"):  # the full-size model without memory
-        model = _build_m3_model(spec_from_config(config))
+    model = model_for(config)  # the full-size model on the meta device: no memory
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     return sum(p.numel() for p in model.parameters()), trainable
 

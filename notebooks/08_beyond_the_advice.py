@@ -35,7 +35,7 @@
 # Training runs with any of the first, second or last go through `torchrun -m m3lab.run_m3`, which is
 # FlagEmbedding's M3 runner and trainer with the model subclassed (same arguments, plus these).
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.memory`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -128,12 +128,12 @@ plots.breakdown_bars(path_reports, title="From the advice to the goal (8,192/512
 # ColBERT one 1,024-wide vector per token: 32 MiB per 8,192-token passage in fp32).
 
 # %%
-from m3lab import memory
+from m3lab.predict import predict
 
 lean = at_goal.replace(efficient_sparse_head=True, deepspeed_stage=None, optim="adamw_bnb_8bit")
 groups = [2, 4, 8, 16]
-cached = [memory.predict(lean.replace(grad_cache_chunk_size=1, train_group_size=g), "t4") for g in groups]
-uncached = [memory.predict(lean.replace(train_group_size=g), "t4") for g in groups]
+cached = [predict(lean.replace(grad_cache_chunk_size=1, train_group_size=g), "t4") for g in groups]
+uncached = [predict(lean.replace(train_group_size=g), "t4") for g in groups]
 plots.memory_curve(groups, cached, "train_group_size", label="grad cache", compare={"no grad cache": uncached},
                    title="8,192-token passages, all trained, 8-bit AdamW: with and without the cache");
 
@@ -156,7 +156,7 @@ for g, with_cache, without in zip(groups, cached, uncached):
 
 # %%
 goal = path["+ 8-bit AdamW (the goal)"]
-goal_report = memory.predict(goal, "t4", exact=True)
+goal_report = predict(goal, "t4", exact=True)
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from m3lab import fake_cache_key, memory
+from m3lab import fake_cache_key, predict as predictor
 from m3lab.config import TrainConfig
 
 
@@ -56,8 +56,7 @@ TRAINING = pytest.mark.parametrize("train", [
 
 @TRAINING
 def test_every_key_of_a_traced_step_equals_pytorchs_with_placement(standin_dir, compared_keys, train):
-    spec = memory.spec_from_config(train, model_config=memory.load_model_config(standin_dir))
-    memory.predict(gpu="t4", spec=spec, exact=True)
+    predictor.predict(train, "t4", model_config=predictor.load_model_config(standin_dir), exact=True)
     assert compared_keys["calls"] > 1000 and compared_keys["tensor_args"] > 1000  # the trace really went through it
     assert compared_keys["mismatches"] == []
 
@@ -68,14 +67,14 @@ def test_every_cache_hit_equals_a_fresh_dispatch(standin_dir, train):
     import torch._dynamo.config
 
     hits = FakeTensorMode.cache_hits
-    spec = memory.spec_from_config(train, model_config=memory.load_model_config(standin_dir))
+    geometry = predictor.load_model_config(standin_dir)
     with torch._dynamo.config.patch(fake_tensor_cache_crosscheck_enabled=True):
-        memory.predict(gpu="t4", spec=spec, exact=True)  # raises on the first mismatch
+        predictor.predict(train, "t4", model_config=geometry, exact=True)  # raises on the first mismatch
     assert FakeTensorMode.cache_hits - hits > 1000
 
 
 def _deeper(standin_dir, layers):
-    config = memory.load_model_config(standin_dir)
+    config = predictor.load_model_config(standin_dir)
     config.num_hidden_layers = layers
     return config
 
@@ -84,13 +83,13 @@ def _deeper(standin_dir, layers):
 def test_predictions_are_the_same_with_pytorchs_keys(standin_dir, monkeypatch, exact):
     train = TrainConfig(deepspeed_stage=1, fp16=True, gradient_checkpointing=True, reduce_bucket_size=1_000_000,
                         train_group_size=2, query_max_len=16, passage_max_len=128)
-    spec = memory.spec_from_config(train, model_config=_deeper(standin_dir, 6))
+    geometry = _deeper(standin_dir, 6)
     monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")  # traced here, where the patch below applies
-    ours = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
+    ours = predictor.predict(train, "t4", model_config=geometry, exact=exact).to_json()
     monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
-    monkeypatch.setattr(fake_cache_key, "_UNGUARDED_DISPATCH", None)  # PyTorch's guarded dispatch too
+    monkeypatch.setattr(fake_cache_key, "UNGUARD_DISPATCH", False)  # PyTorch's guarded dispatch too
     FakeTensorMode.cache.clear()
-    theirs = memory.predict(gpu="t4", spec=spec, exact=exact).to_json()
+    theirs = predictor.predict(train, "t4", model_config=geometry, exact=exact).to_json()
     for report in (ours, theirs):
         report.pop("seconds")
     assert ours == theirs
@@ -98,7 +97,7 @@ def test_predictions_are_the_same_with_pytorchs_keys(standin_dir, monkeypatch, e
 
 def test_pytorchs_own_code_stays_when_the_keys_differ(monkeypatch):
     monkeypatch.setattr(fake_cache_key, "builds_torch_keys", lambda: False)
-    with fake_cache_key.faster_dispatch():
+    with pytest.warns(RuntimeWarning, match="cache keys differ"), fake_cache_key.faster_dispatch():
         assert FakeTensorMode._prep_args_for_hash is fake_cache_key._TORCH_KEY_ARGS
         assert FakeTensorMode._cache_key is fake_cache_key._TORCH_CACHE_KEY
 
@@ -118,7 +117,7 @@ def test_installed_only_while_tracing():
 def test_the_memory_trace_has_no_no_compile_guard():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    assert not hasattr(memory.MemoryTrace.__torch_dispatch__, "__wrapped__")
+    assert not hasattr(predictor.MemoryTrace.__torch_dispatch__, "__wrapped__")
 
     class Guarded(TorchDispatchMode):  # what PyTorch does to a mode that does not opt out
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

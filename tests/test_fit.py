@@ -105,5 +105,5 @@ def test_nothing_fits_says_so(capsys):
 def test_bad_data_is_reported_with_its_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n{not json\n")
-    assert cli.main(["fit", "--data", str(bad)]) == 1
+    assert cli.main(["fit", "--data", str(bad)]) == 2  # bad input: exit status 2
     assert f"{bad}:2" in capsys.readouterr().err

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3lab import gpu_check, memory, standin
+from m3lab import gpu_check, predict as predictor, standin
 from m3lab.measure import SDPA_KERNEL_ENV, limit_sdpa_kernels
+from m3lab.predict.models import meta_model
+from m3lab.predict.spec import spec_for
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
@@ -130,15 +132,15 @@ def test_the_full_size_stand_in_has_the_parameters_the_predictor_traces(tmp_path
     from safetensors import safe_open
 
     built = standin.build(tmp_path / "full", full_size=True)
-    config = memory.load_model_config(built)
+    config = predictor.load_model_config(built)
     for key, value in standin.BGE_M3_CONFIG.items():
         assert getattr(config, key) == value, key
     with safe_open(built / "model.safetensors", "pt") as weights:
         encoder = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     heads = sum(t.numel() for name in ("colbert_linear.pt", "sparse_linear.pt")
                 for t in torch.load(built / name, weights_only=True).values())
-    spec = memory.spec_from_config(gpu_check.checks("full")[1].config)
-    traced = sum(p.numel() for p in memory._meta_model(spec).parameters())
+    spec = spec_for(gpu_check.checks("full")[1].config)
+    traced = sum(p.numel() for p in meta_model(spec).parameters())
     assert encoder + heads == traced
     assert traced > 567_000_000  # BGE-M3's ~568M parameters
     assert os.path.getsize(built / "model.safetensors") > 2.2e9  # fp32, like the real checkpoint

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from m3lab import memory
+from m3lab import predict as predictor
 from m3lab.config import ConfigError, M3LAB_M3_MODULE, TrainConfig
 from m3lab.grad_cache import GradCacheM3Model, _RandomState, use_grad_cache
 from m3lab.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
@@ -165,7 +165,7 @@ def _peak(**changes) -> int:
     states, so that activations decide the peak), 4,096-token passages."""
     config = TrainConfig.common_t4_advice(deepspeed_stage=None, optim="adamw_bnb_8bit", passage_max_len=4096,
                                           efficient_sparse_head=True, **changes)
-    return memory.predict(config, "t4").peak_allocated_bytes
+    return predictor.predict(config, "t4").peak_allocated_bytes
 
 
 def _representation_bytes(rows: int, length: int) -> int:

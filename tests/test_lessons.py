@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from m3lab.gpus import gpu_profile
-from m3lab import lessons, memory, plots
+from m3lab import lessons, predict as predictor, plots
 from m3lab.evaluate import _rank_metrics, load_corpus
+from helpers.hf_runs import hf_run
 
 BERT_TINY = Path(__file__).parent / "fixtures" / "bert-tiny-config.json"
 
@@ -32,9 +33,7 @@ def test_a_bad_corpus_line_is_reported_with_file_and_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_reports():
-    config = memory.load_model_config(BERT_TINY)
-    return {f"seq {n}": memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config,
-                                                                          seq_len=n)) for n in (64, 128)}
+    return {f"seq {n}": predictor.predict(hf_run(seq_len=n), "t4") for n in (64, 128)}
 
 
 def test_prediction_table_names_every_configuration_and_the_provenance(two_reports):

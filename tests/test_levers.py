@@ -4,15 +4,17 @@ command, in the predictor's accounting, and in a real run."""
 import pytest
 import torch
 
-from m3lab import memory
+from m3lab import predict as predictor
 from m3lab.config import ConfigError, TrainConfig
+from m3lab.predict.extrapolate import trainable_params
+from m3lab.predict.spec import spec_for
 
 VOCAB, HIDDEN = 250_002, 1024
 
 
 def test_trainable_parameters_lose_exactly_the_word_embeddings():
-    full = memory._trainable_params(memory.spec_from_config(TrainConfig.common_t4_advice()))[0]
-    frozen = memory._trainable_params(memory.spec_from_config(TrainConfig.common_t4_advice(
+    full = trainable_params(spec_for(TrainConfig.common_t4_advice()))[0]
+    frozen = trainable_params(spec_for(TrainConfig.common_t4_advice(
         freeze_word_embeddings=True)))[0]
     assert full - frozen == VOCAB * HIDDEN
 
@@ -21,8 +23,8 @@ def test_trainable_parameters_lose_exactly_the_word_embeddings():
 def test_optimizer_states_follow_the_trainable_parameters():
     """ZeRO paper accounting: 12 bytes of fp32 master + Adam moments per trainable parameter."""
     config = TrainConfig.common_t4_advice(freeze_word_embeddings=True)
-    trainable = memory._trainable_params(memory.spec_from_config(config))[0]
-    report = memory.predict(config, "t4")
+    trainable = trainable_params(spec_for(config))[0]
+    report = predictor.predict(config, "t4")
     assert report.per_rank[0].model_state_bytes["optimizer_states"] == pytest.approx(12 * trainable, rel=0.002)
     assert "--freeze_word_embeddings" in config.command() and "m3lab.run_m3" in config.command()
 

@@ -1,6 +1,7 @@
 """The memory predictor: its allocator model, its trace, its CLI contract, and checks of its
 figures against the ZeRO paper's accounting and against real DeepSpeed."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -11,10 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3lab import memory
+from m3lab import predict as predictor
 from m3lab.cli import main as cli_main
-from m3lab.config import TrainConfig
+from m3lab.config import ConfigError, TrainConfig
 from m3lab.gpus import GIB, gpu_profile
+from m3lab.predict import prediction
+from m3lab.predict.allocator import Allocator
+from m3lab.predict.extrapolate import trainable_params, trainable_params_before_layers
+from m3lab.predict.spec import spec_for
+from helpers.hf_runs import hf_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BERT_TINY = FIXTURES / "bert-tiny-config.json"
@@ -22,16 +28,16 @@ BERT_TINY = FIXTURES / "bert-tiny-config.json"
 
 # ---- the caching allocator's arithmetic ------------------------------------------------------
 def test_allocator_rounding_and_segments():
-    assert memory.allocator_round(1) == 512
-    assert memory.allocator_round(512) == 512
-    assert memory.allocator_round(513) == 1024
-    assert memory.segment_size(512) == 2 << 20  # small pool: 2 MiB segments
-    assert memory.segment_size(5 << 20) == 20 << 20  # 1-10 MiB: 20 MiB segments
-    assert memory.segment_size((30 << 20) + 1) == 32 << 20  # large: rounded up to 2 MiB
+    assert predictor.allocator_round(1) == 512
+    assert predictor.allocator_round(512) == 512
+    assert predictor.allocator_round(513) == 1024
+    assert predictor.segment_size(512) == 2 << 20  # small pool: 2 MiB segments
+    assert predictor.segment_size(5 << 20) == 20 << 20  # 1-10 MiB: 20 MiB segments
+    assert predictor.segment_size((30 << 20) + 1) == 32 << 20  # large: rounded up to 2 MiB
 
 
 def test_allocator_reuses_splits_and_merges_cached_blocks():
-    alloc = memory._Allocator()
+    alloc = Allocator()
     alloc.malloc(1, 64 << 20)
     alloc.malloc(2, 64 << 20)
     assert alloc.reserved == 128 << 20
@@ -48,7 +54,7 @@ def test_allocator_reuses_splits_and_merges_cached_blocks():
 
 
 def test_allocator_empties_its_cache_before_it_runs_out():
-    alloc = memory._Allocator(capacity=100 << 20)
+    alloc = Allocator(capacity=100 << 20)
     alloc.malloc(1, 60 << 20)
     alloc.release(1)
     alloc.malloc(2, 80 << 20)  # the cached 60 MiB segment is too small; freeing it makes room
@@ -61,7 +67,7 @@ def test_allocator_empties_its_cache_before_it_runs_out():
 def test_trace_counts_fake_tensors_by_category():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), memory.MemoryTrace(rounding=False) as trace:
+    with FakeTensorMode(), predictor.MemoryTrace(rounding=False) as trace:
         weight = torch.empty(1000, 1000)  # 4 MB
         trace.relabel([weight], "weights")
         trace.reset_peak()
@@ -73,7 +79,7 @@ def test_trace_counts_fake_tensors_by_category():
         grad = torch.ones_like(weight)
         trace.relabel([grad], "gradients")
     assert trace.peak == 12_000_000
-    assert trace.peak_breakdown == {**dict.fromkeys(memory.CATEGORIES, 0), "weights": 4_000_000,
+    assert trace.peak_breakdown == {**dict.fromkeys(predictor.CATEGORIES, 0), "weights": 4_000_000,
                                     "activations": 8_000_000}
     assert trace.candidates[("backward", "(start)")][0] == 8_000_000  # what is live as backward starts
     assert max(v[0] for (phase, _), v in trace.candidates.items() if phase == "backward") == 12_000_000
@@ -112,11 +118,11 @@ def _expected_state_bytes(optim: str, tmp_path) -> int:
     """Optimizer state per the optimizers' own definitions, with the allocator's 512-byte rounding."""
     from transformers import AutoModelForSequenceClassification
 
-    config = memory.load_model_config(BERT_TINY)
+    config = predictor.load_model_config(BERT_TINY)
     config.num_labels = 2
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    r = memory.allocator_round
+    r = predictor.allocator_round
     total = 0
     for p in model.parameters():
         n = p.numel()
@@ -142,7 +148,7 @@ def _expected_state_bytes(optim: str, tmp_path) -> int:
     return total
 
 
-@pytest.mark.parametrize("optim", memory.OPTIMIZERS)
+@pytest.mark.parametrize("optim", predictor.OPTIMIZERS)
 def test_each_optimizer_holds_what_it_should(capsys, optim, tmp_path):
     out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "2",
                     "--seq-len", "64", "--optim", optim, "--gpu", "a100-80")
@@ -172,9 +178,8 @@ def test_snapshot_is_readable_by_pytorchs_memory_viz(tmp_path, capsys):
 # ---- extrapolation from shallow traces is exact ---------------------------------------------------
 @pytest.mark.parametrize("changes", [dict(), dict(gradient_checkpointing=True), dict(precision="fp16", optim="adafactor")])
 def test_extrapolated_equals_full_trace_hf(changes):
-    spec = memory.PredictSpec(trainer="hf", model_config=memory.load_model_config(BERT_TINY), batch_size=2,
-                              seq_len=128, **changes)
-    fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
+    run = hf_run(batch_size=2, seq_len=128, **changes)
+    fast, full = predictor.predict(run, "t4"), predictor.predict(run, "t4", exact=True)
     assert fast.extrapolated and not full.extrapolated
     assert fast.peak_allocated_bytes == full.peak_allocated_bytes
     assert fast.breakdown == full.breakdown
@@ -183,7 +188,7 @@ def test_extrapolated_equals_full_trace_hf(changes):
 
 
 def test_extrapolated_equals_full_trace_m3(standin_dir):
-    config = memory.load_model_config(standin_dir)
+    config = predictor.load_model_config(standin_dir)
     config.num_hidden_layers = 6
     for train in (TrainConfig(deepspeed_stage=0, fp16=True, gradient_checkpointing=True, use_self_distill=True,
                               train_group_size=4, query_max_len=32, passage_max_len=256),
@@ -194,8 +199,8 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
                               optim="adamw_bnb_8bit", grad_cache_chunk_size=1, efficient_sparse_head=True,
                               train_group_size=4, query_max_len=32, passage_max_len=1024,
                               per_device_train_batch_size=1)):
-        spec = memory.spec_from_config(train, model_config=config)
-        fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
+        fast, full = (predictor.predict(train, "t4", model_config=config),
+                      predictor.predict(train, "t4", model_config=config, exact=True))
         assert fast.extrapolated
         assert fast.peak_allocated_bytes == full.peak_allocated_bytes
         assert fast.breakdown == full.breakdown
@@ -205,14 +210,14 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
 def test_extrapolation_with_shrunken_buckets_stays_close_to_the_full_trace(standin_dir, offload):
     """A model bigger than DeepSpeed's gradient bucket: the shallow copies get smaller buckets.
     Not exact (the step's peak may move to another operation), so held to 0.5%."""
-    config = memory.load_model_config(standin_dir)
+    config = predictor.load_model_config(standin_dir)
     config.num_hidden_layers = 10
     train = TrainConfig(deepspeed_stage=1, fp16=True, gradient_checkpointing=True, train_group_size=2,
                         query_max_len=16, passage_max_len=128, reduce_bucket_size=1_000_000,
                         offload_optimizer=offload)
-    spec = memory.spec_from_config(train, model_config=config)
-    assert memory._trainable_params(spec)[0] > 1_000_000  # the bucket really is crossed
-    fast, full = memory.predict(gpu="t4", spec=spec), memory.predict(gpu="t4", spec=spec, exact=True)
+    assert trainable_params(spec_for(train, config))[0] > 1_000_000  # the bucket really is crossed
+    fast, full = (predictor.predict(train, "t4", model_config=config),
+                  predictor.predict(train, "t4", model_config=config, exact=True))
     assert fast.extrapolated and "buckets shrunk" in fast.method
     assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
     for key, value in full.per_rank[0].model_state_bytes.items():  # DeepSpeed pads its flat buffers
@@ -222,10 +227,9 @@ def test_extrapolation_with_shrunken_buckets_stays_close_to_the_full_trace(stand
 def test_a_plain_script_can_predict_without_a_main_guard(tmp_path):
     """The shallow copies are traced in spawned workers, which must not re-run the caller's script."""
     script = tmp_path / "sweep.py"
-    script.write_text("from m3lab import memory\n"
-                      f"config = memory.load_model_config({str(BERT_TINY)!r})\n"
-                      "spec = memory.PredictSpec(trainer='hf', model_config=config, seq_len=64)\n"
-                      "print('PEAK', memory.predict(gpu='t4', spec=spec).peak_allocated_bytes)\n")
+    script.write_text("from m3lab.config import TrainConfig\nfrom m3lab.predict import predict\n"
+                      f"run = TrainConfig(trainer='hf', model={str(BERT_TINY)!r}, seq_len=64, deepspeed_stage=None)\n"
+                      "print('PEAK', predict(run, 't4').peak_allocated_bytes)\n")
     env = {**os.environ, "M3LAB_PREDICT_WORKERS": "2"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -238,7 +242,7 @@ def test_offloaded_states_leave_the_gpu_and_equal_real_deepspeed(standin_dir, st
     """With offload_optimizer the fp32 masters and Adam states are host memory: none on the GPU,
     and on the host exactly the bytes that real DeepSpeed's offloaded optimizer holds."""
     real = _real_deepspeed_states(standin_dir, stage, processes, tmp_path, offload=True)
-    predicted = _predicted_states(memory.load_model_config(standin_dir), stage, processes, offload=True)
+    predicted = _predicted_states(predictor.load_model_config(standin_dir), stage, processes, offload=True)
     for got, want in zip(predicted, real):
         assert got["optimizer_states"] == 0
         assert got["offloaded_optimizer_states"] == want["optimizer_states"] > 0
@@ -247,12 +251,12 @@ def test_offloaded_states_leave_the_gpu_and_equal_real_deepspeed(standin_dir, st
 
 
 def test_offload_lowers_the_gpu_peak_and_reports_host_memory():
-    config = memory.load_model_config(BERT_TINY)
+    config = predictor.load_model_config(BERT_TINY)
 
     def predicted(offload):
         train = TrainConfig(deepspeed_stage=2, fp16=True, train_group_size=2, query_max_len=32, passage_max_len=64,
                             reduce_bucket_size=50_000_000, offload_optimizer=offload)
-        return memory.predict(gpu="t4", spec=memory.spec_from_config(train, model_config=config))
+        return predictor.predict(train, "t4", model_config=config)
 
     plain, offload = predicted(False), predicted(True)
     assert offload.breakdown["optimizer_states"] == 0 < plain.breakdown["optimizer_states"]
@@ -262,10 +266,8 @@ def test_offload_lowers_the_gpu_peak_and_reports_host_memory():
 
 
 def test_gradient_accumulation_keeps_gradients_between_micro_batches():
-    config = memory.load_model_config(BERT_TINY)
-    one = memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config, seq_len=128))
-    two = memory.predict(gpu="t4", spec=memory.PredictSpec(trainer="hf", model_config=config, seq_len=128,
-                                                           gradient_accumulation_steps=2))
+    one = predictor.predict(hf_run(seq_len=128), "t4")
+    two = predictor.predict(hf_run(seq_len=128, gradient_accumulation_steps=2), "t4")
     # the second micro-batch runs forward with the first one's gradients alive
     assert two.steady_step_peak_bytes > one.steady_step_peak_bytes
 
@@ -280,18 +282,21 @@ def test_hf_trainer_with_a_deepspeed_json(tmp_path, capsys):
     assert states["optimizer_states"] == pytest.approx(3 * states["weights"], rel=0.05)
 
 
-def test_a_step_that_fails_for_real_fails_in_the_prediction(standin_dir):
+def test_a_step_that_fails_for_real_fails_in_the_prediction(standin_dir, monkeypatch):
     # Seen in a real CPU run of the stand-in too: DeepSpeed asserts "Gradient computed twice".
     config = TrainConfig(deepspeed_stage=2, gradient_checkpointing=True, train_group_size=2, query_max_len=8,
                          passage_max_len=8)
-    spec = memory.spec_from_config(config, model_config=memory.load_model_config(standin_dir))
-    with pytest.raises(memory.TrainingWouldFail, match="Gradient computed twice"):
-        memory.predict(gpu="t4", spec=spec)
+    geometry = predictor.load_model_config(standin_dir)
+    with pytest.raises(ConfigError, match="Gradient computed twice"):  # TrainConfig knows, and says so first
+        predictor.predict(config, "t4", model_config=geometry)
+    monkeypatch.setattr(TrainConfig, "check", lambda self: None)  # the trace itself, unwarned
+    with pytest.raises(predictor.TrainingWouldFail, match="Gradient computed twice"):
+        predictor.predict(config, "t4", model_config=geometry)
 
 
 # ---- full-size figures against the ZeRO paper's accounting ----------------------------------------
 def _bge_m3_params() -> int:
-    return memory._trainable_params(memory.spec_from_config(TrainConfig()))[0]
+    return trainable_params(spec_for(TrainConfig()))[0]
 
 
 def test_full_size_parameter_count():
@@ -305,7 +310,7 @@ def test_zero1_model_states_match_the_zero_paper(gpus):
     """ZeRO paper, mixed-precision Adam: fp16 weights 2 bytes/param; fp32 master + two moments,
     12 bytes/param, partitioned over N ranks by stage 1."""
     psi = _bge_m3_params()
-    report = memory.predict(TrainConfig.common_t4_advice(num_processes=gpus, negatives_cross_device=gpus > 1), "t4x2")
+    report = predictor.predict(TrainConfig.common_t4_advice(num_processes=gpus, negatives_cross_device=gpus > 1), "t4x2")
     for rank in report.per_rank:
         assert rank.model_state_bytes["weights"] == pytest.approx(2 * psi, rel=0.002)
         assert rank.model_state_bytes["optimizer_states"] == pytest.approx(12 * psi / gpus, rel=0.002)
@@ -329,7 +334,7 @@ def _predicted_states(model_config, stage: int, processes: int, offload: bool = 
     train = TrainConfig(deepspeed_stage=stage, per_device_train_batch_size=1, num_processes=processes,
                         negatives_cross_device=processes > 1, train_group_size=2, query_max_len=8,
                         passage_max_len=8, offload_optimizer=offload)
-    report = memory.predict(gpu=None, spec=memory.spec_from_config(train, model_config=model_config), exact=True)
+    report = predictor.predict(train, None, model_config=model_config, exact=True)
     return [r.model_state_bytes for r in report.per_rank]
 
 
@@ -337,7 +342,7 @@ def _predicted_states(model_config, stage: int, processes: int, offload: bool = 
 @pytest.mark.parametrize("stage, processes", [(0, 1), (1, 1), (1, 2), (2, 2)])
 def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes, tmp_path):
     real = _real_deepspeed_states(standin_dir, stage, processes, tmp_path)
-    predicted = _predicted_states(memory.load_model_config(standin_dir), stage, processes)
+    predicted = _predicted_states(predictor.load_model_config(standin_dir), stage, processes)
     assert len(real) == len(predicted) == processes
     for got, want in zip(predicted, real):
         assert got["weights"] == want["weights"]
@@ -347,9 +352,9 @@ def test_model_states_equal_real_deepspeed_tiny(standin_dir, stage, processes, t
 @pytest.mark.fullsize
 @pytest.mark.skipif(os.environ.get("M3LAB_FULLSIZE") != "1", reason="needs ~14 GB of RAM; set M3LAB_FULLSIZE=1")
 def test_model_states_equal_real_deepspeed_full_size(tmp_path):
-    memory.bge_m3_config().save_pretrained(tmp_path)
+    predictor.bge_m3_config().save_pretrained(tmp_path)
     real = _real_deepspeed_states(tmp_path, 1, 1, tmp_path)
-    predicted = _predicted_states(memory.bge_m3_config(), 1, 1)
+    predicted = _predicted_states(predictor.bge_m3_config(), 1, 1)
     assert predicted[0]["weights"] == real[0]["weights"]
     assert predicted[0]["optimizer_states"] == real[0]["optimizer_states"]
 
@@ -360,7 +365,7 @@ def test_storages_freed_together_are_released_in_a_fixed_order(free_order):
     order of frees between two operations varies from run to run; the simulated allocator must not.
     Two 12 MiB blocks in two segments, freed together: the next 12 MiB block takes the same one."""
     mib = 2**20
-    trace = memory.MemoryTrace(rounding=True)
+    trace = predictor.MemoryTrace(rounding=True)
     with trace:
         a = torch.empty(12 * mib, dtype=torch.uint8)
         b = torch.empty(12 * mib, dtype=torch.uint8)
@@ -383,13 +388,14 @@ def test_zero0_on_two_gpus_extrapolates_with_shrunken_allreduce_chunks(standin_d
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")  # trace in this process, where the spy is
-    config = memory.load_model_config(standin_dir)
+    config = predictor.load_model_config(standin_dir)
     config.num_hidden_layers = 10
     train = TrainConfig(deepspeed_stage=0, fp16=True, gradient_checkpointing=True, train_group_size=2,
                         query_max_len=16, passage_max_len=128, num_processes=2)
-    spec = memory.spec_from_config(train, model_config=config)
-    before, per_layer = memory._trainable_params_before_layers(spec)
-    spec.allreduce_bucket_size = before + int(8.5 * per_layer)
+    before, per_layer = trainable_params_before_layers(spec_for(train, config))
+    # the chunk is DeepSpeed's module constant, not a setting: the run's spec gets the smaller one
+    monkeypatch.setattr(prediction, "spec_for", lambda *args: dataclasses.replace(
+        spec_for(*args), allreduce_bucket_size=before + int(8.5 * per_layer)))
     chunks: dict[int, list[int]] = {}
     original = DeepSpeedEngine.allreduce_and_copy
 
@@ -399,8 +405,8 @@ def test_zero0_on_two_gpus_extrapolates_with_shrunken_allreduce_chunks(standin_d
         return original(engine, small_bucket, *args, **kwargs)
 
     monkeypatch.setattr(DeepSpeedEngine, "allreduce_and_copy", spy)
-    fast = memory.predict(gpu="t4x2", spec=spec)
-    full = memory.predict(gpu="t4x2", spec=spec, exact=True)
+    fast = predictor.predict(train, "t4x2", model_config=config)
+    full = predictor.predict(train, "t4x2", model_config=config, exact=True)
     assert fast.extrapolated and "all-reduce chunks shrunk" in fast.method
     depths = sorted(n for n in chunks if n < 10)
     full_chunks = chunks[10][:2]  # rank 0, first step

@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-from m3lab import memory
+from m3lab import predict as predictor
 from m3lab.config import TrainConfig
 from m3lab.train import train
+from helpers.hf_runs import hf_run
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,7 @@ def test_predicted_live_tensor_peak_within_2_percent_of_measured(name, long_data
     config = CONFIGS[name].replace(train_data=[str(long_data)])
     measured = train(config, runs_root=tmp_path)
     assert measured.status == "ok"
-    spec = memory.spec_from_config(config, model_config=memory.load_model_config(standin_dir))
-    predicted = memory.predict(gpu=None, spec=spec, exact=True)
+    predicted = predictor.predict(config, None, model_config=predictor.load_model_config(standin_dir), exact=True)
     assert len(predicted.per_rank) == len(measured.ranks) == config.num_processes
     for rank, prediction in zip(measured.ranks, predicted.per_rank):
         first, steady = (s.peak_allocated_bytes for s in rank.steps)
@@ -84,8 +84,7 @@ def test_hf_trainer_prediction_within_2_percent_of_measured(name, tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     measured = [s.peak_allocated_bytes for s in _read_ranks(tmp_path)[0].steps]
-    spec = memory.PredictSpec(trainer="hf", model_config=memory.load_model_config(config_path), batch_size=4,
-                              seq_len=128, optim=optim, gradient_checkpointing=checkpointing)
-    predicted = memory.predict(gpu=None, spec=spec, exact=True)
+    run = hf_run(config_path, batch_size=4, seq_len=128, optim=optim, gradient_checkpointing=checkpointing)
+    predicted = predictor.predict(run, None, exact=True)
     assert predicted.per_rank[0].first_step.peak_allocated_bytes == pytest.approx(measured[0], rel=0.02)
     assert predicted.per_rank[0].steady_step.peak_allocated_bytes == pytest.approx(measured[1], rel=0.02)

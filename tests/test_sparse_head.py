@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from m3lab import memory
+from m3lab import predict as predictor
 from m3lab.config import M3LAB_M3_MODULE, TrainConfig
 from m3lab.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
 
@@ -88,12 +88,11 @@ def test_the_command_runs_m3labs_runner_with_the_flag():
 
 
 def test_predicted_peak_drops_without_the_seq_by_vocab_tensor(standin_dir):
-    config = memory.load_model_config(standin_dir)
+    config = predictor.load_model_config(standin_dir)
     train = TrainConfig(train_group_size=4, query_max_len=32, passage_max_len=512, per_device_train_batch_size=2,
                         deepspeed_stage=0, use_self_distill=True)
-    plain = memory.predict(gpu=None, spec=memory.spec_from_config(train, model_config=config))
-    lean = memory.predict(gpu=None, spec=memory.spec_from_config(train.replace(efficient_sparse_head=True),
-                                                                 model_config=config))
+    plain = predictor.predict(train, None, model_config=config)
+    lean = predictor.predict(train.replace(efficient_sparse_head=True), None, model_config=config)
     seq_by_vocab = 2 * 4 * 512 * config.vocab_size * 4  # passages x tokens x vocabulary, fp32
     assert plain.peak_allocated_bytes - lean.peak_allocated_bytes >= seq_by_vocab
 

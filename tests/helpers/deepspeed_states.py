@@ -21,7 +21,8 @@ def main():
 
     from m3lab.config import TrainConfig
     from m3lab.measure import fp32_master_tensors, optimizer_state_tensors, tensor_bytes
-    from m3lab.memory import _FakeTokenizer, load_model_config
+    from m3lab.predict import load_model_config
+    from m3lab.predict.models import FakeTokenizer
 
     model_config = load_model_config(sys.argv[1])
     stage = int(sys.argv[2])
@@ -31,7 +32,7 @@ def main():
     hidden = model_config.hidden_size
     model = EncoderOnlyEmbedderM3Model(
         {"model": encoder, "colbert_linear": torch.nn.Linear(hidden, hidden), "sparse_linear": torch.nn.Linear(hidden, 1)},
-        tokenizer=_FakeTokenizer(), temperature=0.02, sub_batch_size=None, normalize_embeddings=True,
+        tokenizer=FakeTokenizer(), temperature=0.02, sub_batch_size=None, normalize_embeddings=True,
         unified_finetuning=True)
     world = dist.get_world_size()
     offload = len(sys.argv) > 4 and sys.argv[4] == "offload"

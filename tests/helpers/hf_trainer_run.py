@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from m3lab.measure import StepRecorder
-from m3lab.memory import load_model_config
+from m3lab.predict import load_model_config
 
 
 def main():

@@ -1,0 +1,30 @@
+"""The memory predictor: the peak GPU memory of one training step, traced on a CPU with fake tensors.
+
+``predict(config, gpu="t4")`` builds the full-size model on fake tensors (shapes and dtypes, no
+data, no memory), wraps it in the real DeepSpeed engine over a fake process group (rank r of N),
+and runs FlagEmbedding's own M3 forward, backward and optimizer step. Every tensor storage is
+recorded as the operators create it and Python frees it, rounded as the CUDA caching allocator
+rounds, and labelled (weights, gradients, optimizer states, activations, temporaries, other).
+What a GPU does differently from the CPU trace is emulated: its attention kernel (T4: SDPA's
+memory-efficient kernel, no flash) and its precision (fp16 weights under DeepSpeed, or fp32
+weights under autocast for HF AMP). Inputs are assumed full length (every text reaches its max
+length), the worst case, under which transformers drops the attention mask as it does for real.
+
+One file per job: ``allocator`` (the caching allocator), ``trace`` (the dispatch mode that
+records storages), ``simulation`` (fake process group, GPU kernels), ``models`` (the model and its
+geometry), ``optimizers`` and ``drivers`` (a step as HF Trainer runs it, with or without
+DeepSpeed), ``step`` (two traced steps of one rank), ``extrapolate`` (shallow copies to full
+depth), ``pool`` (worker processes), ``report`` (figures and verdict), ``spec`` (a TrainConfig as
+the trace sees it), ``paste`` (a pasted training command as a TrainConfig), ``prediction``.
+"""
+
+from m3lab.config import OPTIMIZERS
+from m3lab.gpus import GIB
+from m3lab.predict.allocator import allocator_round, segment_size
+from m3lab.predict.models import bge_m3_config, load_model_config, model_for, model_geometry
+from m3lab.predict.prediction import TrainingWouldFail, predict
+from m3lab.predict.report import MemoryReport
+from m3lab.predict.trace import CATEGORIES, MemoryTrace
+
+__all__ = ["predict", "MemoryReport", "TrainingWouldFail", "load_model_config", "bge_m3_config", "model_geometry", "model_for",
+           "allocator_round", "segment_size", "MemoryTrace", "CATEGORIES", "GIB", "OPTIMIZERS"]

@@ -1,0 +1,157 @@
+"""Extrapolation: a deep model's step predicted from traces of two shallow copies of it.
+
+Layers are identical, so every figure of a step grows by the same bytes per layer as long as the
+peak stays at the same point of the step; ``shallow_specs`` picks copies for which that holds
+(DeepSpeed's buckets shrunk to match), ``extrapolate_rank`` draws the line to full depth.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+from m3lab.gpus import GPU
+from m3lab.predict.models import meta_model
+from m3lab.predict.report import StepPeak
+from m3lab.predict.spec import TraceSpec
+from m3lab.predict.step import RankSteps, StepTrace
+
+# The shallow copies' depths (the first pair tried; DeepSpeed's buckets may need deeper ones)
+EXTRAPOLATE_FROM = (2, 3)
+DEEPSPEED_ALLREDUCE_BUCKET = 500_000_000  # stage 0's gradient all-reduce buffer (elements)
+
+
+def with_layers(spec: TraceSpec, layers: int) -> TraceSpec:
+    model_config = deepcopy(spec.model_config)
+    model_config.num_hidden_layers = layers
+    return TraceSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "model_config": model_config})
+
+
+def shallow_specs(spec: TraceSpec) -> list[TraceSpec] | None:
+    """The two shallow copies (n and n+1 layers) to trace for extrapolation, or None when only a
+    full trace will do.
+
+    DeepSpeed copies gradients into buckets (ZeRO-1/2: ``reduce_bucket_size`` elements) and
+    empties one when the next gradient does not fit. When the model has more trainable
+    parameters than a bucket holds, where it empties depends on depth, so each shallow copy gets
+    a bucket smaller by exactly the parameters it lacks: it then empties before the same tensor
+    as the full model, and its bucket (a buffer of that many elements) grows with depth as the
+    rest does. A shrunken bucket must still hold the largest gradient, or DeepSpeed would pass
+    that one around the bucket (BGE-M3's 256M-element word embeddings): the copies are made deep
+    enough for that (5 and 6 layers for BGE-M3 with a 5e8 bucket). ZeRO-0 on several GPUs
+    all-reduces after backward in chunks of a fixed 5e8 elements, in parameter order, each chunk
+    closing after the gradient that takes it past the limit; shallow copies get a chunk smaller by
+    the parameters they lack, deep enough that it still closes inside a layer (6 and 7 layers for
+    BGE-M3).
+    """
+    shallow = [with_layers(spec, n) for n in EXTRAPOLATE_FROM]
+    if spec.deepspeed is None:
+        return shallow
+    zero = spec.deepspeed.get("zero_optimization", {})
+    trainable, largest = trainable_params(spec)
+    layers = spec.model_config.num_hidden_layers
+    if zero.get("stage", 0) == 0:
+        chunk = spec.allreduce_bucket_size or DEEPSPEED_ALLREDUCE_BUCKET
+        if spec.num_gpus == 1 or trainable <= chunk:
+            return shallow  # one GPU reduces nothing; a model within one chunk reduces in one piece
+        return _shallow_allreduce_chunks(spec, chunk, trainable, layers)
+    buckets = {key: int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size")}
+    if trainable <= min(buckets.values()):
+        return shallow
+    per_layer = trainable_params(shallow[1])[0] - trainable_params(shallow[0])[0]
+    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+        # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
+        scaled = [{key: (size - (layers - n) * per_layer) // 2 * 2 for key, size in buckets.items()}
+                  for n in (depth, depth + 1)]
+        if min(scaled[0].values()) >= largest:
+            shallow = [with_layers(spec, n) for n in (depth, depth + 1)]
+            for copy, sizes in zip(shallow, scaled):
+                copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
+            return shallow
+    return None
+
+
+def _shallow_allreduce_chunks(spec: TraceSpec, chunk: int, trainable: int, layers: int):
+    """Shallow copies for ZeRO-0 on several GPUs with a model bigger than one all-reduce chunk:
+    chunk n is smaller by the (layers - n) layers copy n lacks, so the first chunk closes at the
+    same gradient counted from the end; it must close inside a layer (past the embeddings) and the
+    rest must fit in one more chunk, or only a full trace will do."""
+    before_layers, per_layer = trainable_params_before_layers(spec)
+    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+        scaled = [chunk - (layers - n) * per_layer for n in (depth, depth + 1)]
+        if scaled[0] > before_layers and trainable - chunk < scaled[0]:
+            shallow = [with_layers(spec, n) for n in (depth, depth + 1)]
+            for copy, size in zip(shallow, scaled):
+                copy.allreduce_bucket_size = size
+            return shallow
+    return None
+
+
+def trainable_params_before_layers(spec: TraceSpec) -> tuple[int, int]:
+    """(trainable parameters before the first encoder layer, in parameter order; those of one layer)."""
+    before, per_layer, seen_layer = 0, 0, False
+    for name, param in meta_model(spec).named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".layer.0." in f".{name}":
+            seen_layer = True
+            per_layer += param.numel()
+        elif not seen_layer:
+            before += param.numel()
+    return before, per_layer
+
+
+def trainable_params(spec: TraceSpec) -> tuple[int, int]:
+    """(trainable parameters, elements of the largest one), counted on the meta device."""
+    sizes = [p.numel() for p in meta_model(spec).parameters() if p.requires_grad]
+    return sum(sizes), max(sizes, default=0)
+
+
+def _line(a: int, b: int, steps: int) -> int:
+    return a + steps * (b - a)
+
+
+def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached: int,
+                      capacity: int | None) -> StepPeak:
+    """One phase's peak at full depth from its peaks at the two shallow depths."""
+    module = b.peak_module
+    last = layers - steps  # the deeper copy's last layer
+    if f"layer.{last}." in module + ".":  # the last layer of the shallow copy is the model's last
+        module = module.replace(f"layer.{last}", f"layer.{layers - 1}")
+    peak = _line(a.peak_allocated_bytes, b.peak_allocated_bytes, steps)
+    # The allocator's cache is not linear in depth: take the cached-but-unused bytes of the
+    # deeper copy (``cached``) as they are, and, as the allocator empties its cache before it
+    # gives up, no more than the card holds while the live tensors themselves fit.
+    reserved = peak + cached
+    if capacity is not None and peak <= capacity:
+        reserved = min(reserved, capacity)
+    return StepPeak(peak, reserved,
+                    {k: _line(a.breakdown[k], b.breakdown[k], steps) for k in a.breakdown},
+                    b.peak_phase, module, b.peak_op)
+
+
+def extrapolate_rank(spec: TraceSpec, depth: int, profile: GPU | None, small: list[RankSteps]) -> RankSteps | None:
+    """One rank's steps at full depth (as StepPeak) from the traces of the copies with ``depth``
+    and ``depth + 1`` layers, or None when the peak does not sit at the same point of the step
+    in both copies."""
+    layers = spec.model_config.num_hidden_layers
+    steps = layers - depth
+    # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
+    # the highest candidate at full depth, which need not be the highest in the shallow copies.
+    shallow, deeper = small
+    capacity = profile.usable_bytes - profile.context_bytes if profile else None
+
+    def extrapolate(a: StepTrace, b: StepTrace) -> StepPeak | None:
+        common = a.candidates.keys() & b.candidates.keys()
+        if b.top() not in common:
+            return None
+        key = max(common, key=lambda k: _line(a.candidates[k][0], b.candidates[k][0], steps))
+        b_top = b.peak()
+        cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
+        return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)
+
+    first, steady = extrapolate(shallow.first, deeper.first), extrapolate(shallow.steady, deeper.steady)
+    if first is None or steady is None:
+        return None
+    states = {k: _line(shallow.model_states[k], deeper.model_states[k], steps) for k in shallow.model_states}
+    return RankSteps(first, steady, states, shallow.kernel)
+

@@ -1,0 +1,98 @@
+"""The worker pool: shallow copies traced side by side in spawned processes (two on a 2-core machine).
+
+Workers start on the first prediction that needs them and live as long as the process, so later
+predictions pay no start-up; ``M3LAB_PREDICT_WORKERS=0`` traces everything in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+from m3lab.gpus import GPU
+from m3lab.predict.spec import TraceSpec
+from m3lab.predict.step import RankSteps, simulate_rank
+
+
+@dataclass
+class TraceJob:
+    """One shallow copy of one rank to trace."""
+
+    spec: TraceSpec
+    gpu: GPU | None
+    rank: int
+
+
+def shallow_trace(job: TraceJob) -> RankSteps:
+    """One rank's two steps of a shallow copy, without the trace object (it cannot be pickled)."""
+    steps = simulate_rank(job.spec, job.gpu, job.rank)
+    steps.trace = None
+    return steps
+
+
+_POOL = None
+
+
+def _worker_pool():
+    """Worker processes that trace shallow copies side by side (two on a 2-core machine).
+
+    Started on the first call that needs them (each imports torch, DeepSpeed and FlagEmbedding
+    once, a few seconds) and kept for the life of the process, so later predictions reuse them.
+    ``M3LAB_PREDICT_WORKERS=0`` traces everything in this process instead.
+    """
+    global _POOL
+    workers = int(os.environ.get("M3LAB_PREDICT_WORKERS", min(2, os.cpu_count() or 1)))
+    if workers < 2:
+        return None
+    if _POOL is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent may hold threads (OpenMP, Jupyter) that a fork would break
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_started)
+    return _POOL
+
+
+def _worker_started() -> None:
+    import signal
+
+    # What DeepSpeed prints in a worker goes to stderr: the caller's stdout may be a JSON object.
+    os.dup2(2, 1)
+    # Ctrl-C (or Jupyter's interrupt, sent to the whole process group) is the caller's to handle;
+    # a worker ends when the caller closes the pool or exits (its end of the queue then closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers re-run the parent's script unless it is guarded by ``if __name__ ==
+    "__main__"``; they need only m3lab, so a plain script that calls predict() is hidden from them."""
+    import types
+
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def trace_shallow_copies(jobs: list[TraceJob]) -> list[RankSteps]:
+    """``shallow_trace`` for each job, in the worker pool when there is one."""
+    global _POOL
+    pool = _worker_pool() if len(jobs) > 1 else None
+    if pool is None:
+        return [shallow_trace(job) for job in jobs]
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with _main_module_hidden():
+            futures = [pool.submit(shallow_trace, job) for job in jobs]  # starts the workers
+        return [future.result() for future in futures]
+    except BrokenProcessPool:  # a worker died (killed, out of host memory): start afresh next time
+        _POOL = None
+        return [shallow_trace(job) for job in jobs]
+

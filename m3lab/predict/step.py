@@ -1,0 +1,157 @@
+"""Two training steps of one rank, traced: the model built, the driver's forward, backward and step.
+
+``simulate_rank`` runs them under the simulation (fake process group, GPU kernels) and the trace
+mode, labels what it sees (weights, gradients, optimizer states) and returns a ``RankSteps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from torch.utils._pytree import tree_flatten
+
+from m3lab import compat
+from m3lab.gpus import GPU
+from m3lab.measure import tensor_storages
+from m3lab.predict.drivers import DeepSpeedDriver, PlainDriver, grad_tensors
+from m3lab.predict.models import build_hf_model, build_m3_model, m3_inputs
+from m3lab.predict.optimizers import bnb_quantization_maps
+from m3lab.predict.report import StepPeak
+from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
+from m3lab.predict.spec import TraceSpec
+from m3lab.predict.trace import MemoryTrace, breakdown_at
+
+
+@dataclass
+class StepTrace:
+    """What one traced step leaves: its peak candidates and the storages it saw."""
+
+    candidates: dict[tuple[str, str], tuple]  # (phase, operation) -> (bytes, clock, where)
+    history: list
+    reserved: int
+
+    def top(self) -> tuple[str, str]:
+        return max(self.candidates, key=lambda key: self.candidates[key][0])
+
+    def peak(self, key=None) -> StepPeak:
+        value, at, where = self.candidates[key or self.top()]
+        return StepPeak(value, self.reserved, breakdown_at(self.history, at), *where)
+
+
+@dataclass
+class RankSteps:
+    """One rank's two steps: traced (StepTrace) or, after extrapolation, their peaks (StepPeak)."""
+
+    first: StepTrace | StepPeak
+    steady: StepTrace | StepPeak
+    model_states: dict[str, int] = field(default_factory=dict)
+    kernel: str = ""
+    trace: MemoryTrace | None = None  # kept only in this process (it cannot be pickled)
+
+    def peaks(self) -> "RankSteps":
+        """The same steps with StepTrace reduced to its peak."""
+        def peak(step):
+            return step.peak() if isinstance(step, StepTrace) else step
+        return RankSteps(peak(self.first), peak(self.steady), self.model_states, self.kernel, self.trace)
+
+
+def module_hooks(model, trace: MemoryTrace):
+    """Forward hooks that tell the trace which module is running (for 'where the peak happens')."""
+    handles, stack = [], []
+
+    def pre(name):
+        def hook(module, args):
+            stack.append(name)
+            trace.module = name
+        return hook
+
+    def post(module, args, output):
+        if stack:
+            stack.pop()
+        trace.module = stack[-1] if stack else ""
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post))
+    return handles
+
+
+
+def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False):
+    """Two training steps of one rank on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+
+    half = spec.precision in ("fp16", "bf16")
+    kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
+    capacity = gpu.usable_bytes - gpu.context_bytes if gpu is not None else None
+    import_lazy_modules(spec.model_config)
+    if spec.optim == "adamw_bnb_8bit":
+        bnb_quantization_maps()
+    offload = spec.offloads
+    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity,
+                        separate_host=offload)
+    device = GPU_DEVICE if offload else "cpu"
+    steps: list[StepTrace] = []
+    bnb = compat.bitsandbytes_overrides_isolated() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
+    with simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
+            default_device(device), trace:
+        if spec.trainer == "flagembedding-m3":
+            model, inputs = build_m3_model(spec), m3_inputs(spec)
+        else:
+            model, inputs = build_hf_model(spec)
+        trace.relabel(list(model.parameters()), "weights")
+        driver = (DeepSpeedDriver if spec.deepspeed is not None else PlainDriver)(model, spec)
+        trace.relabel(list(model.parameters()), "weights")
+
+        def label_states():
+            states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
+            trace.relabel(states, "optimizer_states")
+
+        label_states()
+        trace.relabel(tree_flatten(inputs)[0], "other")
+        handles = module_hooks(model, trace)
+
+        def label_gradient(param):
+            # A gradient is labelled the moment autograd stores it; DeepSpeed's gradient bucket,
+            # created at the first gradient and gone by the step, is labelled as soon as it exists.
+            trace.relabel([param.grad] if param.grad is not None else [], "gradients")
+            trace.relabel(driver.buffers(), "other")
+
+        for param in model.parameters():
+            if param.requires_grad:
+                handles.append(param.register_post_accumulate_grad_hook(label_gradient))
+        try:
+            for _ in range(2):
+                trace.reset_peak()
+                for _ in range(spec.gradient_accumulation_steps):
+                    trace.enter("forward")
+                    loss = driver.loss(inputs)
+                    trace.module = ""
+                    trace.enter("backward")
+                    driver.backward(loss)
+                    del loss
+                    trace.relabel(grad_tensors(driver.optimizer, model), "gradients")
+                trace.enter("optimizer")
+                driver.step()
+                label_states()
+                reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
+                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved))
+                trace.phase = "between steps"
+        finally:
+            for handle in handles:
+                handle.remove()
+        model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category == "weights"),
+                        "optimizer_states": sum(e.nbytes for e in trace.live.values()
+                                                if e.category == "optimizer_states"),
+                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        # offloaded: fp32 masters and Adam states in host memory, and the host's peak
+                        "offloaded_optimizer_states": sum(
+                            storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(
+                                optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer))
+                            }.values() if storage._cdata in trace.host_live),
+                        "host_peak_bytes": trace.host_peak}
+    return RankSteps(steps[0], steps[1], model_states, kernel, trace)

@@ -1,0 +1,205 @@
+"""The trace mode: every tensor storage a traced step creates and frees, labelled and timed.
+
+``MemoryTrace`` is a TorchDispatchMode; each operator's outputs are counted as they appear and
+forgotten when Python frees them, optionally fed to the simulated caching allocator.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from m3lab.measure import tensor_storages
+from m3lab.predict.allocator import Allocator, allocator_round
+
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries", "other")
+
+
+def breakdown_at(history, at: int) -> dict[str, int]:
+    """Bytes per category alive at allocation ``at``, with the labels known now (gradients and
+    optimizer states are recognised only after backward and step, so this is read late)."""
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for entry in history:
+        if entry.born <= at and (entry.died is None or entry.died >= at):
+            breakdown[entry.category] += entry.nbytes
+    return breakdown
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    category: str
+    phase: str
+    where: str
+    born: int = 0
+    died: int | None = None
+
+
+class MemoryTrace(TorchDispatchMode):
+    """Records every storage the traced step creates and frees, with its category and origin."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # False: PyTorch then leaves out the no-compile guard it wraps around each mode's
+        # __torch_dispatch__ (several Python calls per operation); a traced step compiles nothing.
+        return False
+
+    def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None,
+                 separate_host: bool = False):
+        super().__init__()
+        self.rounding = rounding
+        # With optimizer offload the GPU's tensors live on the fake device "cpu:0" and DeepSpeed's
+        # host tensors on plain "cpu"; the host ones are tallied apart and never reach the GPU figures.
+        self.separate_host = separate_host
+        self.host_live: dict[int, int] = {}
+        self.host_current = 0
+        self.host_peak = 0
+        self.live: dict[int, _Storage] = {}
+        self.refs: dict[int, object] = {}
+        self.current = 0
+        self.peak = 0
+        self.phase = "setup"
+        self.module = ""
+        self.allocator = Allocator(capacity) if rounding else None
+        self._pending_releases: list[tuple[int, int]] = []  # (born, key), see _forget
+        if self.allocator is not None and record_events:
+            self.allocator.events = []
+        self.clock = 0  # counts allocations; the peak is a moment on this clock
+        self.peak_at = 0
+        self.history: list[_Storage] = []  # storages alive at some point since the last reset
+        # (phase, operation) -> (bytes, clock, where): the highest point each operation of each
+        # phase reached. Extrapolation needs them all: at full depth another one may be highest.
+        self.candidates: dict[tuple[str, str], tuple] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _size(self, nbytes: int) -> int:
+        return allocator_round(nbytes) if self.rounding else nbytes
+
+    def _forget(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        self.refs.pop(key, None)
+        if entry is None:
+            return
+        entry.died = self.clock
+        self.current -= entry.nbytes
+        if self.allocator is not None:
+            # Storages freed together (between two operations) are released oldest first, not in
+            # the order they die in: C++ containers (autocast's cache of cast weights) free theirs
+            # in address order, which would make the simulated cache differ from run to run.
+            self._pending_releases.append((entry.born, key))
+
+    def _flush_releases(self) -> None:
+        if self._pending_releases:
+            for _born, key in sorted(self._pending_releases):
+                self.allocator.release(key)
+            self._pending_releases.clear()
+
+    def allocator_snapshot(self) -> dict:
+        """The simulated allocator's state and trace, memory_viz format (releases applied first)."""
+        self._flush_releases()
+        return self.allocator.snapshot()
+
+    def _see_host(self, storage) -> None:
+        key = storage._cdata
+        if key in self.host_live:
+            return
+        self.host_live[key] = storage.nbytes()
+        self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget_host(key))
+        self.host_current += storage.nbytes()
+        self.host_peak = max(self.host_peak, self.host_current)
+
+    def _forget_host(self, key: int) -> None:
+        self.host_current -= self.host_live.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def _category_for_new(self) -> str:
+        return {"forward": "activations", "backward": "temporaries", "optimizer": "temporaries",
+                "setup": "other"}.get(self.phase, "other")
+
+    def see(self, storage, func_name: str = "") -> None:
+        key = storage._cdata
+        nbytes = self._size(storage.nbytes())
+        entry = self.live.get(key)
+        if entry is not None:
+            if entry.nbytes != nbytes:  # resized in place
+                self.current += nbytes - entry.nbytes
+                entry.nbytes = nbytes
+            return
+        module = self.module
+        if self.phase == "backward" and not module:
+            # Backward runs outside module hooks; the autograd node says which forward op it undoes.
+            node = torch._C._current_autograd_node()
+            module = f"autograd {node.name()}" if node is not None else ""
+        where = f"{self.phase}:{module}:{func_name}"
+        self.clock += 1
+        entry = _Storage(nbytes, self._category_for_new(), self.phase, where, born=self.clock)
+        self.live[key] = entry
+        self.history.append(entry)
+        self.refs[key] = weakref.ref(storage, lambda _r, key=key: self._forget(key))
+        self.current += nbytes
+        if self.allocator is not None:
+            self._flush_releases()
+            self.allocator.malloc(key, storage.nbytes(), where)
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_at = self.clock
+        key = (self.phase, func_name)
+        if self.current > self.candidates.get(key, (-1,))[0]:
+            self.candidates[key] = (self.current, self.clock, (self.phase, module, func_name))
+
+    def enter(self, phase: str) -> None:
+        """Start a phase of the step; its peak is at least what is live as it starts."""
+        self.phase = phase
+        key = (phase, "(start)")
+        if self.current > self.candidates.get(key, (-1,))[0]:
+            self.candidates[key] = (self.current, self.clock, (phase, self.module, "(start)"))
+
+    def breakdown_at(self, at: int) -> dict[str, int]:
+        return breakdown_at(self.history, at)
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        return self.breakdown_at(self.peak_at)
+
+    def relabel(self, tensors, category: str) -> None:
+        """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
+        for storage in tensor_storages(tensors):
+            if storage._cdata in self.host_live:
+                continue
+            self.see(storage)
+            self.live[storage._cdata].category = category
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_at = self.clock
+        self.candidates = {}
+        self.history = list(self.live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default:
+            # Half of all calls in a DeepSpeed step are `tensor.device`; answer them without
+            # a trip through the fake-tensor dispatcher, which allocates nothing for them anyway.
+            return args[0].fake_device
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # A value read back to Python: overflow flags, gradient norms, Adam's step count. Fake
+            # tensors hold no values; the trace takes the healthy step: integer and boolean flags
+            # are 0 (no inf/NaN, no overflow), floating-point values are 1 (norms, step counts).
+            return 1.0 if args[0].dtype.is_floating_point else 0
+        # Everything the trace touches is created inside it, so only outputs need looking at.
+        out = func(*args, **kwargs)
+        if self.separate_host:
+            for tensor in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    on_host = tensor.device.index is None
+                    for storage in tensor_storages(tensor):
+                        self._see_host(storage) if on_host else self.see(storage, func.__name__)
+            return out
+        for storage in tensor_storages(out):
+            self.see(storage, func.__name__)
+        return out
+

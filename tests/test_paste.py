@@ -1,0 +1,139 @@
+"""``m3lab predict -- <your command>``: FlagEmbedding's own example and JSON files, pasted verbatim."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from m3lab.cli import main as cli_main
+from m3lab.config import FLAGEMBEDDING_M3_MODULE, ConfigError, TrainConfig
+from m3lab.predict import predict
+from m3lab.predict.paste import parse_command
+
+UPSTREAM = Path(__file__).resolve().parent.parent / "data" / "upstream"
+
+
+def _m3_sh_words(workdir: Path, num_gpus: int = 1) -> list[str]:
+    """The words FlagEmbedding's m3.sh hands to torchrun, as bash expands them (num_gpus set to
+    ``num_gpus``; the script is otherwise run as it is, from ``workdir``)."""
+    script = (UPSTREAM / "m3.sh").read_text()
+    assert "num_gpus=2\n" in script and script.rstrip().endswith("echo $cmd\neval $cmd")
+    script = script.replace("num_gpus=2\n", f"num_gpus={num_gpus}\n")
+    script = script.replace("echo $cmd\neval $cmd", 'eval "set -- $cmd"; printf "%s\\0" "$@"')
+    out = subprocess.run(["bash", "-c", script], cwd=workdir, capture_output=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(workdir)})
+    return out.stdout.decode().split("\0")[:-1]
+
+
+@pytest.fixture
+def example_dir(tmp_path, monkeypatch):
+    """Where m3.sh runs: examples/finetune/embedder/encoder_only/, two levels below the JSON files."""
+    for name in ("ds_stage0.json", "ds_stage1.json"):
+        shutil.copyfile(UPSTREAM / name, tmp_path / name)
+    workdir = tmp_path / "embedder" / "encoder_only"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def test_flagembeddings_example_is_read_as_flagembedding_reads_it(example_dir):
+    words = _m3_sh_words(example_dir)
+    assert words[:5] == ["torchrun", "--nproc_per_node", "1", "-m", FLAGEMBEDDING_M3_MODULE]
+    pasted = parse_command(words)
+    config = pasted.config
+    assert (config.train_group_size, config.query_max_len, config.passage_max_len) == (8, 512, 512)
+    assert config.per_device_train_batch_size == 2 and config.fp16 and config.gradient_checkpointing
+    assert config.unified_finetuning and config.use_self_distill and not config.fix_encoder
+    assert config.pad_to_multiple_of == 8 and config.num_train_epochs == 4 and config.learning_rate == 1e-5
+    # upstream's ds_stage0.json: ZeRO-0, DeepSpeed's own AdamW (FusedAdam, no torch_adam)
+    assert config.deepspeed_stage == 0 and config.torch_adam is False
+    assert config.deepspeed_config_file == "../../ds_stage0.json"
+    # one process: nothing to share across devices, said so
+    assert config.negatives_cross_device is False and config.num_processes == 1
+    assert any("negatives_cross_device" in note for note in pasted.notes)
+
+
+def test_flagembeddings_example_predicted_for_a_t4(example_dir, capsys):
+    """The example as upstream ships it (FusedAdam, WarmupDecayLR scheduler): OOM on a T4."""
+    words = _m3_sh_words(example_dir)
+    assert cli_main(["predict", "--gpu", "t4", "--json", "--", *words]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["provenance"] == "predicted for Tesla T4 (Colab)"
+    assert not out["fits"] and out["verdict"].startswith("OOM")
+    assert out["spec"]["deepspeed"]["optimizer"]["type"] == "AdamW"
+    assert "torch_adam" not in out["spec"]["deepspeed"]["optimizer"]["params"]  # upstream's file, as given
+
+
+def test_the_common_advice_pasted_with_upstreams_stage1_json(example_dir):
+    """The T4 advice as people run it: upstream's ds_stage1.json (ZeRO-1, torch_adam), 64/392, group 6."""
+    command = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
+               "--train_data ../example_data/retrieval --train_group_size 6 --query_max_len 64 "
+               "--passage_max_len 392 --output_dir ./out --learning_rate 1e-5 --fp16 --num_train_epochs 1 "
+               "--per_device_train_batch_size 1 --gradient_checkpointing --deepspeed ../../ds_stage1.json "
+               "--negatives_cross_device False --unified_finetuning True --use_self_distill True "
+               "--same_dataset_within_batch True --warmup_steps 100")
+    config = parse_command(command).config
+    assert config.deepspeed_stage == 1 and config.torch_adam and config.reduce_bucket_size == 500_000_000
+    report = predict(config, "t4")
+    ours = predict(TrainConfig.common_t4_advice(), "t4")  # m3lab's rendering of the same advice
+    assert report.peak_allocated_bytes == pytest.approx(ours.peak_allocated_bytes, rel=0.01)
+
+
+def test_upstreams_scheduler_without_warmup_is_refused_as_deepspeed_refuses_it(example_dir):
+    """Found by pasting: upstream's JSON files name WarmupDecayLR, HF fills its warmup_num_steps
+    from the command (0 without --warmup_steps/--warmup_ratio) and DeepSpeed 0.19.8 refuses 0."""
+    command = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
+               "--output_dir ./out --fp16 --deepspeed ../../ds_stage1.json")
+    with pytest.raises(ConfigError, match="WarmupDecayLR scheduler gets warmup_num_steps 0"):
+        predict(parse_command(command).config, "t4")
+
+
+@pytest.mark.parametrize("spelling", [["--fp16"], ["--fp16", "True"], ["--fp16", "true"], ["--fp16=True"]])
+def test_boolean_flags_mean_what_they_mean_to_flagembedding(spelling):
+    words = ["torchrun", "--nproc_per_node", "1", "-m", FLAGEMBEDDING_M3_MODULE, "--model_name_or_path",
+             "BAAI/bge-m3", "--output_dir", "out", *spelling, "--gradient_checkpointing"]
+    config = parse_command(words).config
+    assert config.fp16 is True and config.gradient_checkpointing is True and config.deepspeed_stage is None
+
+
+@pytest.mark.parametrize("config", [
+    TrainConfig.common_t4_advice(max_steps=20),
+    TrainConfig.upstream_example(max_steps=20, deepspeed_stage=None, optim="adamw_bnb_8bit", sub_batch_size=4),
+    TrainConfig.common_t4_advice(max_steps=20, efficient_sparse_head=True, grad_cache_chunk_size=2,
+                                 freeze_word_embeddings=True),
+])
+def test_a_rendered_command_reads_back_as_the_same_config(config, tmp_path, monkeypatch):
+    """One configuration: TrainConfig -> the command it renders -> parse_command -> the same TrainConfig."""
+    monkeypatch.chdir(tmp_path)
+    if config.deepspeed_stage is not None:
+        (tmp_path / "ds.json").write_text(config.deepspeed_json())
+    back = parse_command(config.command(deepspeed_json_path="ds.json")).config
+    expected = config.replace(warmup_ratio=back.warmup_ratio,  # rendered as --warmup_steps
+                              num_train_epochs=back.num_train_epochs,  # not rendered: max_steps rules
+                              deepspeed_config_file="ds.json" if config.deepspeed_stage is not None else None)
+    assert back == expected
+
+
+def test_one_string_as_copied_from_a_script():
+    text = (f"CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node 1 \\\n    -m {FLAGEMBEDDING_M3_MODULE} \\\n"
+            "    --model_name_or_path BAAI/bge-m3 \\\n    --output_dir out --sub_batch_size 4 --train_group_size 4")
+    config = parse_command(text).config
+    assert config.sub_batch_size == 4 and config.train_group_size == 4
+
+
+def test_python_dash_m_is_one_process():
+    config = parse_command(["python", "-m", FLAGEMBEDDING_M3_MODULE, "--model_name_or_path", "BAAI/bge-m3",
+                            "--output_dir", "o"]).config
+    assert config.num_processes == 1 and config.query_max_len == 32  # FlagEmbedding's default
+
+
+def test_flags_without_memory_effect_are_accepted_and_others_named():
+    base = ["torchrun", "--nproc_per_node", "1", "-m", FLAGEMBEDDING_M3_MODULE, "--model_name_or_path", "BAAI/bge-m3",
+            "--output_dir", "o"]
+    parse_command(base + ["--save_steps", "50", "--report_to", "none", "--seed", "7", "--lr_scheduler_type", "cosine"])
+    with pytest.raises(ConfigError) as caught:
+        parse_command(base + ["--torch_compile", "True", "--fix_position_embedding", "True", "--frobnicate", "2"])
+    text = str(caught.value)
+    assert "--frobnicate: " in text and "--torch_compile True" in text and "--fix_position_embedding True" in text
