@@ -1,16 +1,19 @@
-"""How fast the predictor is: a 17-point sweep at full BGE-M3 size, seconds per configuration.
+"""How fast the predictor is: from a fresh shell, and warm, at full BGE-M3 size.
 
 ``python -m m3lab.bench`` prints how fast the machine is right now (a fixed pure-Python workload:
-shared machines vary by a third from hour to hour), one line per configuration (predicted peak
-for a T4, seconds, and whether the step was extrapolated from shallow traces or traced layer by
-layer), then the median and the slowest time after the first call, which pays for imports and
-caches (and starts the two worker processes that trace shallow copies side by side), and the
-median per method.
+shared machines vary by a third from hour to hour); then, cold and warm side by side, the common
+T4 advice (ZeRO-1) predicted for a T4: a fresh ``m3lab predict -- <command>`` process, the imports
+alone in a fresh process (DeepSpeed, FlagEmbedding, transformers: what any use of them pays), the
+difference (the target: at most 3 s), and the same prediction in a warm process; then one line per
+configuration of a 17-point sweep (predicted peak, seconds, extrapolated or traced in full), and
+the median and slowest time after the first call, and the median per method.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 
 from m3lab.config import TrainConfig
@@ -54,8 +57,49 @@ def reference_seconds() -> float:
     return best
 
 
+# What the predictor imports before it can trace anything (a fresh process pays this whatever it does)
+IMPORTS = "import deepspeed, transformers, FlagEmbedding.finetune.embedder.encoder_only.m3"
+
+
+def _fresh_process_seconds(argv: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=_quiet_env())
+    return time.perf_counter() - started
+
+
+def _quiet_env() -> dict:
+    import os
+
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cold_and_warm() -> dict[str, float]:
+    """Seconds for the advice's prediction from a fresh process, its imports alone, and warm."""
+    advice = TrainConfig.common_t4_advice(max_steps=100)
+    command = advice.command(deepspeed_json_path=str(_advice_json(advice)))
+    cold = _fresh_process_seconds([sys.executable, "-m", "m3lab", "predict", "--gpu", "t4", "--json", "--", *command])
+    imports = _fresh_process_seconds([sys.executable, "-c", IMPORTS])
+    predict(advice, "t4")  # this process's first: imports, caches, workers if any
+    started = time.perf_counter()
+    predict(advice, "t4")
+    return {"cold": cold, "imports": imports, "beyond_imports": cold - imports, "warm": time.perf_counter() - started}
+
+
+def _advice_json(advice: TrainConfig):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="m3lab-bench-")) / "ds_stage1.json"
+    path.write_text(advice.deepspeed_json())
+    return path
+
+
 def main() -> None:
     print(f"machine speed: the reference workload took {reference_seconds():.3f} s (smaller is faster)")
+    times = cold_and_warm()
+    print(f"the common T4 advice (ZeRO-1), predicted for a T4: cold (a fresh `m3lab predict -- ...`) "
+          f"{times['cold']:.1f} s = imports {times['imports']:.1f} s + {times['beyond_imports']:.1f} s beyond them "
+          f"(target: 3 s); warm {times['warm']:.1f} s", flush=True)
     timings, methods = [], []
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():

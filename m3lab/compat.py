@@ -123,7 +123,7 @@ def hf_deepspeed_config(config: dict):
 
 # ---- torch ----------------------------------------------------------------------------------------
 def gpu_attention_kernel(sdpa: Callable):
-    """``F.scaled_dot_product_attention`` replaced by the kernel the GPU would pick (see m3lab.memory)."""
+    """``F.scaled_dot_product_attention`` replaced by the kernel the GPU would pick (see m3lab.predict.simulation)."""
     return _patch("torch.nn.functional", "scaled_dot_product_attention", sdpa)
 
 

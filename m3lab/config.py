@@ -214,9 +214,10 @@ class TrainConfig:
     def _hardware_problems(self, hw: Hardware) -> list[str]:
         found = []
         if hw.device == "cpu":
-            if self.fp16 or self.bf16:
-                found.append("fp16/bf16 mixed precision needs a CUDA GPU, and this machine has none; "
-                             "set fp16=False and bf16=False for a CPU run.")
+            if self.fp16 or (self.bf16 and self.deepspeed_stage is not None):
+                found.append("fp16 mixed precision (and bf16 under DeepSpeed) needs a CUDA GPU, and this machine "
+                             "has none; set fp16=False (bf16 runs on a CPU through HF's autocast, without "
+                             "DeepSpeed) for a CPU run.")
         else:
             if self.bf16 and not hw.supports_bf16:
                 found.append(f"bf16 is on but {hw.gpu_name} has no bf16 (a T4 is sm75); use fp16=True instead.")

@@ -80,7 +80,7 @@ class Environment:
 
     def describe(self) -> str:
         if not self.on_gpu:
-            return ("no GPU: full-size figures are predicted for a T4 (m3lab.memory), and real training runs "
+            return ("no GPU: full-size figures are predicted for a T4 (m3lab.predict), and real training runs "
                     f"use {STANDIN}, a tiny offline stand-in, at small sizes, measured on the CPU")
         usable = f"{self.usable_bytes / GIB:.2f} GiB usable" if self.usable_bytes else "usable memory unknown"
         return (f"{self.gpu_count} x {self.gpu_name} ({usable}): real runs of {REAL_MODEL} are measured and "

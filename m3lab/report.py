@@ -170,7 +170,7 @@ def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print
         "## Token lengths (training data)\n\n" + _markdown_table(stats_rows),
         "## Memory of one training step\n\n" + _markdown_table(rows),
         "## Full-size BGE-M3 on a T4, predicted\n\nPredicted by tracing the real training step on fake tensors "
-        "(`m3lab.memory`); live tensors are traced, the allocator's cache and the CUDA context are estimates.\n\n"
+        "(`m3lab.predict`); live tensors are traced, the allocator's cache and the CUDA context are estimates.\n\n"
         + _markdown_table(predicted) + "\n\n![predicted](predicted_t4.png)",
         "![memory](memory.png)\n\n![optimizer state](optimizer_state.png)",
         f"## Fine-tuning\n\n{finetune.summary()}\n\n![loss](loss.png)",
