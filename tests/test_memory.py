@@ -53,6 +53,25 @@ def test_allocator_reuses_splits_and_merges_cached_blocks():
     assert alloc.reserved == (128 + 16) << 20
 
 
+def test_allocator_splits_as_pytorchs_should_split():
+    """c10/cuda/CUDACachingAllocator.cpp, should_split: a large-pool block is split only when more
+    than kSmallSize (1 MiB) would remain; a small-pool block when at least kMinBlockSize (512 B)."""
+    from m3lab.predict import allocator
+
+    assert (allocator.kMinBlockSize, allocator.kSmallSize, allocator.kSmallBuffer, allocator.kLargeBuffer,
+            allocator.kMinLargeAlloc, allocator.kRoundLarge) == (512, 1 << 20, 2 << 20, 20 << 20, 10 << 20, 2 << 20)
+    for request, split in ((11 << 20, False), ((11 << 20) - 512, True)):  # leaving 1 MiB, or 1 MiB + 512 B
+        alloc = Allocator()
+        alloc.malloc(1, 12 << 20)  # a 12 MiB segment of its own (over kMinLargeAlloc), then cached
+        alloc.release(1)
+        alloc.malloc(2, request)
+        handed_out = alloc.blocks[2][3]
+        assert handed_out == (request if split else 12 << 20)
+    small = Allocator()
+    small.malloc(1, 1 << 20)  # the whole small 2 MiB segment's first half
+    assert small.blocks[1][3] == 1 << 20 and small.reserved == 2 << 20
+
+
 def test_allocator_empties_its_cache_before_it_runs_out():
     alloc = Allocator(capacity=100 << 20)
     alloc.malloc(1, 60 << 20)
@@ -81,8 +100,8 @@ def test_trace_counts_fake_tensors_by_category():
     assert trace.peak == 12_000_000
     assert trace.peak_breakdown == {**dict.fromkeys(predictor.CATEGORIES, 0), "weights": 4_000_000,
                                     "activations": 8_000_000}
-    assert trace.candidates[("backward", "(start)")][0] == 8_000_000  # what is live as backward starts
-    assert max(v[0] for (phase, _), v in trace.candidates.items() if phase == "backward") == 12_000_000
+    assert trace.candidates[("backward", "(start)")].bytes == 8_000_000  # what is live as backward starts
+    assert max(v.bytes for (phase, _), v in trace.candidates.items() if phase == "backward") == 12_000_000
 
 
 def test_gpu_profiles():

@@ -144,7 +144,7 @@ def extrapolate_rank(spec: TraceSpec, depth: int, profile: GPU | None, small: li
         common = a.candidates.keys() & b.candidates.keys()
         if b.top() not in common:
             return None
-        key = max(common, key=lambda k: _line(a.candidates[k][0], b.candidates[k][0], steps))
+        key = max(common, key=lambda k: _line(a.candidates[k].bytes, b.candidates[k].bytes, steps))
         b_top = b.peak()
         cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
         return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)

@@ -5,6 +5,7 @@ it is a GPU, and the GPU's attention kernel and optimizer paths; every change un
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 
@@ -18,6 +19,17 @@ from m3lab.predict.optimizers import fused_adam_in_place
 # With optimizer offload, the trace's stand-in for the GPU: a CPU device with an index, which fake
 # tensors keep apart from plain "cpu" (DeepSpeed's host side) and refuse to mix, as CUDA would.
 GPU_DEVICE = "cpu:0"
+
+
+class _Dropping(logging.Filter):
+    """Drops log records that hold ``text`` (noise of the trace, not of the run)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def sdpa_emulation(kernel: str):
@@ -60,6 +72,10 @@ def simulation(gpu: GPU | None, kernel: str, rank: int, world: int, model_config
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         # DeepSpeed 0.19's ZeRO partitioning still calls torch's old all-gather name; nothing to act on
         warnings.filterwarnings("ignore", ".*all_gather_into_tensor. is deprecated", FutureWarning)
+        # A JSON's DeepSpeed scheduler is asked for its rate before its first step, and says so
+        quiet = _Dropping("Attempting to get learning rate from scheduler before it has started")
+        logging.getLogger("DeepSpeed").addFilter(quiet)
+        stack.callback(logging.getLogger("DeepSpeed").removeFilter, quiet)
         stack.enter_context(faster_dispatch())
         stack.enter_context(compat.no_shared_memory_comm())
         # DeepSpeed's FusedAdam (a JSON's Adam/AdamW without torch_adam) with its CUDA kernel modelled

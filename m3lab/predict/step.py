@@ -20,23 +20,24 @@ from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
 from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
 from m3lab.predict.spec import TraceSpec
-from m3lab.predict.trace import MemoryTrace, breakdown_at
+from m3lab.predict.trace import Candidate, MemoryTrace, breakdown_at
 
 
 @dataclass
 class StepTrace:
     """What one traced step leaves: its peak candidates and the storages it saw."""
 
-    candidates: dict[tuple[str, str], tuple]  # (phase, operation) -> (bytes, clock, where)
+    candidates: dict[tuple[str, str], Candidate]  # (phase, operation) -> its highest point
     history: list
     reserved: int
 
     def top(self) -> tuple[str, str]:
-        return max(self.candidates, key=lambda key: self.candidates[key][0])
+        return max(self.candidates, key=lambda key: self.candidates[key].bytes)
 
     def peak(self, key=None) -> StepPeak:
-        value, at, where = self.candidates[key or self.top()]
-        return StepPeak(value, self.reserved, breakdown_at(self.history, at), *where)
+        high = self.candidates[key or self.top()]
+        return StepPeak(high.bytes, self.reserved, breakdown_at(self.history, high.clock), high.phase, high.module,
+                        high.op)
 
 
 @dataclass

@@ -29,6 +29,18 @@ def breakdown_at(history, at: int) -> dict[str, int]:
     return breakdown
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """The highest point one operation of one phase reached: bytes live, when (the allocation
+    clock), and where (phase, module, operation)."""
+
+    bytes: int
+    clock: int
+    phase: str
+    module: str
+    op: str
+
+
 @dataclass
 class _Storage:
     nbytes: int
@@ -73,7 +85,7 @@ class MemoryTrace(TorchDispatchMode):
         self.history: list[_Storage] = []  # storages alive at some point since the last reset
         # (phase, operation) -> (bytes, clock, where): the highest point each operation of each
         # phase reached. Extrapolation needs them all: at full depth another one may be highest.
-        self.candidates: dict[tuple[str, str], tuple] = {}
+        self.candidates: dict[tuple[str, str], Candidate] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _size(self, nbytes: int) -> int:
@@ -148,15 +160,15 @@ class MemoryTrace(TorchDispatchMode):
             self.peak = self.current
             self.peak_at = self.clock
         key = (self.phase, func_name)
-        if self.current > self.candidates.get(key, (-1,))[0]:
-            self.candidates[key] = (self.current, self.clock, (self.phase, module, func_name))
+        if key not in self.candidates or self.current > self.candidates[key].bytes:
+            self.candidates[key] = Candidate(self.current, self.clock, self.phase, module, func_name)
 
     def enter(self, phase: str) -> None:
         """Start a phase of the step; its peak is at least what is live as it starts."""
         self.phase = phase
         key = (phase, "(start)")
-        if self.current > self.candidates.get(key, (-1,))[0]:
-            self.candidates[key] = (self.current, self.clock, (phase, self.module, "(start)"))
+        if key not in self.candidates or self.current > self.candidates[key].bytes:
+            self.candidates[key] = Candidate(self.current, self.clock, phase, self.module, "(start)")
 
     def breakdown_at(self, at: int) -> dict[str, int]:
         return breakdown_at(self.history, at)
