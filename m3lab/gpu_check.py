@@ -18,8 +18,8 @@ itself is tested. ``compare`` pairs each measured step with its prediction.
 
 ``--model full-cpu`` is full-size truth without a GPU (opt-in, about 15 minutes and 16 GB of RAM):
 the full-size stand-in trained for real on this CPU in a handful of configurations that fit 24 GiB
-(short texts, ZeRO-0, ZeRO-1 and no DeepSpeed, fp32 and bf16 autocast, checkpointing on and off,
-``sub_batch_size``), one run at a time, measured with the same live-tensor meter as the tiny runs.
+(short texts, ZeRO-0, ZeRO-1 and no DeepSpeed, ``adamw_torch`` and ``adamw_torch_fused``,
+checkpointing on and off, ``sub_batch_size``; fp32 only, see ``checks``), one run at a time, measured with the same live-tensor meter as the tiny runs.
 Committed under ``data/measurements/``, the normal suite holds fresh CPU predictions within 2% of it.
 """
 
@@ -79,7 +79,9 @@ def checks(model: str = "full") -> list[Check]:
                                                                                      gradient_checkpointing=True)),
                 Check("full size, no DeepSpeed, fp32, adamw_torch", plain),
                 Check("full size, no DeepSpeed, fp32, adamw_torch_fused", plain.replace(optim="adamw_torch_fused")),
-                Check("full size, no DeepSpeed, bf16 autocast", plain.replace(bf16=True)),
+                # No bf16 autocast run: on a CPU the live-tensor meter (a TorchDispatchMode) makes autocast
+                # keep one fp32 copy of every parameter that an unmetered run does not hold (found with gc
+                # on the tiny stand-in), so it cannot measure autocast; GPU runs use the CUDA counters.
                 Check("full size, no DeepSpeed, fp32, sub_batch_size 1", plain.replace(sub_batch_size=1))]
     if model == "tiny":
         base = TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,

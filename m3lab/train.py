@@ -217,6 +217,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
         output_dir=str(run_dir / "model"), deepspeed_json_path=str(ds_path) if ds_path else None,
         model_path=model_path, module=CHILD_MODULE)
     argv[0] = _torchrun()
+    if hardware.device == "cpu" and config.bf16:
+        argv += ["--use_cpu", "True"]  # HF refuses bf16 without a GPU unless told to run on the CPU (CPU autocast)
     child_env = {METRICS_DIR_ENV: str(run_dir)}
     if memory_limit_bytes:
         child_env[MEMORY_LIMIT_ENV] = str(int(memory_limit_bytes))
