@@ -434,3 +434,19 @@ def test_zero0_on_two_gpus_extrapolates_with_shrunken_allreduce_chunks(standin_d
         assert chunks[n][:2] == [full_chunks[0] - (10 - n) * per_layer, full_chunks[1]]
     for fast_rank, full_rank in zip(fast.per_rank, full.per_rank):
         assert fast_rank.peak_allocated_bytes == pytest.approx(full_rank.peak_allocated_bytes, rel=0.005)
+
+
+def test_a_one_shot_prediction_forks_helpers_and_predicts_the_same(monkeypatch):
+    """The command line's one prediction per process: helpers forked from it trace the copies."""
+    from m3lab.predict import pool
+
+    run = hf_run(seq_len=64, batch_size=2)
+    forked = []
+    monkeypatch.setattr(pool, "_forked", lambda jobs, original=pool._forked: forked.append(len(jobs)) or original(jobs))
+    one_shot = predictor.predict(run, "t4", one_shot=True).to_json()
+    monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")
+    here = predictor.predict(run, "t4").to_json()
+    assert forked == [2]
+    for report in (one_shot, here):
+        report.pop("seconds")
+    assert one_shot == here

@@ -39,7 +39,7 @@ def _method(spec: TraceSpec, shallow: list[TraceSpec] | None, extrapolated: bool
 
 
 def predict(config, gpu: str | None = "t4", *, model_config=None, record_events: bool = False,
-            exact: bool = False) -> MemoryReport:
+            exact: bool = False, one_shot: bool = False) -> MemoryReport:
     """Predict the peak memory of one training step of ``config`` (a ``TrainConfig``) on ``gpu``
     ("t4", "l4", ...; see m3lab.gpus). The model's shape is ``model_config`` (a transformers
     config) or read from ``config.model`` without downloading (BAAI/bge-m3 is built in).
@@ -48,7 +48,8 @@ def predict(config, gpu: str | None = "t4", *, model_config=None, record_events:
     figure that a real CPU run of the same configuration measures, which the tests compare.
     Deep models are traced at 2 and 3 layers and extrapolated (exact when the peak sits at the
     same point of the step, which the tests check against full traces); ``exact=True``, a
-    snapshot, or DeepSpeed buckets smaller than the model trace every layer.
+    snapshot, or DeepSpeed buckets smaller than the model trace every layer. ``one_shot``: this
+    process makes one prediction (the command line), see ``pool.trace_shallow_copies``.
     """
     started = time.perf_counter()
     profile = gpu_profile(gpu) if gpu is not None else None
@@ -67,8 +68,8 @@ def predict(config, gpu: str | None = "t4", *, model_config=None, record_events:
     try:
         # The traced step is the real code; when DeepSpeed's own checks fail here, a real run
         # fails the same way (e.g. ZeRO-2 + gradient checkpointing with the M3 model).
-        small = trace_shallow_copies([TraceJob(copy, profile, rank) for rank in ranks for copy in shallow]) \
-            if shallow else []
+        small = trace_shallow_copies([TraceJob(copy, profile, rank) for rank in ranks for copy in shallow],
+                                     one_shot) if shallow else []
         results = {}
         for index, rank in enumerate(ranks):
             pair = small[index * 2:(index + 1) * 2]
