@@ -74,13 +74,14 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tup
     """(query_max_len, passage_max_len, most negatives every line has, tokenizer name) for the data."""
     from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
 
+    # the data first: bad data is reported before the tokenizer (and the stand-in) is loaded and talks
+    records = load_jsonl(data)
     if tokenizer is None:
         from m3lab.lessons import load_tokenizer
 
         tokenizer, name = load_tokenizer()
     else:
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-    records = load_jsonl(data)
     passages = list(dict.fromkeys(t for r in records for t in r["pos"] + r.get("neg", [])))
     query = length_covering_tokens(token_lengths([r["query"] for r in records], tokenizer), coverage)
     passage = length_covering_tokens(token_lengths(passages, tokenizer), coverage)
