@@ -2,9 +2,10 @@
 
 ``python -m m3lab.bench`` prints how fast the machine is right now (a fixed pure-Python workload:
 shared machines vary by a third from hour to hour); then, cold and warm side by side, the common
-T4 advice (ZeRO-1) predicted for a T4: a fresh ``m3lab predict -- <command>`` process, the imports
-alone in a fresh process (DeepSpeed, FlagEmbedding, transformers: what any use of them pays), the
-difference (the target: at most 3 s), and the same prediction in a warm process; then one line per
+T4 advice predicted for a T4, with its ZeRO-1 JSON and without DeepSpeed: a fresh ``m3lab predict --
+<command>`` process, the imports alone in a fresh process (DeepSpeed, FlagEmbedding, transformers:
+what any use of them pays), the difference (the target: at most 3 s; medians of three interleaved
+rounds), and the same prediction in a warm process; then one line per
 configuration of a 17-point sweep (predicted peak, seconds, extrapolated or traced in full), and
 the median and slowest time after the first call, and the median per method.
 """
@@ -73,16 +74,33 @@ def _quiet_env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def cold_and_warm() -> dict[str, float]:
-    """Seconds for the advice's prediction from a fresh process, its imports alone, and warm."""
-    advice = TrainConfig.common_t4_advice(max_steps=100)
-    command = advice.command(deepspeed_json_path=str(_advice_json(advice)))
-    cold = _fresh_process_seconds([sys.executable, "-m", "m3lab", "predict", "--gpu", "t4", "--json", "--", *command])
-    imports = _fresh_process_seconds([sys.executable, "-c", IMPORTS])
-    predict(advice, "t4")  # this process's first: imports, caches, workers if any
-    started = time.perf_counter()
-    predict(advice, "t4")
-    return {"cold": cold, "imports": imports, "beyond_imports": cold - imports, "warm": time.perf_counter() - started}
+# The two commands timed from a fresh shell: the common T4 advice with its ZeRO-1 JSON (its 5e8
+# gradient bucket needs 5- and 6-layer shallow copies), and the same without DeepSpeed (2 and 3 layers)
+COLD_CASES = {"the common T4 advice (ZeRO-1)": {},
+              "the common T4 advice without DeepSpeed (adamw_torch)": {"deepspeed_stage": None, "optim": "adamw_torch"}}
+
+
+def cold_and_warm(rounds: int = 3) -> dict[str, dict[str, float]]:
+    """For each of COLD_CASES, predicted for a T4: seconds from a fresh ``m3lab predict -- <command>``
+    process, of the imports alone in a fresh process (the same round, interleaved), the median over
+    ``rounds`` of the difference, and warm (this process, after its first prediction)."""
+    results = {}
+    for name, changes in COLD_CASES.items():
+        config = TrainConfig.common_t4_advice(max_steps=100, **changes)
+        json_path = str(_advice_json(config)) if config.deepspeed_stage is not None else None
+        command = config.command(deepspeed_json_path=json_path)
+        colds, imports = [], []
+        for _ in range(rounds):
+            colds.append(_fresh_process_seconds([sys.executable, "-m", "m3lab", "predict", "--gpu", "t4", "--json",
+                                                 "--", *command]))
+            imports.append(_fresh_process_seconds([sys.executable, "-c", IMPORTS]))
+        predict(config, "t4")  # this process's first: imports, caches, workers if any
+        started = time.perf_counter()
+        predict(config, "t4")
+        results[name] = {"cold": statistics.median(colds), "imports": statistics.median(imports),
+                         "beyond_imports": statistics.median(c - i for c, i in zip(colds, imports)),
+                         "warm": time.perf_counter() - started}
+    return results
 
 
 def _advice_json(advice: TrainConfig):
@@ -96,10 +114,10 @@ def _advice_json(advice: TrainConfig):
 
 def main() -> None:
     print(f"machine speed: the reference workload took {reference_seconds():.3f} s (smaller is faster)")
-    times = cold_and_warm()
-    print(f"the common T4 advice (ZeRO-1), predicted for a T4: cold (a fresh `m3lab predict -- ...`) "
-          f"{times['cold']:.1f} s = imports {times['imports']:.1f} s + {times['beyond_imports']:.1f} s beyond them "
-          f"(target: 3 s); warm {times['warm']:.1f} s", flush=True)
+    for name, times in cold_and_warm().items():
+        print(f"{name}, predicted for a T4, median of three: cold (a fresh `m3lab predict -- ...`) "
+              f"{times['cold']:.1f} s, imports alone {times['imports']:.1f} s, {times['beyond_imports']:.1f} s "
+              f"beyond them (target: 3 s); warm {times['warm']:.1f} s", flush=True)
     timings, methods = [], []
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():
