@@ -120,31 +120,39 @@ def _fit(args) -> int:
     import contextlib
 
     from m3lab.config import ConfigError
-    from m3lab.fit import fit
-    from m3lab.gpus import GIB, gpu_profile
+    from m3lab.fit import deepspeed_file, fit
+    from m3lab.gpus import GIB
+    from m3lab.platforms import platform_for
 
-    gpu_profile(args.gpu)  # an unknown GPU is a mistake to report before the data is read
+    # an unknown GPU or platform is a mistake to report before the data is read
+    platform_for(args.platform, args.gpu, args.host_ram_gib)
     if args.margin_gib < 0 or not 0 < args.coverage <= 1 or args.max_group < 2:
         raise ConfigError(["--margin-gib must be 0 or more, --coverage between 0 and 1 (e.g. 0.95), --max-group 2 or "
                        f"more; got {args.margin_gib:g}, {args.coverage:g}, {args.max_group}."])
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
         result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
-                     max_group=args.max_group, log=lambda line: print(line, file=sys.stderr))
+                     max_group=args.max_group, log=lambda line: print(line, file=sys.stderr),
+                     platform=args.platform, host_ram_gib=args.host_ram_gib, stock=args.stock)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0 if result.best is not None else 1
     print(result.table())
     if result.best is None:
-        print(f"\nNothing fits {result.gpu} with {args.margin_gib:g} GiB to spare, even with group 2 and every "
-              f"lever (all figures predicted). Shorten the lengths (--coverage), or use a bigger card.")
+        print(f"\nNothing fits {result.platform.name} with {args.margin_gib:g} GiB to spare on the GPU, even "
+              f"with group 2 and every {'stock knob' if args.stock else 'lever'} (all figures predicted). Shorten "
+              "the lengths (--coverage), or use a bigger card.")
         return 1
     config, report = result.best.config, result.best.report
     print(f"\nbest: {result.best.setting}, train_group_size {config.train_group_size}, query_max_len "
           f"{config.query_max_len}, passage_max_len {config.passage_max_len}; every parameter trained")
     print(report.summary())
+    print(report.host.describe())
     print(f"(margin asked: {args.margin_gib:g} GiB; total {report.total_bytes / GIB:.2f} GiB of "
           f"{report.usable_bytes / GIB:.2f} GiB)\n")
-    ds_file = f"ds_stage{config.deepspeed_stage}.json"
+    ds_file = deepspeed_file(config)
     print(config.shell_command(deepspeed_json_path=ds_file))
-    if config.deepspeed_stage is not None:
+    if ds_file is not None:
         print(f"\n# {ds_file}\n{config.deepspeed_json()}", end="")
     return 0
 
@@ -222,8 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     predict = sub.add_parser("predict", help="predict the peak GPU memory of one training step")
     _add_predict_options(predict)
     predict.set_defaults(func=_predict)
-    fit = sub.add_parser("fit", help="search the best configuration that fits a GPU and print its command")
-    fit.add_argument("--gpu", default="t4", help="t4, l4, a10g, v100, a100-40, a100-80, h100 (default t4)")
+    fit = sub.add_parser("fit", help="search the best configuration that fits a platform and print its command")
+    fit.add_argument("--platform", help="colab-t4 (one T4, 12.7 GB host RAM) or kaggle-t4x2 (two T4s, 29 GB)")
+    fit.add_argument("--gpu", help="instead of --platform: t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100 "
+                     "(default t4)")
+    fit.add_argument("--host-ram-gib", type=float, help="with --gpu: the host's RAM in GiB (not checked without it)")
+    fit.add_argument("--stock", action="store_true",
+                     help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, --sub_batch_size)")
+    fit.add_argument("--json", action="store_true", help="print the chosen configuration and its report as JSON")
     fit.add_argument("--data", nargs="+", default=["data/train.jsonl"], help="FlagEmbedding JSONL training file(s)")
     fit.add_argument("--margin-gib", type=float, default=1.0, help="GiB to leave free on the card (default 1.0)")
     fit.add_argument("--coverage", type=float, default=0.95,

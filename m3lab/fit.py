@@ -1,11 +1,16 @@
-"""``m3lab fit``: the best FlagEmbedding M3 configuration that a GPU holds, found with the predictor.
+"""``m3lab fit``: the best FlagEmbedding M3 configuration that a platform holds, found with the predictor.
 
-The data decides the lengths: the smallest query_max_len and passage_max_len that keep 95% of the
-data's tokens (passages counted once each). The encoder stays trainable (no fix_encoder, no frozen
-word embeddings): freezing is a lever for smaller cards, not a way to fit. Then, among the memory
-settings below, from the fastest to the most frugal, the largest train_group_size whose predicted
-total (peak + allocator cache + CUDA context) leaves ``margin`` of the card free wins; a faster
-setting wins a tie. Every figure is predicted, and said to be.
+A platform is a GPU and the host RAM beside it (``m3lab.platforms``: free Colab, Kaggle, or a GPU
+with ``--host-ram-gib``). The data decides the lengths: the smallest query_max_len and
+passage_max_len that keep 95% of the data's tokens (passages counted once each); then, if the
+data's longest queries still fit, they are kept whole. The encoder stays trainable (no
+fix_encoder, no frozen word embeddings): freezing is a lever for smaller cards, not a way to fit.
+Among the memory settings, from the fastest to the most frugal, the largest train_group_size whose
+predicted GPU total (peak + allocator cache + CUDA context) leaves ``margin`` of the card free and
+whose host RAM (``m3lab.predict.host``) the platform has wins; a faster setting wins a tie.
+``stock=True`` keeps to what FlagEmbedding has (its own sparse head, ``--sub_batch_size``); otherwise
+m3lab's levers join in (the efficient sparse head, gradient caching). Every figure is predicted,
+and said to be.
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab.config import TrainConfig
-from m3lab.gpus import GIB, gpu_profile
+from m3lab.gpus import GIB
+from m3lab.platforms import Platform, platform_for
 from m3lab.standin import REAL_MODEL
 
-# (what to call it, TrainConfig changes), fastest first: each later one saves memory and costs time
-MEMORY_SETTINGS: tuple[tuple[str, dict], ...] = (
-    ("DeepSpeed ZeRO-1, AdamW", dict(deepspeed_stage=1)),
+# (what to call it, TrainConfig changes), fastest first: each later one saves memory and costs time.
+# Shared by both: FlagEmbedding's own knobs.
+_STOCK_FIRST: tuple[tuple[str, dict], ...] = (
+    ("no DeepSpeed, fused AdamW (HF's default)", dict(deepspeed_stage=None, optim="adamw_torch_fused")),
+    ("DeepSpeed ZeRO-1, torch AdamW", dict(deepspeed_stage=1)),
     ("8-bit AdamW, no DeepSpeed", dict(deepspeed_stage=None, optim="adamw_bnb_8bit")),
+    ("DeepSpeed ZeRO-1 + optimizer offload", dict(deepspeed_stage=1, offload_optimizer=True)),
+)
+STOCK_SETTINGS = _STOCK_FIRST + (
+    ("8-bit AdamW + --sub_batch_size 1", dict(deepspeed_stage=None, optim="adamw_bnb_8bit", sub_batch_size=1)),
+)
+MEMORY_SETTINGS = _STOCK_FIRST + (
     ("8-bit AdamW + grad cache (chunks of 4)", dict(deepspeed_stage=None, optim="adamw_bnb_8bit",
                                                     grad_cache_chunk_size=4)),
     ("8-bit AdamW + grad cache (chunks of 1)", dict(deepspeed_stage=None, optim="adamw_bnb_8bit",
@@ -34,44 +48,78 @@ class Trial:
     setting: str
     config: TrainConfig
     report: object  # predict.MemoryReport
-    fits: bool
+    fits: bool  # on the GPU with the margin, and in the host's RAM
+    host_fits: bool = True
 
 
 @dataclass
 class FitResult:
-    gpu: str
+    platform: Platform
     margin_bytes: int
     query_max_len: int
     passage_max_len: int
     tokenizer: str
     coverage: float
     max_group: int
+    stock: bool = False
+    longest_query: int = 0  # the data's longest query, in tokens (rounded up to 8)
     best: Trial | None = None
     trials: list[Trial] = field(default_factory=list)
 
+    @property
+    def gpu(self) -> str:
+        return self.platform.gpu.name
+
     def table(self) -> str:
-        header = f"{'memory setting':40} {'group':>5} {'peak':>7} {'total':>7}  verdict"
+        header = (f"{'memory setting':40} {'group':>5} {'query':>5} {'peak':>7} {'total':>7} {'host':>7}  verdict")
         lines = [header, "-" * len(header)]
         for t in self.trials:
             mark = "  <- best" if t is self.best else ""
-            lines.append(f"{t.setting:40} {t.config.train_group_size:5d} {t.report.peak_allocated_bytes / GIB:5.2f} G "
-                         f"{t.report.total_bytes / GIB:5.2f} G  {t.report.short_verdict}{mark}")
+            host = "" if t.host_fits else f"; host RAM short ({self.platform.host_ram_bytes / GIB:.1f} GiB)"
+            lines.append(f"{t.setting:40} {t.config.train_group_size:5d} {t.config.query_max_len:5d} "
+                         f"{t.report.peak_allocated_bytes / GIB:5.2f} G {t.report.total_bytes / GIB:5.2f} G "
+                         f"{t.report.host.total_bytes / GIB:5.2f} G  {t.report.short_verdict}{host}{mark}")
         return "\n".join(lines)
 
+    def to_json(self) -> dict:
+        """The chosen configuration (its command's arguments) and its report, for ``--json``."""
+        import dataclasses
 
-def base_config(data: list[str], gpu_key: str, query_max_len: int, passage_max_len: int) -> TrainConfig:
+        best = self.best
+        return {"platform": self.platform.key, "gpu": self.gpu, "host_ram_bytes": self.platform.host_ram_bytes,
+                "margin_bytes": self.margin_bytes, "stock": self.stock, "coverage": self.coverage,
+                "tokenizer": self.tokenizer, "longest_query": self.longest_query,
+                "best": None if best is None else {"setting": best.setting, "config": dataclasses.asdict(best.config),
+                                                   "command": best.config.command(
+                                                       deepspeed_json_path=deepspeed_file(best.config)),
+                                                   "report": best.report.to_json()},
+                "trials": [{"setting": t.setting, "train_group_size": t.config.train_group_size,
+                            "query_max_len": t.config.query_max_len, "fits": t.fits, "host_fits": t.host_fits,
+                            "total_bytes": t.report.total_bytes, "host_total_bytes": t.report.host.total_bytes}
+                           for t in self.trials]}
+
+
+def deepspeed_file(config: TrainConfig) -> str | None:
+    """The JSON file name the printed command uses (written next to it), or None without DeepSpeed."""
+    return f"ds_stage{config.deepspeed_stage}.json" if config.deepspeed_stage is not None else None
+
+
+def base_config(data: list[str], platform: Platform, query_max_len: int, passage_max_len: int,
+                stock: bool = False) -> TrainConfig:
     """Everything but the memory setting and the group: the full model trained, dense + sparse + ColBERT
-    with self-distillation, fp16 (bf16 where the card has it), checkpointing, m3lab's sparse head."""
-    gpu = gpu_profile(gpu_key)
+    with self-distillation, fp16 (bf16 where the card has it), checkpointing, and (unless ``stock``)
+    m3lab's sparse head."""
+    gpu = platform.gpu
     return TrainConfig(
         model=REAL_MODEL, train_data=list(data), query_max_len=query_max_len, passage_max_len=passage_max_len,
         per_device_train_batch_size=1, fp16=not gpu.supports_bf16, bf16=gpu.supports_bf16,
         gradient_checkpointing=True, unified_finetuning=True, use_self_distill=True, same_dataset_within_batch=True,
-        pad_to_multiple_of=8, efficient_sparse_head=True, num_processes=gpu.count)
+        pad_to_multiple_of=8, efficient_sparse_head=not stock, num_processes=gpu.count)
 
 
-def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tuple[int, int, int, str]:
-    """(query_max_len, passage_max_len, most negatives every line has, tokenizer name) for the data."""
+def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tuple[int, int, int, str, int]:
+    """(query_max_len, passage_max_len, most negatives every line has, tokenizer name, the longest
+    query rounded up to a multiple of 8) for the data."""
     from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
 
     # the data first: bad data is reported before the tokenizer (and the stand-in) is loaded and talks
@@ -83,38 +131,49 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tup
     else:
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     passages = list(dict.fromkeys(t for r in records for t in r["pos"] + r.get("neg", [])))
-    query = length_covering_tokens(token_lengths([r["query"] for r in records], tokenizer), coverage)
+    query_lengths = token_lengths([r["query"] for r in records], tokenizer)
+    query = length_covering_tokens(query_lengths, coverage)
     passage = length_covering_tokens(token_lengths(passages, tokenizer), coverage)
     negatives = min(len(r.get("neg", [])) for r in records)
-    return min(query, MODEL_MAX_LEN), min(passage, MODEL_MAX_LEN), negatives, name
+    longest = length_covering_tokens(query_lengths, 1.0)
+    return min(query, MODEL_MAX_LEN), min(passage, MODEL_MAX_LEN), negatives, name, min(longest, MODEL_MAX_LEN)
 
 
-def fit(data: list[str] | str, gpu: str = "t4", margin_gib: float = 1.0, coverage: float = 0.95,
-        tokenizer=None, max_group: int = 16, log=print) -> FitResult:
-    """Search memory settings and group sizes with the predictor; see the module docstring."""
+def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = 1.0, coverage: float = 0.95,
+        tokenizer=None, max_group: int = 16, log=print, *, platform: str | None = None,
+        host_ram_gib: float | None = None, stock: bool = False) -> FitResult:
+    """Search memory settings and group sizes with the predictor; see the module docstring.
+    ``platform`` ("colab-t4", "kaggle-t4x2") or ``gpu`` (default "t4") with ``host_ram_gib``."""
     from m3lab.predict import predict
 
+    where = platform_for(platform, gpu if gpu is not None or platform is None else None, host_ram_gib)
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
-    query_len, passage_len, negatives, tokenizer_name = data_lengths(data, coverage, tokenizer)
+    query_len, passage_len, negatives, tokenizer_name, longest_query = data_lengths(data, coverage, tokenizer)
     # a group is one positive and group - 1 negatives; FlagEmbedding repeats negatives when a line has
     # too few, which adds memory and no information, so the data's fewest negatives cap the group
     cap = max(2, min(max_group, negatives + 1))
-    profile = gpu_profile(gpu)
-    result = FitResult(profile.name, int(margin_gib * GIB), query_len, passage_len, tokenizer_name, coverage, cap)
-    log(f"lengths keeping {coverage:.0%} of the data's tokens ({tokenizer_name}): query_max_len {query_len}, "
-        f"passage_max_len {passage_len}; train_group_size up to {cap} (every line has {negatives} negatives)")
-    base = base_config(data, gpu, query_len, passage_len)
+    settings = STOCK_SETTINGS if stock else MEMORY_SETTINGS
+    result = FitResult(where, int(margin_gib * GIB), query_len, passage_len, tokenizer_name, coverage, cap, stock,
+                       longest_query)
+    log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({tokenizer_name}): "
+        f"query_max_len {query_len}, passage_max_len {passage_len}; train_group_size up to {cap} (every line "
+        f"has {negatives} negatives)")
+    base = base_config(data, where, query_len, passage_len, stock)
 
-    def trial(setting: str, changes: dict, group: int) -> Trial:
-        config = base.replace(**changes, train_group_size=group)
-        report = predict(config, gpu)
-        done = Trial(setting, config, report, report.total_bytes <= report.usable_bytes - result.margin_bytes)
+    def trial(setting: str, changes: dict, group: int, **lengths) -> Trial:
+        config = base.replace(**changes, train_group_size=group, **lengths)
+        report = predict(config, where.gpu.key)
+        host_fits = where.host_ram_bytes is None or report.host.total_bytes <= where.host_ram_bytes
+        gpu_fits = report.total_bytes <= report.usable_bytes - result.margin_bytes
+        done = Trial(setting, config, report, gpu_fits and host_fits, host_fits)
         result.trials.append(done)
-        log(f"  {setting}, group {group}: {report.total_bytes / GIB:.2f} GiB in all, {report.short_verdict}")
+        host = "" if host_fits else f"; needs {report.host.total_bytes / GIB:.2f} GiB of host RAM, more than the host has"
+        log(f"  {setting}, group {group}, query {config.query_max_len}: {report.total_bytes / GIB:.2f} GiB in all, "
+            f"{report.short_verdict}{host}")
         return done
 
     # the most frugal setting finds the largest group (memory grows with the group: bisect) ...
-    frugal_name, frugal = MEMORY_SETTINGS[-1]
+    frugal_name, frugal = settings[-1]
     low, high, best = 2, cap, None
     while low <= high:
         group = (low + high) // 2
@@ -125,11 +184,18 @@ def fit(data: list[str] | str, gpu: str = "t4", margin_gib: float = 1.0, coverag
             high = group - 1
     if best is None:
         return result
-    # ... and the fastest setting that holds the same group is the one to run
-    for name, changes in MEMORY_SETTINGS[:-1]:
+    # ... the fastest setting that holds the same group is the one to run ...
+    for name, changes in settings[:-1]:
         attempt = trial(name, changes, best.config.train_group_size)
         if attempt.fits:
             best = attempt
             break
+    # ... and queries are kept whole when the run still fits with them (they are short, and the
+    # peak is often where their length does not count)
+    if longest_query > best.config.query_max_len:
+        changes = dict(settings)[best.setting]
+        whole = trial(best.setting, changes, best.config.train_group_size, query_max_len=longest_query)
+        if whole.fits:
+            best = whole
     result.best = best
     return result

@@ -57,6 +57,9 @@ MISTAKES = {
     "fit: unknown GPU": (["fit", "--gpu", "tpu"], "unknown GPU"),
     "fit: coverage out of range": (["fit", "--coverage", "3"], "--coverage between 0 and 1"),
     "fit: missing data": (["fit", "--data", "{tmp}/none.jsonl"], "none.jsonl"),
+    "fit: unknown platform": (["fit", "--platform", "colab"], "unknown platform; choose one of colab-t4"),
+    "fit: platform and GPU": (["fit", "--platform", "kaggle-t4x2", "--gpu", "t4"], "leave out --gpu"),
+    "fit: no host RAM": (["fit", "--gpu", "t4", "--host-ram-gib", "0"], "more than 0 GiB"),
     "validate: missing file": (["validate", "{tmp}/none.jsonl"], "none.jsonl"),
     "command: unknown preset": (["command", "fastest"], "invalid choice: 'fastest'"),
 }

@@ -9,8 +9,10 @@ import pytest
 
 from m3lab import cli
 from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
-from m3lab.fit import MEMORY_SETTINGS, fit
+from m3lab.config import ConfigError
+from m3lab.fit import MEMORY_SETTINGS, STOCK_SETTINGS, fit
 from m3lab.gpus import GIB
+from m3lab.platforms import PLATFORMS, platform_for
 
 
 def test_length_covering_tokens_by_hand():
@@ -26,7 +28,7 @@ def test_length_covering_tokens_by_hand():
 @pytest.fixture(scope="module")
 def fitted():
     lines = []
-    result = fit("data/train.jsonl", gpu="t4", margin_gib=1.0, log=lines.append)
+    result = fit("data/train.jsonl", platform="colab-t4", margin_gib=1.0, log=lines.append)
     return result, lines
 
 
@@ -55,6 +57,7 @@ def test_fit_returns_the_largest_group_that_fits_with_the_encoder_trained(fitted
     config, report = best.config, best.report
     assert not config.fix_encoder and not config.freeze_word_embeddings and config.use_self_distill
     assert report.total_bytes <= report.usable_bytes - GIB  # the margin
+    assert report.host.total_bytes <= PLATFORMS["colab-t4"].host_ram_bytes
     assert report.provenance == "predicted for Tesla T4 (Colab)"
     group = config.train_group_size
     frugal = [t for t in result.trials if t.setting == MEMORY_SETTINGS[-1][0]]
@@ -107,3 +110,51 @@ def test_bad_data_is_reported_with_its_line(tmp_path, capsys):
     bad.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n{not json\n")
     assert cli.main(["fit", "--data", str(bad)]) == 2  # bad input: exit status 2
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+def test_platforms_are_the_runtimes_figures_and_bad_ones_are_named():
+    colab, kaggle = PLATFORMS["colab-t4"], PLATFORMS["kaggle-t4x2"]
+    assert (colab.gpu.count, colab.host_ram_bytes) == (1, 12_700_000_000)  # ../shared/colab/README.md
+    assert (kaggle.gpu.count, kaggle.host_ram_bytes) == (2, 29_000_000_000)
+    assert platform_for(gpu="l4", host_ram_gib=50).host_ram_bytes == 50 * GIB
+    assert platform_for(gpu="l4").host_ram_bytes is None  # not given: not checked
+    for kwargs, phrase in ((dict(platform="colab"), "unknown platform"),
+                           (dict(platform="colab-t4", gpu="t4"), "leave out --gpu"),
+                           (dict(gpu="t4", host_ram_gib=0), "more than 0 GiB")):
+        with pytest.raises(ConfigError, match=phrase):
+            platform_for(**kwargs)
+
+
+@pytest.mark.slow
+def test_fit_keeps_the_longest_queries_when_they_still_fit(fitted):
+    result, _ = fitted
+    assert result.longest_query > result.query_max_len  # the data has queries beyond the 95% length
+    best = result.best.config
+    assert best.query_max_len == result.longest_query
+    # the same setting and group at the 95% length was tried first and fitted too
+    assert any(t.setting == result.best.setting and t.config.train_group_size == best.train_group_size
+               and t.config.query_max_len == result.query_max_len and t.fits for t in result.trials)
+
+
+@pytest.mark.slow
+def test_fit_never_proposes_what_the_host_cannot_hold():
+    # 4 GiB of host RAM: less than any run needs (the fp32 weights alone are 2.1 GiB per process)
+    result = fit("data/train.jsonl", gpu="t4", host_ram_gib=4, log=lambda line: None, max_group=3)
+    assert result.best is None
+    assert result.trials and all(not t.host_fits and not t.fits for t in result.trials)
+    assert all(t.report.host.total_bytes > 4 * GIB for t in result.trials)
+
+
+@pytest.mark.slow
+def test_fit_stock_keeps_to_flagembedding_and_json_has_the_choice_and_host(capsys):
+    assert cli.main(["fit", "--platform", "colab-t4", "--stock", "--json", "--max-group", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = out["best"]
+    assert out["platform"] == "colab-t4" and out["host_ram_bytes"] == 12_700_000_000 and out["stock"]
+    assert best["setting"] in dict(STOCK_SETTINGS)
+    config = best["config"]
+    assert not config["efficient_sparse_head"] and config["grad_cache_chunk_size"] == 0
+    assert best["command"][4:6] == ["-m", "FlagEmbedding.finetune.embedder.encoder_only.m3"]
+    report = best["report"]
+    assert report["host_total_bytes"] <= out["host_ram_bytes"] and "host_peak_bytes" in report
+    assert report["total_bytes"] <= report["usable_bytes"] - GIB

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from m3lab.gpus import GIB
+from m3lab.predict.host import HostMemory, host_memory
 
 # Within this of the card's limit, the verdict rests on the caching allocator's share, which is
 # simulated (full traces) or carried over from the 3-layer trace (extrapolation): say so.
@@ -89,6 +90,12 @@ class MemoryReport(PeakFigures):
         return max((r.model_state_bytes.get("host_peak_bytes", 0) for r in self.per_rank), default=0)
 
     @property
+    def host(self) -> HostMemory:
+        """The host RAM the whole run needs (``m3lab.predict.host``: weights counted, offload traced,
+        the processes themselves estimated)."""
+        return host_memory(self.per_rank)
+
+    @property
     def short_verdict(self) -> str:
         """The verdict in a few words, for tables."""
         spare_live = (self.usable_bytes - self.peak_allocated_bytes - self.context_bytes) / GIB
@@ -113,6 +120,8 @@ class MemoryReport(PeakFigures):
         data = asdict(self)
         data.pop("snapshot")
         data["verdict"] = self.verdict
+        data["host_peak_bytes"] = self.host_peak_bytes
+        data["host_total_bytes"] = self.host.total_bytes
         return data
 
     def save_snapshot(self, path: str | Path) -> None:

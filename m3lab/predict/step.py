@@ -149,6 +149,7 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                         "optimizer_states": sum(e.nbytes for e in trace.live.values()
                                                 if e.category == "optimizer_states"),
                         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        "params": sum(p.numel() for p in model.parameters()),
                         # offloaded: fp32 masters and Adam states in host memory, and the host's peak
                         "offloaded_optimizer_states": sum(
                             storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(

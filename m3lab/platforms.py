@@ -1,0 +1,53 @@
+"""The platforms a learner trains on: which GPUs they give and how much host (CPU) memory.
+
+Free Colab gives one T4 and about 12.7 GB of host RAM; Kaggle two T4s and about 29 GB (the figures
+the runtimes show their users, ../shared/colab/README.md). A recipe has to fit both: the GPU's
+memory (m3lab.predict) and the host's (``m3lab.predict.host``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m3lab.gpus import GPU, gpu_profile
+
+GB = 10**9  # the runtimes show host RAM in decimal gigabytes
+
+
+@dataclass(frozen=True)
+class Platform:
+    key: str
+    name: str
+    gpu: GPU
+    host_ram_bytes: int | None  # None: not known, not checked
+
+    def describe(self) -> str:
+        host = f"{self.host_ram_bytes / GB:.1f} GB host RAM" if self.host_ram_bytes else "host RAM not given"
+        return f"{self.name}: {self.gpu.count} x {self.gpu.name.split(' (')[0]}, {host}"
+
+
+PLATFORMS: dict[str, Platform] = {p.key: p for p in [
+    Platform("colab-t4", "free Colab", gpu_profile("t4"), int(12.7 * GB)),
+    Platform("kaggle-t4x2", "Kaggle", gpu_profile("t4x2"), int(29 * GB)),
+]}
+
+
+def platform_for(platform: str | None = None, gpu: str | None = None, host_ram_gib: float | None = None) -> Platform:
+    """A named platform (``--platform colab-t4``), or a GPU with the host RAM given in GiB
+    (``--gpu l4 --host-ram-gib 50``); a GPU alone gets no host limit checked (unknown)."""
+    from m3lab.config import ConfigError
+
+    if platform is not None:
+        if gpu is not None or host_ram_gib is not None:
+            raise ConfigError([f"--platform {platform} names the GPU and the host RAM; leave out --gpu and "
+                               "--host-ram-gib, or use those two instead of --platform."])
+        key = platform.lower()
+        if key not in PLATFORMS:
+            raise ConfigError([f"--platform {platform}: unknown platform; choose one of {', '.join(PLATFORMS)}, "
+                               "or give --gpu and --host-ram-gib."])
+        return PLATFORMS[key]
+    profile = gpu_profile(gpu or "t4")
+    if host_ram_gib is not None and host_ram_gib <= 0:
+        raise ConfigError([f"--host-ram-gib {host_ram_gib:g}: the host's RAM must be more than 0 GiB."])
+    host = int(host_ram_gib * 2**30) if host_ram_gib is not None else None
+    return Platform(profile.key, profile.name, profile, host)
