@@ -103,8 +103,9 @@ lessons.print_commands({**passage_configs, **query_configs})
 # the CUDA context: a close call. At 256 and below the curve is flat
 # at 12.71 GiB, because the peak is now the optimizer step (ZeRO-0: fp32 master weights and Adam
 # moments, 6.4 GiB, plus their update temporaries), which no length changes. So the advice's 392 is
-# the knee of the curve on this configuration: shorter buys no memory and cuts more text (about a
-# quarter of the passages and 42% of passage tokens here); longer does not fit. Query length hardly
+# not the knee: 256 peaks at 12.71 GiB against 392's 13.64 GiB, where the floor begins, at the price
+# of more text cut (52% of passage tokens instead of 42% here); below 256 length buys nothing, and
+# longer than 392 does not fit. Query length hardly
 # matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one text per group. The margin
 # left at the floor is the allocator's cache and the CUDA context, both estimates; the next lessons
 # look for real room.

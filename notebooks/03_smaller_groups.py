@@ -119,7 +119,7 @@ lessons.print_commands({**group_configs, **batch_configs, **cross_configs})
 # **Verdict.** Group size and batch scale the sparse head's tensor and the activations (passages per
 # step = batch x group): a real lever while those make the peak, as at group 16 or batch 4. At 392
 # tokens, from group 6 down (12 passages per step), the peak is the optimizer step and a smaller
-# group buys nothing: group 2 and group 6 both peak at 12.71 GiB, while group 2 trains with a third
-# of the negatives. `negatives_cross_device` costs nothing visible at the peak on 2 x T4: what it
+# group buys nothing: group 2 and group 6 both peak at 12.71 GiB, while group 2 trains one negative
+# per query where group 6 trains five: a fifth of the negatives. `negatives_cross_device` costs nothing visible at the peak on 2 x T4: what it
 # gathers (the other GPU's dense, sparse and ColBERT vectors of a dozen passages) is megabytes, next
 # to gigabytes of model states.

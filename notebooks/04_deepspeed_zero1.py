@@ -57,7 +57,10 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 
 # %%
 advice = TrainConfig.common_t4_advice()
-configs = {"1 x T4, ZeRO-0": advice.replace(deepspeed_stage=0),
+configs = {"1 x T4, no DeepSpeed, torch AdamW": advice.replace(deepspeed_stage=None, optim="adamw_torch"),
+           "1 x T4, no DeepSpeed, fused AdamW": advice.replace(deepspeed_stage=None, optim="adamw_torch_fused"),
+           "1 x T4, ZeRO-0, FusedAdam": advice.replace(deepspeed_stage=0, torch_adam=False),
+           "1 x T4, ZeRO-0": advice.replace(deepspeed_stage=0),
            "1 x T4, ZeRO-1": advice,
            "1 x T4, ZeRO-2 (no ckpt)": advice.replace(deepspeed_stage=2, gradient_checkpointing=False),
            "1 x T4, ZeRO-1 + offload": advice.replace(offload_optimizer=True),
@@ -72,9 +75,18 @@ print(lessons.prediction_table(reports))
 print()
 for label, report in reports.items():
     states = [r.model_state_bytes["optimizer_states"] / GIB for r in report.per_rank]
-    host = report.host_peak_bytes / GIB
-    print(f"{label:28} optimizer states per GPU: {', '.join(f'{s:.2f}' for s in states)} GiB"
-          + (f"; host memory for the offloaded optimizer {host:.2f} GiB" if host else ""))
+    print(f"{label:34} optimizer states per GPU: {', '.join(f'{s:.2f}' for s in states)} GiB; "
+          f"host RAM needed {report.host.total_bytes / GIB:.2f} GiB"
+          + (f" (the offloaded optimizer: {report.host_peak_bytes / GIB:.2f} GiB)" if report.host_peak_bytes else ""))
+print("host RAM: fp32 weights as loaded counted, offloaded optimizer traced, processes estimated (m3lab.predict.host)")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+# Where each one-T4 run peaks, and what is alive there (GiB)
+for label, report in reports.items():
+    if label.startswith("1 x T4") and "offload" not in label:
+        print(f"{label:34} {report.peak_phase} at {report.peak_op:22} "
+              + ", ".join(f"{k} {v / GIB:.2f}" for k, v in report.breakdown.items() if v))
 
 # %%
 plots.breakdown_bars(reports, title="ZeRO stages on one and two T4s (common advice)");
@@ -121,14 +133,22 @@ plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) for r in measured.
 # **Verdict.** On one T4, ZeRO-1 partitions nothing: there is one partition, and the optimizer
 # states are the same 6.36 GiB as ZeRO-0's (measured: the same Adam bytes on one process, to a few
 # bytes of padding). Its step does peak about 1 GiB lower than ZeRO-0's (11.65 against 12.71 GiB),
-# but for another reason: DeepSpeed's ZeRO optimizer updates one flat fp32 partition rather than
-# ZeRO-0's per-tensor path with its foreach temporaries. Either way the margin that is left is the
-# allocator's cache and the CUDA context, both estimates: a close call, not a fit. On Kaggle's
-# 2 x T4 ZeRO-1 halves the states per GPU (measured: each rank holds exactly half the Adam bytes),
-# which is the saving the advice promises, and 2 x T4 then has 3.9 GiB to spare. One more
+# and the table of what is alive at the peak says why: both peak in the optimizer step, at
+# `_foreach_sqrt`, with the same 4.24 GiB of temporaries; the difference is ZeRO-0's 1.06 GiB of fp16
+# gradients, still alive during its step, which ZeRO-1 has already copied into its fp32 partition.
+# Upstream's own ds_stage0.json (DeepSpeed's FusedAdam instead of `torch_adam`) peaks at the same
+# 12.71 GiB. Every DeepSpeed run on one T4 is a close call: the margin left is the allocator's cache
+# and the CUDA context, both estimates.
+#
+# **On one T4, drop DeepSpeed.** HF Trainer's own fp16 (autocast) with torch's AdamW peaks at 10.58
+# GiB and fits with 2.30 GiB to spare; with HF's default `--optim adamw_torch_fused`, 10.37 GiB and 2.70
+# GiB. It keeps fp32 weights (2.12 GiB) and no fp16 copy, where DeepSpeed's fp16 keeps fp16 weights
+# and fp32 masters, and its optimizer temporaries are half DeepSpeed's (2.12 against 4.24 GiB).
+#
+# On Kaggle's 2 x T4 ZeRO-1 halves the states per GPU (measured: each rank holds exactly half the
+# Adam bytes), which is the saving the advice promises, and 2 x T4 then has 3.89 GiB to spare. One more
 # measured detail: in full precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0
 # does not need; with fp16 on a GPU both keep one. Offloading the optimizer to the CPU takes states
-# and update off the GPU entirely (4.48 GiB peak), at the price of about 14 GiB of host memory for
-# BGE-M3 at the CPU update's peak (fp32 masters, Adam moments and fp32 gradients, 8.5 GiB, plus the
-# temporaries of torch's AdamW on one flat 568M-element tensor): more than a free Colab machine has
-# (about 12.7 GB of RAM), fine on Kaggle (about 30 GB).
+# and update off the GPU entirely (4.48 GiB peak), at the price of host RAM: the run needs 16.75 GiB of
+# it (the offloaded optimizer traced at 14.25 GiB, the process and launcher estimated), more than
+# free Colab's 12.7 GB; Kaggle's 29 GB hold it.

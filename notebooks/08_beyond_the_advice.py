@@ -172,7 +172,7 @@ print(goal.shell_command())
 # %% [markdown]
 # ## `m3lab fit`: let the predictor choose
 #
-# `m3lab fit --gpu t4 --data data/train.jsonl` takes the lengths that keep 95% of the data's tokens, finds
+# `m3lab fit --platform colab-t4 --data data/train.jsonl` takes the lengths that keep 95% of the data's tokens, finds
 # the largest group the most frugal setting holds (bisecting), then the fastest setting that holds the
 # same group, and prints its command. The encoder always trains. The same from Python:
 
@@ -180,7 +180,7 @@ print(goal.shell_command())
 from m3lab.config import DEFAULT_TRAIN_DATA
 from m3lab.fit import fit
 
-fitted = fit(DEFAULT_TRAIN_DATA, gpu="t4", margin_gib=1.0)
+fitted = fit(DEFAULT_TRAIN_DATA, platform="colab-t4", margin_gib=1.0)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -194,22 +194,25 @@ print(fitted.best.config.shell_command())
 # %% [markdown]
 # ## A real run with the levers
 #
-# Two runs of a few steps: FlagEmbedding's own step without DeepSpeed, then the goal, the same with
-# the levers. On a T4 that is the real BGE-M3 at the goal's lengths (a bigger GPU is capped to a T4's
-# memory), where FlagEmbedding's step runs out of memory as predicted; on a CPU the stand-in, with
-# passages of 512 tokens, in full precision. Then the goal's measured peak is drawn over its
-# prediction for this machine.
+# Four runs of a few steps, one lever added per run: FlagEmbedding's own step without DeepSpeed, then
+# the efficient sparse head, then the gradient cache, then 8-bit AdamW (the goal). On a T4 that is the
+# real BGE-M3 at the goal's lengths (a bigger GPU is capped to a T4's memory), where FlagEmbedding's
+# step runs out of memory as predicted; on a CPU the stand-in, with passages of 512 tokens, in full
+# precision. Then the goal's measured peak is drawn over its prediction for this machine.
 
 # %%
 from m3lab.train import train
 
 plain = goal.replace(efficient_sparse_head=False, grad_cache_chunk_size=0, optim="adamw_torch")
 cpu_sizes = dict(query_max_len=64, passage_max_len=512, per_device_train_batch_size=2, learning_rate=1e-4)
+head = plain.replace(efficient_sparse_head=True)
 sized = {"FlagEmbedding's step": env.sized(plain.replace(max_steps=4), **cpu_sizes),
+         "+ efficient sparse head": env.sized(head.replace(max_steps=4), **cpu_sizes),
+         "+ grad cache": env.sized(head.replace(grad_cache_chunk_size=1, max_steps=4), **cpu_sizes),
          "with the levers": env.sized(goal.replace(max_steps=4), **cpu_sizes)}
 runs = {label: train(config, memory_limit_bytes=env.memory_limit_bytes) for label, config in sized.items()}
 for label, run in runs.items():
-    print(f"{label:22} {run.summary()}")
+    print(f"{label:24} {run.summary()}")
 
 # %%
 finished = {label: run for label, run in runs.items() if run.status == "ok"}  # an OOM has no peak to draw
