@@ -110,10 +110,12 @@ class TrainConfig:
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def upstream_example(cls, **changes) -> "TrainConfig":
-        """FlagEmbedding's own M3 example (examples/finetune/embedder/encoder_only/m3.sh), on one GPU."""
+        """FlagEmbedding's own M3 example (examples/finetune/embedder/encoder_only/m3.sh) on one GPU,
+        with its ds_stage0.json: DeepSpeed's FusedAdam (no ``torch_adam``). Adapted: one process
+        instead of two, so no ``negatives_cross_device`` (nothing to share on one)."""
         return cls(**{**dict(
             train_group_size=8, query_max_len=512, passage_max_len=512, per_device_train_batch_size=2,
-            fp16=True, gradient_checkpointing=True, deepspeed_stage=0, num_train_epochs=2,
+            fp16=True, gradient_checkpointing=True, deepspeed_stage=0, torch_adam=False, num_train_epochs=2,
             unified_finetuning=True, use_self_distill=True, self_distill_start_step=0,
             pad_to_multiple_of=8, same_dataset_within_batch=True,
         ), **changes})

@@ -73,10 +73,13 @@ class Environment:
 
     def sized(self, config: TrainConfig, **cpu_sizes) -> TrainConfig:
         """``config`` as this machine runs it: with BGE-M3 on a GPU; on a CPU with the stand-in,
-        in fp32 (fp16 training needs CUDA) and at ``cpu_sizes`` (lengths, group, steps, bucket...)."""
+        in fp32 (fp16 training needs CUDA) and at ``cpu_sizes`` (lengths, group, steps, bucket...).
+        Either way DeepSpeed runs torch's AdamW (``torch_adam``): its FusedAdam is a CUDA op that
+        DeepSpeed compiles on first use, which needs a CUDA compiler a runtime may lack (and no CPU
+        has); the two hold the same states (m3lab.predict models both)."""
         if self.on_gpu:
-            return config.replace(model=self.model)
-        return config.replace(model=self.model, fp16=False, bf16=False, **cpu_sizes)
+            return config.replace(model=self.model, torch_adam=True)
+        return config.replace(model=self.model, fp16=False, bf16=False, torch_adam=True, **cpu_sizes)
 
     def describe(self) -> str:
         if not self.on_gpu:
@@ -140,11 +143,12 @@ def predict_all(configs: dict[str, TrainConfig], gpu: str = "t4") -> dict[str, M
 
 def prediction_table(reports: dict[str, MemoryReport]) -> str:
     """A fixed-width table of predictions: deterministic text, so nbval can hold it steady."""
-    header = f"{'configuration':34} {'peak alloc':>10} {'+cache+ctx':>10}  verdict"
+    width = max([34] + [len(label) for label in reports])
+    header = f"{'configuration':{width}} {'peak alloc':>10} {'+cache+ctx':>10}  verdict"
     lines = [header, "-" * len(header)]
     for label, report in reports.items():
         verdict = report.short_verdict
-        lines.append(f"{label:34} {report.peak_allocated_bytes / GIB:8.2f} G {report.total_bytes / GIB:8.2f} G  "
+        lines.append(f"{label:{width}} {report.peak_allocated_bytes / GIB:8.2f} G {report.total_bytes / GIB:8.2f} G  "
                      f"{verdict}")
     provenances = sorted({r.provenance for r in reports.values()})
     lines.append(f"GiB, {' / '.join(provenances)}; usable {next(iter(reports.values())).usable_bytes / GIB:.2f} GiB")

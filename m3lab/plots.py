@@ -78,36 +78,108 @@ def _usable_line(ax, usable_bytes: float | None, label: str = "T4 usable memory"
         ax.axhline(usable_bytes / GIB, color="tab:red", linestyle="--", label=f"{label} ({usable_bytes / GIB:.2f} GiB)")
 
 
+def _bar_axes(totals: list[float], usable_gib: float, width: float):
+    """One axis from 0, or, when some bars dwarf the card (FlagEmbedding's example at 8,192 tokens:
+    137 GiB against 14.74), a broken axis: the card's band below, the tall bars' tops above. A log
+    axis would make stacked bars lie about their parts."""
+    band = max([t for t in totals if t <= 4 * usable_gib] + [usable_gib]) * 1.15
+    tall = [t for t in totals if t > 4 * usable_gib]
+    if not tall:
+        fig, ax = plt.subplots(figsize=(width, 4.4))
+        ax.set_ylim(0, band)
+        return fig, [ax]
+    fig, (upper, lower) = plt.subplots(2, 1, sharex=True, figsize=(width, 5.2),
+                                       gridspec_kw={"height_ratios": [1, 2.2], "hspace": 0.08})
+    upper.set_ylim(min(tall) * 0.85, max(tall) * 1.06)
+    lower.set_ylim(0, band)
+    upper.spines["bottom"].set_visible(False)
+    lower.spines["top"].set_visible(False)
+    upper.tick_params(bottom=False)
+    for ax, y in ((upper, 0), (lower, 1)):  # the break marks
+        ax.plot([0, 1], [y, y], transform=ax.transAxes, marker=[(-1, -0.5), (1, 0.5)], markersize=10,
+                linestyle="none", color="k", mec="k", mew=1, clip_on=False)
+    return fig, [upper, lower]
+
+
+def _finish_bars(fig, axes, labels: list[str], title: str, ylabel: str):
+    axes[-1].set_xticks(range(len(labels)), labels, rotation=15, ha="right")
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.supylabel(ylabel, fontsize=10) if len(axes) > 1 else axes[0].set_ylabel(ylabel)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "What the peak is made of",
                    measured: dict | None = None, measured_provenance: str = "measured"):
     """Stacked bars, one per configuration: what is alive at the predicted peak (weights,
     gradients, optimizer states, activations, temporaries, DeepSpeed's buffers), then the
-    allocator's cache and the CUDA context on top; the card's usable memory as a line.
-    ``measured`` ({label: bytes}) adds measured peaks as black markers, labelled ``measured_provenance``
-    (e.g. "measured on Tesla T4")."""
+    allocator's cache and the CUDA context on top; the card's usable memory as a line; a broken
+    axis when some bars dwarf the card. ``measured`` ({label: bytes}) adds measured peaks as black
+    markers, labelled ``measured_provenance`` (e.g. "measured on Tesla T4")."""
     labels = list(reports)
     first = next(iter(reports.values()))
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(labels) + 3), 4.4))
-    bottoms = [0.0] * len(labels)
-    for category, colour in CATEGORY_COLOURS.items():
-        values = [reports[k].breakdown[category] / GIB for k in labels]
-        ax.bar(range(len(labels)), values, bottom=bottoms, color=colour, label=category.replace("_", " "))
-        bottoms = [b + v for b, v in zip(bottoms, values)]
-    extra = [(reports[k].total_bytes - reports[k].peak_allocated_bytes) / GIB for k in labels]
-    ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
-           label="allocator cache + CUDA context (estimated)")
-    if measured:
-        xs = [i for i, k in enumerate(labels) if k in measured]
-        ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
-                   label=f"peak allocated, {measured_provenance}")
-    _usable_line(ax, first.usable_bytes)
-    top = max([b + e for b, e in zip(bottoms, extra)] + [first.usable_bytes / GIB])
-    ax.set_yscale("symlog", linthresh=20) if top > 60 else ax.set_ylim(0, top * 1.15)
-    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
-    ax.set_ylabel("GPU memory at the peak (GiB)")
-    ax.set_title(f"{title}\n({' / '.join(sorted({r.provenance for r in reports.values()}))})")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
+    totals = [reports[k].total_bytes / GIB for k in labels]
+    fig, axes = _bar_axes(totals, first.usable_bytes / GIB, max(6.4, 1.3 * len(labels) + 3))
+    for ax in axes:
+        bottoms = [0.0] * len(labels)
+        for category, colour in CATEGORY_COLOURS.items():
+            values = [reports[k].breakdown[category] / GIB for k in labels]
+            ax.bar(range(len(labels)), values, bottom=bottoms, color=colour, label=category.replace("_", " "))
+            bottoms = [b + v for b, v in zip(bottoms, values)]
+        extra = [t - b for t, b in zip(totals, bottoms)]
+        ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
+               label="allocator cache + CUDA context (estimated)")
+        if measured:
+            xs = [i for i, k in enumerate(labels) if k in measured]
+            ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
+                       label=f"peak allocated, {measured_provenance}")
+        _usable_line(ax, first.usable_bytes)
+    for i, total in enumerate(totals):  # the figure itself, where the bar is too tall or too thin to read
+        axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
+            f"{total:.1f}", (i, total), ha="center", va="bottom", fontsize=8)
+    provenance = " / ".join(sorted({r.provenance for r in reports.values()}))
+    _finish_bars(fig, axes, labels, f"{title}\n({provenance})", "GPU memory at the peak (GiB)")
+    return _save(fig, path)
+
+
+def ledger(reports: dict, path: str | Path | None = None,
+           title: str = "The path so far: each knob's change to the predicted total"):
+    """The series' ledger (``m3lab.ledger``): a waterfall, one bar per step, from the total before
+    the step to the total after it (peak + allocator cache + CUDA context; down in green, up in red,
+    unchanged in grey), the predicted peak allocated as a dot, each total written over its bar, and
+    the card's usable memory as a line; a broken axis for the baseline's tall bar."""
+    labels = list(reports)
+    first = next(iter(reports.values()))
+    totals = [reports[k].total_bytes / GIB for k in labels]
+    peaks = [reports[k].peak_allocated_bytes / GIB for k in labels]
+    fig, axes = _bar_axes(totals, first.usable_bytes / GIB, max(7.0, 0.95 * len(labels) + 3.5))
+    starts = [0.0] + totals[:-1]
+    colours = ["tab:blue"] + ["tab:green" if t < s - 0.005 else "tab:red" if t > s + 0.005 else "tab:gray"
+                              for s, t in zip(starts[1:], totals[1:])]
+    for ax in axes:
+        for i, (start, total, colour) in enumerate(zip(starts, totals, colours)):
+            low, high = sorted((start, total))
+            ax.bar(i, max(high - low, 0.05), bottom=low if i else 0, color=colour, alpha=0.75,
+                   label={"tab:blue": "the baseline's total", "tab:green": "a step down",
+                          "tab:red": "a step up", "tab:gray": "unchanged"}[colour])
+        ax.scatter(range(len(labels)), peaks, color="black", marker="o", s=18, zorder=5,
+                   label="peak allocated (predicted)")
+        _usable_line(ax, first.usable_bytes)
+    for i, total in enumerate(totals):
+        axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
+            f"{total:.2f}", (i, total), ha="center", va="bottom", fontsize=8)
+    # one legend entry per kind of bar
+    handles, names = axes[-1].get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    provenance = " / ".join(sorted({r.provenance for r in reports.values()}))
+    axes[-1].set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    ylabel = "peak + allocator cache + CUDA context (GiB)"
+    fig.supylabel(ylabel, fontsize=10) if len(axes) > 1 else axes[0].set_ylabel(ylabel)
+    axes[0].set_title(f"{title}\n({provenance})")
     return _save(fig, path)
 
 

@@ -55,9 +55,23 @@ env = lessons.environment()
 print(env.describe())
 print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
 
+# %% [markdown]
+# ## The baseline, once
+#
+# The series follows one run from here to the end (`m3lab.ledger`): FlagEmbedding's example as
+# upstream ships it, with its `ds_stage0.json` (DeepSpeed stage 0 and DeepSpeed's own FusedAdam), on
+# one T4. Each later lesson changes one knob from where the lesson before left it. The command and
+# the JSON file it names, to copy (the JSON verbatim from FlagEmbedding, `data/upstream/`), and what
+# was adapted:
+
 # %%
-example_8192 = TrainConfig.upstream_example(passage_max_len=8192)
-print(example_8192.shell_command())
+from m3lab import ledger
+
+example_8192 = ledger.baseline()
+print(example_8192.shell_command(deepspeed_json_path="ds_stage0.json"))
+print("\n# ds_stage0.json (FlagEmbedding's examples/finetune/ds_stage0.json, verbatim)")
+print(ledger.baseline_json())
+print("\nadapted from m3.sh: " + "; ".join(ledger.ADAPTED))
 
 # %%
 configs = {"example, passage 8192": example_8192,
@@ -129,3 +143,25 @@ print(lessons.prediction_table(lean))
 # tokens goes from OOM to a close call (the optimizer step's 12.7 GiB is then the peak), and at
 # 8,192 tokens from 137 to about 20 GiB: still too much for a T4, now in the encoder's activations and
 # the loss's temporaries. The next lessons take the common advice knob by knob.
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+so_far = ledger.predict_path("01")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("01")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

@@ -109,3 +109,27 @@ lessons.print_commands({**passage_configs, **query_configs})
 # matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one text per group. The margin
 # left at the floor is the allocator's cache and the CUDA context, both estimates; the next lessons
 # look for real room.
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+from m3lab import ledger
+
+so_far = ledger.predict_path("02")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("02")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

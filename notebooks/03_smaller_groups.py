@@ -123,3 +123,27 @@ lessons.print_commands({**group_configs, **batch_configs, **cross_configs})
 # per query where group 6 trains five: a fifth of the negatives. `negatives_cross_device` costs nothing visible at the peak on 2 x T4: what it
 # gathers (the other GPU's dense, sparse and ColBERT vectors of a dozen passages) is megabytes, next
 # to gigabytes of model states.
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+from m3lab import ledger
+
+so_far = ledger.predict_path("03")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("03")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

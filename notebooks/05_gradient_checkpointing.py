@@ -111,3 +111,27 @@ plots.memory_bars(list(runs), [r.peak_allocated_bytes for r in runs.values()], n
 # 40%. It costs one extra forward pass of the encoder per step; on the stand-in, whose layers are
 # tiny, that is lost in the noise of the step times above; on BGE-M3, where the forward is roughly a
 # third of a step's compute, expect up to a third more step time (an estimate, not measured here).
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+from m3lab import ledger
+
+so_far = ledger.predict_path("05")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("05")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

@@ -69,9 +69,11 @@ reports = lessons.predict_all(candidates)
 # NBVAL_CHECK_OUTPUT
 
 print(lessons.prediction_table(reports))
+print("host RAM each needs (fp32 weights as loaded counted, offloaded optimizer traced, processes estimated):")
 for label, report in reports.items():
-    if report.host_peak_bytes:
-        print(f"{label}: the offloaded optimizer needs {report.host_peak_bytes / GIB:.2f} GiB of host memory")
+    print(f"  {label:36} {report.host.total_bytes / GIB:5.2f} GiB"
+          + (f" (the offloaded optimizer: {report.host_peak_bytes / GIB:.2f} GiB)" if report.host_peak_bytes else ""))
+print("free Colab has 12.7 GB = 11.83 GiB; Kaggle 29 GB = 27.01 GiB")
 
 # %%
 plots.breakdown_bars(reports, title="Candidates for one T4");
@@ -86,7 +88,8 @@ plots.breakdown_bars(reports, title="Candidates for one T4");
 # 06). Offloading the optimizer to the CPU keeps every parameter trainable and leaves several GiB
 # free on the GPU, enough to go back to 128/512 tokens and a group of 8, at the price of the host
 # RAM printed above (Kaggle, about 29 GB: fine; free Colab, about 12.7 GB: too little) and slower
-# steps. So with FlagEmbedding as it is: on free Colab, the advice without DeepSpeed; on Kaggle,
+# steps. `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) makes the same search on your own
+# data and never proposes what the platform's host RAM cannot hold. So with FlagEmbedding as it is: on free Colab, the advice without DeepSpeed; on Kaggle,
 # offload (or ZeRO-1 over both T4s, lesson 04). Lesson 08 goes further with m3lab's levers (gradient
 # caching, 8-bit AdamW, an efficient sparse head): all of BGE-M3 at 8,192 tokens on one T4, without
 # offload. The command for free Colab, with FlagEmbedding as it is:
@@ -155,3 +158,27 @@ from m3lab import gpu_check
 # (run() prints each measurement beside its prediction as it goes)
 check = gpu_check.run(Path("results/gpu_check"), model=env.gpu_check_model,
                       only=gpu_check.NOTEBOOK_CHECKS[env.gpu_check_model], parallel=1, budget_s=1200)
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+from m3lab import ledger
+
+so_far = ledger.predict_path("07")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("07")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

@@ -253,3 +253,27 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 #   32-bit Adam. Where you can afford both, ZeRO-1 AdamW without the cache is the faster choice, and
 #   `m3lab fit` picks it when it holds the group: on `data/train.jsonl` it picks 8-bit AdamW without the
 #   cache at 2,704-token passages, group 11 (the data's ten negatives per line).
+
+
+# %% [markdown]
+# ## The path so far
+#
+# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
+# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
+# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
+# lesson's steps and the flags they change in the command, then the whole path so far:
+
+# %%
+from m3lab import ledger
+
+so_far = ledger.predict_path("08")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("\n".join(ledger.lesson_changes("08")))
+print()
+print(lessons.prediction_table(so_far))
+
+# %%
+plots.ledger(so_far);

@@ -1,0 +1,136 @@
+"""The series' path: from FlagEmbedding's example, out of memory on a T4, to a recipe, one knob a step.
+
+The steps are written down here once, in lesson order: each changes the configuration the step
+before it left, so no lesson starts from a baseline of its own. Every notebook predicts the path
+up to its lesson and draws it (``plots.ledger``): a waterfall of the predicted peak and total
+against the card's line. A step may change nothing (the knob is kept as it is); the ledger shows
+those too, with the lesson's reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from m3lab.config import M3LAB_M3_MODULE, TrainConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    lesson: str  # "01" ... "08": the notebook that takes the step
+    knob: str  # what changes, in the flags a FlagEmbedding user types
+    changes: dict = field(default_factory=dict)  # TrainConfig fields; empty: kept as it was
+
+
+def baseline() -> TrainConfig:
+    """FlagEmbedding's example as upstream ships it (m3.sh with ds_stage0.json: ZeRO-0, FusedAdam,
+    group 8, batch 2, 512-token queries), on one T4, with passages at BGE-M3's 8,192 tokens."""
+    return TrainConfig.upstream_example(passage_max_len=8192)
+
+
+# What m3.sh says and m3lab's baseline does not: two GPUs with negatives_cross_device (here one
+# T4, where there is nothing to share), 512-token passages (here BGE-M3's 8,192), 4 epochs on
+# FlagEmbedding's example data (here data/train.jsonl, 2 epochs)
+ADAPTED = ("one process, not two, so no --negatives_cross_device (one T4 has nothing to share)",
+           "--passage_max_len 8192, BGE-M3's long context, not the example's 512",
+           "--train_data data/train.jsonl and 2 epochs, not the example data and 4 epochs")
+
+
+def baseline_json() -> str:
+    """Upstream's ds_stage0.json as FlagEmbedding ships it (data/upstream/, source named there)."""
+    from m3lab.data import REPO_ROOT
+
+    return (REPO_ROOT / "data" / "upstream" / "ds_stage0.json").read_text()
+
+
+PATH: tuple[Step, ...] = (
+    Step("01", "FlagEmbedding's example, 8,192-token passages"),
+    Step("02", "--query_max_len 64 --passage_max_len 392", dict(query_max_len=64, passage_max_len=392)),
+    Step("03", "--train_group_size 6 --per_device_train_batch_size 1",
+         dict(train_group_size=6, per_device_train_batch_size=1)),
+    Step("04", "no --deepspeed (HF fp16; --optim adamw_torch_fused)", dict(deepspeed_stage=None, optim="adamw_torch_fused")),
+    Step("05", "--gradient_checkpointing kept on"),
+    Step("06", "no --fix_encoder (it stops the encoder training)"),
+    Step("07", "--optim adamw_bnb_8bit", dict(optim="adamw_bnb_8bit")),
+    Step("07", "--sub_batch_size 1", dict(sub_batch_size=1)),
+    Step("07", "--passage_max_len 2048 (the room spent on text)", dict(passage_max_len=2048)),
+    Step("08", "m3lab's levers: efficient sparse head, grad cache; 512/8,192 tokens, group 8",
+         dict(query_max_len=512, passage_max_len=8192, train_group_size=8, sub_batch_size=None,
+              efficient_sparse_head=True, grad_cache_chunk_size=1)),
+)
+LESSONS = tuple(sorted({step.lesson for step in PATH}))
+
+
+def path(upto: str = "08") -> dict[str, TrainConfig]:
+    """The configuration after each step up to lesson ``upto`` (included), labelled "NN: knob"."""
+    if upto not in LESSONS:
+        raise ValueError(f"lesson {upto!r}: the path's lessons are {', '.join(LESSONS)}")
+    config, configs = baseline(), {}
+    for step in PATH:
+        if step.lesson > upto:
+            break
+        config = config.replace(**step.changes)
+        configs[f"{step.lesson}: {step.knob}"] = config
+    return configs
+
+
+def before(lesson: str) -> TrainConfig:
+    """Where lesson ``lesson`` starts: the configuration the lessons before it left."""
+    configs = [config for label, config in path().items() if label[:2] < lesson]
+    return configs[-1] if configs else baseline()
+
+
+def after(lesson: str) -> TrainConfig:
+    """Where lesson ``lesson`` leaves the run."""
+    return list(path(lesson).values())[-1]
+
+
+def predict_path(upto: str = "08", gpu: str = "t4") -> dict:
+    """``path(upto)``, each step predicted for ``gpu`` ({label: MemoryReport})."""
+    from m3lab.predict import predict
+
+    return {label: predict(config, gpu) for label, config in path(upto).items()}
+
+
+def changed_flags(config: TrainConfig, previous: TrainConfig) -> list[str]:
+    """The command-line words that differ from ``previous``'s command: what to change in a copied
+    command (DeepSpeed's JSON named by file, as the command names it)."""
+    old, new = previous.flagembedding_args("OUT", "ds.json"), config.flagembedding_args("OUT", "ds.json")
+    module = [f"-m {M3LAB_M3_MODULE}"] if config.uses_m3lab_levers and not previous.uses_m3lab_levers else []
+    return module + _flags(new, exclude=_flags(old)) + [f"(remove {flag})" for flag in
+                                                        sorted(_flag_names(old) - _flag_names(new))]
+
+
+def lesson_changes(lesson: str) -> list[str]:
+    """What lesson ``lesson`` changes on the path, as lines: the step, then the flags to change in
+    the command the lessons before it left (the whole baseline command is printed once, in 01)."""
+    lines, previous = [], before(lesson)
+    for label, config in path(lesson).items():
+        if not label.startswith(lesson):
+            continue
+        flags = changed_flags(config, previous)
+        change = " ".join(flags) if flags else ("the baseline" if config == baseline() else "nothing changes")
+        lines.append(f"{label}: {change}")
+        previous = config
+    return lines
+
+
+def _flags(args: list[str], exclude: list[str] | None = None) -> list[str]:
+    """``--flag value`` pairs (and lone ``--flag``s) of an argument list, minus ``exclude``."""
+    pairs, i = [], 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            values = []
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                values.append(args[j])
+                j += 1
+            pairs.append(" ".join([args[i], *values]))
+            i = j
+        else:
+            pairs.append(args[i])
+            i += 1
+    return [p for p in pairs if p not in (exclude or [])]
+
+
+def _flag_names(args: list[str]) -> set[str]:
+    return {a for a in args if a.startswith("--")}

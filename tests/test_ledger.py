@@ -1,0 +1,61 @@
+"""The series' path (m3lab.ledger): one baseline, each step changing what the step before it left,
+in lesson order; the plot draws it; the predicted path goes from an OOM to a recipe that fits."""
+
+import pytest
+
+from m3lab import ledger, plots
+from m3lab.config import TrainConfig
+from m3lab.gpus import GIB
+
+
+def test_the_baseline_is_upstreams_example_as_shipped_at_8192_tokens():
+    base = ledger.baseline()
+    assert base == TrainConfig.upstream_example(passage_max_len=8192)
+    assert base.deepspeed_stage == 0 and not base.torch_adam  # ds_stage0.json: DeepSpeed's FusedAdam
+    assert '"torch_adam"' not in base.deepspeed_json()
+    assert (base.train_group_size, base.per_device_train_batch_size, base.query_max_len) == (8, 2, 512)
+
+
+def test_each_step_changes_only_what_it_says_from_where_the_last_left():
+    configs = list(ledger.path().values())
+    assert len(configs) == len(ledger.PATH)
+    previous = ledger.baseline()
+    for step, config in zip(ledger.PATH, configs):
+        assert config == previous.replace(**step.changes), step.knob
+        config.check()  # every point of the path is a configuration that runs
+        previous = config
+    lessons = [step.lesson for step in ledger.PATH]
+    assert lessons == sorted(lessons) and lessons[0] == "01"
+
+
+def test_path_upto_and_where_each_lesson_starts():
+    assert list(ledger.path("01")) == ["01: FlagEmbedding's example, 8,192-token passages"]
+    assert all(label[:2] <= "03" for label in ledger.path("03"))
+    assert ledger.before("01") == ledger.baseline()
+    assert ledger.before("04") == ledger.after("03")
+    assert ledger.after("04").deepspeed_stage is None and ledger.before("04").deepspeed_stage == 0
+    with pytest.raises(ValueError, match="lesson '09'"):
+        ledger.path("09")
+
+
+def test_changed_flags_name_only_what_changes():
+    before, after = ledger.before("04"), ledger.after("04")
+    changed = ledger.changed_flags(after, before)
+    assert "--optim adamw_torch_fused" in changed and "(remove --deepspeed)" in changed
+    assert not any(flag.startswith("--train_group_size") for flag in changed)
+    assert ledger.changed_flags(before, before) == []
+
+
+@pytest.mark.slow
+def test_the_predicted_path_runs_from_an_oom_to_a_recipe_that_fits_free_colab():
+    reports = ledger.predict_path("08")
+    first, *_ = reports.values()
+    recipe = reports[list(ledger.path("07"))[-1]]
+    assert not first.fits and first.peak_allocated_bytes > 100 * GIB
+    assert recipe.fits and recipe.total_bytes < recipe.usable_bytes - GIB  # more than a close call
+    assert recipe.host.total_bytes < 12.7e9  # free Colab's host RAM
+    for label, report in reports.items():
+        assert report.provenance == "predicted for Tesla T4 (Colab)", label
+    figure = plots.ledger(reports)
+    assert len(figure.axes) == 2  # the baseline's bar breaks the axis (no log scale)
+    assert all(ax.get_yscale() == "linear" for ax in figure.axes)
