@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(default t4)")
     fit.add_argument("--host-ram-gib", type=float, help="with --gpu: the host's RAM in GiB (not checked without it)")
     fit.add_argument("--stock", action="store_true",
-                     help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, --sub_batch_size)")
+                     help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, no gradient cache)")
     fit.add_argument("--json", action="store_true", help="print the chosen configuration and its report as JSON")
     fit.add_argument("--data", nargs="+", default=["data/train.jsonl"], help="FlagEmbedding JSONL training file(s)")
     fit.add_argument("--margin-gib", type=float, default=1.0, help="GiB to leave free on the card (default 1.0)")

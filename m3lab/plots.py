@@ -82,6 +82,8 @@ def _bar_axes(totals: list[float], usable_gib: float, width: float):
     """One axis from 0, or, when some bars dwarf the card (FlagEmbedding's example at 8,192 tokens:
     137 GiB against 14.74), a broken axis: the card's band below, the tall bars' tops above. A log
     axis would make stacked bars lie about their parts."""
+    if not usable_gib:  # a CPU's live bytes: no card, no band to break around
+        usable_gib = max(totals)
     band = max([t for t in totals if t <= 4 * usable_gib] + [usable_gib]) * 1.15
     tall = [t for t in totals if t > 4 * usable_gib]
     if not tall:
@@ -99,6 +101,11 @@ def _bar_axes(totals: list[float], usable_gib: float, width: float):
         ax.plot([0, 1], [y, y], transform=ax.transAxes, marker=[(-1, -0.5), (1, 0.5)], markersize=10,
                 linestyle="none", color="k", mec="k", mew=1, clip_on=False)
     return fig, [upper, lower]
+
+
+def _gib_or_mib(gib: float) -> str:
+    """A bar's figure: GiB, or MiB below 1 GiB (the stand-in's CPU runs are tens of MiB)."""
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
 
 def _finish_bars(fig, axes, labels: list[str], title: str, ylabel: str):
@@ -137,7 +144,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
         _usable_line(ax, first.usable_bytes)
     for i, total in enumerate(totals):  # the figure itself, where the bar is too tall or too thin to read
         axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
-            f"{total:.1f}", (i, total), ha="center", va="bottom", fontsize=8)
+            _gib_or_mib(total), (i, total), ha="center", va="bottom", fontsize=8)
     provenance = " / ".join(sorted({r.provenance for r in reports.values()}))
     _finish_bars(fig, axes, labels, f"{title}\n({provenance})", "GPU memory at the peak (GiB)")
     return _save(fig, path)

@@ -119,7 +119,9 @@ for label, report in ckpt.items():
 # With checkpointing on (as in FlagEmbedding's example) the frozen encoder's saved inputs are most of
 # the activations (7.56 GiB) and the run is out of memory; turned off, they go (0.76 GiB) and the
 # peak falls from 16.80 to 9.98 GiB: with `fix_encoder`, pass `--gradient_checkpointing False`. It is
-# still a close call, because the allocator's cache, an estimate here, is large at this length.
+# still a close call, because the allocator's cache, an estimate here, is large at this length. (A
+# prediction for full-length batches: with unified fine-tuning FlagEmbedding 1.4.2's `--sub_batch_size`
+# fails on real data whose chunks pad to different lengths, lesson 07.)
 #
 # ## The second trap: fix_encoder without unified_finetuning
 #

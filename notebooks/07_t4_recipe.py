@@ -88,14 +88,24 @@ plots.breakdown_bars(reports, title="Candidates for one T4");
 # 06). Offloading the optimizer to the CPU keeps every parameter trainable and leaves several GiB
 # free on the GPU, enough to go back to 128/512 tokens and a group of 8, at the price of the host
 # RAM printed above (Kaggle, about 29 GB: fine; free Colab, about 12.7 GB: too little) and slower
-# steps. `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) makes the same search on your own
-# data and never proposes what the platform's host RAM cannot hold. So with FlagEmbedding as it is: on free Colab, the advice without DeepSpeed; on Kaggle,
-# offload (or ZeRO-1 over both T4s, lesson 04). Lesson 08 goes further with m3lab's levers (gradient
-# caching, 8-bit AdamW, an efficient sparse head): all of BGE-M3 at 8,192 tokens on one T4, without
-# offload. The command for free Colab, with FlagEmbedding as it is:
+# steps. `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) makes the same search on your
+# own data and never proposes what the platform's host RAM cannot hold.
+#
+# So with FlagEmbedding as it is: on free Colab, no DeepSpeed; on Kaggle, offload (or ZeRO-1 over
+# both T4s, lesson 04). The path (`m3lab.ledger`, drawn at the end) then spends free Colab's room on
+# text: 8-bit AdamW (`--optim adamw_bnb_8bit`) and passages of 1,024 tokens instead of 392, every
+# parameter trained; its figures are in the ledger below. Not FlagEmbedding's `--sub_batch_size`:
+# with unified fine-tuning (dense, sparse and ColBERT) FlagEmbedding 1.4.2 concatenates the chunks'
+# ColBERT vectors, which fails as soon as two chunks are padded to different lengths, as real data
+# makes them (this notebook's run found it: "Sizes of tensors must match"). Lesson 08
+# goes further with m3lab's levers (gradient caching, an efficient sparse head): all of BGE-M3 at
+# 8,192 tokens on one T4, without offload. **The command for free Colab today**, with FlagEmbedding
+# as it is:
 
 # %%
-recipe = advice.replace(deepspeed_stage=None)
+from m3lab import ledger
+
+recipe = ledger.after("07")
 print(recipe.shell_command())
 
 # %% [markdown]
@@ -170,8 +180,6 @@ check = gpu_check.run(Path("results/gpu_check"), model=env.gpu_check_model,
 # lesson's steps and the flags they change in the command, then the whole path so far:
 
 # %%
-from m3lab import ledger
-
 so_far = ledger.predict_path("07")
 
 # %%

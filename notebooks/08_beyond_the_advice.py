@@ -241,18 +241,21 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 #   two things FlagEmbedding's trainer does, not a limit of the card.
 # - **The gradient cache** keeps the encoder's memory flat: from group 2 to 16 the peak grows by
 #   0.45 GiB (the cached representations); without it group 8 is OOM by 0.43 GiB and group 16 by 10.4.
-#   In the CPU run above it cut the stand-in's measured peak from 0.300 to 0.034 GiB (in the committed
-#   run; its losses differ from the plain run's because chunks draw their dropout masks in another
-#   order, exactly as FlagEmbedding's own `sub_batch_size` does, and the tests hold the cache to that
-#   computation within 1e-5).
+#   In the CPU runs above, one lever added at a time, the cut in the stand-in's measured peak comes
+#   with the gradient cache; the efficient sparse head alone changes nothing there, because the
+#   stand-in's vocabulary is 4,002 entries, not BGE-M3's 250,002, so its sparse tensor is small (the
+#   full-size effect is the prediction above). With the cache the losses differ from the plain run's
+#   because chunks draw their dropout masks in another order, exactly as FlagEmbedding's own
+#   `sub_batch_size` does; the tests hold the cache to that computation within 1e-5.
 # - **What they cost** (not measured here, no GPU): the cache encodes every text twice, once without
 #   a graph and once with it, on top of checkpointing's recompute, so expect steps around a third
 #   slower than checkpointing alone; at 8,192 tokens a T4 step takes seconds. 8-bit AdamW keeps Adam's
 #   moments block-quantised to 8 bits (HF keeps the word embeddings' in 32 bits); Dettmers et al.
 #   (2022, "8-bit Optimizers via Block-wise Quantization") report fine-tuning results on par with
 #   32-bit Adam. Where you can afford both, ZeRO-1 AdamW without the cache is the faster choice, and
-#   `m3lab fit` picks it when it holds the group: on `data/train.jsonl` it picks 8-bit AdamW without the
-#   cache at 2,704-token passages, group 11 (the data's ten negatives per line).
+#   `m3lab fit` picks the fastest setting that holds the group: on `data/train.jsonl`, for free Colab,
+#   no DeepSpeed with fused AdamW (m3lab's efficient sparse head on) at 2,704-token passages, group 11
+#   (the data's ten negatives per line), queries kept whole (32 tokens).
 
 
 # %% [markdown]

@@ -62,3 +62,40 @@ def test_committed_notebooks_hold_no_path_of_the_machine_that_ran_them():
     for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
         found = pattern.findall(notebook.read_text(encoding="utf-8"))
         assert not found, f"{notebook.name} holds machine paths {sorted(set(found))}: re-run `make notebooks`"
+
+
+def _checked_numbers(notebook: Path) -> tuple[list[float], str]:
+    """The numbers in a notebook's checked outputs (the cells nbval compares), and their text."""
+    text = []
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source:
+            for output in cell.get("outputs", []):
+                text.append(output.get("text") or output.get("data", {}).get("text/plain", ""))
+    joined = "\n".join(text)
+    return [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*\.?\d*", joined)], joined
+
+
+def _readme_rows() -> dict[str, str]:
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| (\d\d) [^|]+\| (.+) \|$", readme, re.M)}
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_the_readmes_notebook_table_quotes_the_checked_outputs(lesson):
+    """Every figure in the README's row for a lesson (GiB, percentages, counts) is in that lesson's
+    checked outputs, to the precision the README gives it."""
+    row = _readme_rows()[lesson.stem[:2]]
+    numbers, text = _checked_numbers(lesson.with_suffix(".ipynb"))
+    # not figures: flags (`--sub_batch_size 1`), lesson numbers, versions (FlagEmbedding 1.4.2)
+    row = re.sub(r"`[^`]*`|\b\d\d:|\(\d\d\)|\d+\.\d+\.\d+", "", row)
+    missing = []
+    for figure in re.findall(r"\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+|\d+(?=%)", row):
+        if "," in figure and "." not in figure:
+            found = figure in text or float(figure.replace(",", "")) in numbers  # a count or a length
+        else:
+            places = len(figure.split(".")[1]) if "." in figure else 0
+            value = float(figure.replace(",", ""))
+            found = any(abs(round(n, places) - value) < 1e-9 for n in numbers)
+        if not found:
+            missing.append(figure)
+    assert not missing, f"README's row for {lesson.stem} quotes {missing}, which no checked output of it shows"

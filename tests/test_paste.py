@@ -100,7 +100,9 @@ def test_boolean_flags_mean_what_they_mean_to_flagembedding(spelling):
 
 @pytest.mark.parametrize("config", [
     TrainConfig.common_t4_advice(max_steps=20),
-    TrainConfig.upstream_example(max_steps=20, deepspeed_stage=None, optim="adamw_bnb_8bit", sub_batch_size=4),
+    # torch_adam names DeepSpeed's optimizer: without DeepSpeed it is not in the command
+    TrainConfig.upstream_example(max_steps=20, deepspeed_stage=None, optim="adamw_bnb_8bit", sub_batch_size=4,
+                                 torch_adam=True),
     TrainConfig.common_t4_advice(max_steps=20, efficient_sparse_head=True, grad_cache_chunk_size=2,
                                  freeze_word_embeddings=True),
 ])
