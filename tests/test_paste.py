@@ -118,6 +118,14 @@ def test_a_rendered_command_reads_back_as_the_same_config(config, tmp_path, monk
     assert back == expected
 
 
+def test_sub_batch_size_with_unified_finetuning_is_noted_as_failing_on_real_data():
+    words = ["torchrun", "--nproc_per_node", "1", "-m", FLAGEMBEDDING_M3_MODULE, "--model_name_or_path",
+             "BAAI/bge-m3", "--output_dir", "out", "--sub_batch_size", "1"]
+    assert not parse_command(words).notes  # unified fine-tuning is off by default
+    notes = parse_command(words + ["--unified_finetuning", "True"]).notes
+    assert any("--sub_batch_size 1 with unified fine-tuning fails" in note for note in notes)
+
+
 def test_one_string_as_copied_from_a_script():
     text = (f"CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node 1 \\\n    -m {FLAGEMBEDDING_M3_MODULE} \\\n"
             "    --model_name_or_path BAAI/bge-m3 \\\n    --output_dir out --sub_batch_size 4 --train_group_size 4")

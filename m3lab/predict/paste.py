@@ -203,6 +203,13 @@ def parse_command(command: list[str] | str) -> PastedCommand:
         fields["negatives_cross_device"] = False
         notes.append("--negatives_cross_device on one process has no negatives to share (FlagEmbedding gathers from "
                      "a world of one); predicted without it.")
+    if fields.get("sub_batch_size") and fields["unified_finetuning"]:
+        # found running notebook 07: FlagEmbedding 1.4.2's encode() concatenates the sub-batches' ColBERT
+        # vectors, each padded to its own longest text
+        notes.append(f"--sub_batch_size {fields['sub_batch_size']} with unified fine-tuning fails in FlagEmbedding 1.4.2 "
+                     "as soon as two sub-batches pad to different lengths (\"Sizes of tensors must match\" when it "
+                     "concatenates their ColBERT vectors): any data with texts shorter than the max lengths. "
+                     "Predicted for full-length batches, where it runs.")
     return PastedCommand(TrainConfig(**fields), notes)
 
 
