@@ -77,8 +77,11 @@ for name, count in trainable.items():
 # model does not change at all: a fine-tuning run whose most used output stays exactly as it was.
 
 # %%
-configs = {"common advice": TrainConfig.common_t4_advice(),
-           "common advice + fix_encoder": TrainConfig.common_t4_advice(fix_encoder=True),
+from m3lab import ledger
+
+start = ledger.before("06")  # where the path stands: 64/392 tokens, group 6, batch 1, no DeepSpeed
+configs = {"the path after lesson 05": start,
+           "the path + fix_encoder": start.replace(fix_encoder=True),
            "example 8192 + fix_encoder": TrainConfig.upstream_example(passage_max_len=8192, fix_encoder=True)}
 reports = lessons.predict_all(configs)
 
@@ -140,13 +143,15 @@ except ConfigError as error:
     print(error)
 
 # %% [markdown]
-# **Verdict.** `fix_encoder` frees most of the card (the optimizer states of 568M parameters go),
-# but it is not fine-tuning BGE-M3: the encoder and therefore the dense embeddings stay as they were.
+# **Verdict.** `fix_encoder` frees most of the card (where the path stands, 10.37 GiB falls to 4.60:
+# the gradients and optimizer states of 568M parameters go; without DeepSpeed the frozen weights stay in
+# fp32), but it is not fine-tuning BGE-M3: the encoder and therefore the dense embeddings stay as they
+# were, so the path does not take it.
 # Note also what remains at the peak: the sparse head's (passages x tokens x vocabulary) tensor,
 # which is why FlagEmbedding's example at 8,192 tokens is still 116 GiB over with a frozen encoder;
 # with `--sub_batch_size 1` it comes within the card only once gradient checkpointing is off (7.56
-# against 0.76 GiB of activations at the peak; a close call). Use it when only the sparse and ColBERT scores need adapting;
-# otherwise see lesson 07.
+# against 0.76 GiB of activations at the peak; a close call). Use it when only the sparse and ColBERT
+# scores need adapting; otherwise see lesson 07.
 
 
 # %% [markdown]
@@ -159,8 +164,6 @@ except ConfigError as error:
 # lesson's steps and the flags they change in the command, then the whole path so far:
 
 # %%
-from m3lab import ledger
-
 so_far = ledger.predict_path("06")
 
 # %%
