@@ -27,9 +27,9 @@ def _command(args) -> int:
 
     presets = {"upstream-example": TrainConfig.upstream_example, "t4-advice": TrainConfig.common_t4_advice}
     config = presets[args.preset](model=args.model)
-    print(config.shell_command(deepspeed_json_path=f"ds_stage{config.deepspeed_stage}.json"))
+    print(config.shell_command())
     if config.deepspeed_stage is not None:
-        print(f"\n# ds_stage{config.deepspeed_stage}.json\n{config.deepspeed_json()}", end="")
+        print(f"\n# {config.deepspeed_file_name}\n{config.deepspeed_json()}", end="")
     return 0
 
 
@@ -120,7 +120,7 @@ def _fit(args) -> int:
     import contextlib
 
     from m3lab.config import ConfigError
-    from m3lab.fit import deepspeed_file, fit
+    from m3lab.fit import fit
     from m3lab.gpus import GIB
     from m3lab.platforms import platform_for
 
@@ -150,10 +150,9 @@ def _fit(args) -> int:
     print(report.host.describe())
     print(f"(margin asked: {args.margin_gib:g} GiB; total {report.total_bytes / GIB:.2f} GiB of "
           f"{report.usable_bytes / GIB:.2f} GiB)\n")
-    ds_file = deepspeed_file(config)
-    print(config.shell_command(deepspeed_json_path=ds_file))
-    if ds_file is not None:
-        print(f"\n# {ds_file}\n{config.deepspeed_json()}", end="")
+    print(config.shell_command())
+    if config.deepspeed_stage is not None:
+        print(f"\n# {config.deepspeed_file_name}\n{config.deepspeed_json()}", end="")
     return 0
 
 

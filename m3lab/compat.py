@@ -259,6 +259,18 @@ def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, key
         yield
 
 
+# ---- torch: FLOP formulas -------------------------------------------------------------------------
+FLOP_FORMULAS = ("torch.utils.flop_counter", "flop_registry")
+
+
+def flop_formulas() -> dict:
+    """PyTorch's own FLOP formulas (operator packet -> function of its inputs' shapes), the ones
+    ``FlopCounterMode`` applies. Read, not patched: the trace mode counts with them directly, since
+    ``FlopCounterMode``'s module tracker would add hooks to the traced step."""
+    obj, name = _resolve(*FLOP_FORMULAS)
+    return vars(obj)[name]
+
+
 def check_targets() -> None:
     """Raise CompatError if any attribute these patches replace is missing from the installed versions."""
     from transformers import XLMRobertaConfig
@@ -275,7 +287,7 @@ def check_targets() -> None:
                                    ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_gradients"),
                                    ("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE"),
                                    ("bitsandbytes.functional", "create_dynamic_map"),
-                                   ("bitsandbytes.optim", "GlobalOptimManager"),
+                                   ("bitsandbytes.optim", "GlobalOptimManager"), FLOP_FORMULAS,
                                    *[("torch._subclasses.fake_tensor", f"FakeTensorMode.{name}")
                                      for name in FAKE_TENSOR_TARGETS]]:
         try:

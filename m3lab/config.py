@@ -297,6 +297,11 @@ class TrainConfig:
             "wall_clock_breakdown": False,
         }
 
+    @property
+    def deepspeed_file_name(self) -> str | None:
+        """The name the printed command gives the DeepSpeed JSON (written beside it), None without DeepSpeed."""
+        return None if self.deepspeed_stage is None else f"ds_stage{self.deepspeed_stage}.json"
+
     def deepspeed_json(self) -> str | None:
         ds = self.deepspeed_config()
         return None if ds is None else json.dumps(ds, indent=2) + "\n"
@@ -339,8 +344,7 @@ class TrainConfig:
         if self.sub_batch_size is not None:
             args += ["--sub_batch_size", str(self.sub_batch_size)]
         if self.deepspeed_stage is not None:
-            args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path
-                     or f"ds_stage{self.deepspeed_stage}.json"]
+            args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path or self.deepspeed_file_name]
         args += ["--logging_steps", str(self.logging_steps),
                  "--save_strategy", "no",
                  "--seed", str(self.seed),

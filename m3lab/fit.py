@@ -93,8 +93,7 @@ class FitResult:
                 "margin_bytes": self.margin_bytes, "stock": self.stock, "coverage": self.coverage,
                 "tokenizer": self.tokenizer, "longest_query": self.longest_query,
                 "best": None if best is None else {"setting": best.setting, "config": dataclasses.asdict(best.config),
-                                                   "command": best.config.command(
-                                                       deepspeed_json_path=deepspeed_file(best.config)),
+                                                   "command": best.config.command(),
                                                    "report": best.report.to_json()},
                 "trials": [{"setting": t.setting, "train_group_size": t.config.train_group_size,
                             "query_max_len": t.config.query_max_len, "fits": t.fits, "host_fits": t.host_fits,
@@ -102,22 +101,19 @@ class FitResult:
                            for t in self.trials]}
 
 
-def deepspeed_file(config: TrainConfig) -> str | None:
-    """The JSON file name the printed command uses (written next to it), or None without DeepSpeed."""
-    return f"ds_stage{config.deepspeed_stage}.json" if config.deepspeed_stage is not None else None
-
-
 def base_config(data: list[str], platform: Platform, query_max_len: int, passage_max_len: int,
                 stock: bool = False) -> TrainConfig:
     """Everything but the memory setting and the group: the full model trained, dense + sparse + ColBERT
-    with self-distillation, fp16 (bf16 where the card has it), checkpointing, and (unless ``stock``)
-    m3lab's sparse head."""
+    with self-distillation, fp16 (bf16 where the card has it), checkpointing, negatives shared across
+    GPUs where there are several, and (unless ``stock``) m3lab's sparse head."""
     gpu = platform.gpu
     return TrainConfig(
         model=REAL_MODEL, train_data=list(data), query_max_len=query_max_len, passage_max_len=passage_max_len,
         per_device_train_batch_size=1, fp16=not gpu.supports_bf16, bf16=gpu.supports_bf16,
         gradient_checkpointing=True, unified_finetuning=True, use_self_distill=True, same_dataset_within_batch=True,
-        pad_to_multiple_of=8, efficient_sparse_head=not stock, num_processes=gpu.count)
+        pad_to_multiple_of=8, efficient_sparse_head=not stock, num_processes=gpu.count,
+        # on several GPUs, each query sees the other GPUs' passages too, as FlagEmbedding's m3.sh runs it
+        negatives_cross_device=gpu.count > 1)
 
 
 def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tuple[int, int, int, str, int]:
@@ -149,7 +145,7 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = 1.0, 
     ``platform`` ("colab-t4", "kaggle-t4x2") or ``gpu`` (default "t4") with ``host_ram_gib``."""
     from m3lab.predict import predict
 
-    where = platform_for(platform, gpu if gpu is not None or platform is None else None, host_ram_gib)
+    where = platform_for(platform, gpu, host_ram_gib)
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     query_len, passage_len, negatives, tokenizer_name, longest_query = data_lengths(data, coverage, tokenizer)
     # a group is one positive and group - 1 negatives; FlagEmbedding repeats negatives when a line has

@@ -22,6 +22,10 @@ class GPU:
     context_bytes: int  # estimate: CUDA context + library workspaces, outside the caching allocator
     compute_capability: tuple[int, int]
     count: int = 1  # how many of them the platform gives (Kaggle: 2 x T4)
+    # The datasheet's peak throughput (FLOP/s), half precision on tensor cores and fp32; only where
+    # a source is named (m3lab.steptime uses them for step-time estimates)
+    peak_flops_half: float | None = None
+    peak_flops_fp32: float | None = None
 
     @property
     def supports_bf16(self) -> bool:
@@ -42,8 +46,11 @@ def _gib(x: float) -> int:
 
 
 PROFILES: dict[str, GPU] = {g.key: g for g in [
-    GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5)),
-    GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2),
+    # T4 throughput: NVIDIA T4 Tensor Core GPU datasheet: 65 TFLOPS mixed precision (FP16/FP32),
+    # 8.1 TFLOPS single precision
+    GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5), peak_flops_half=65e12, peak_flops_fp32=8.1e12),
+    GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2, peak_flops_half=65e12,
+        peak_flops_fp32=8.1e12),
     GPU("l4", "NVIDIA L4 24 GB", _gib(22.17), _gib(0.45), (8, 9)),
     GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.19), _gib(0.45), (8, 6)),
     GPU("v100", "Tesla V100 16 GB", _gib(15.77), _gib(0.40), (7, 0)),

@@ -207,7 +207,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
 
     ds_path = None
     if config.deepspeed_stage is not None and config.deepspeed_config_file is None:
-        ds_path = run_dir / f"ds_stage{config.deepspeed_stage}.json"
+        ds_path = run_dir / config.deepspeed_file_name
         write_text_atomic(ds_path, config.deepspeed_json())
     elif config.deepspeed_config_file is not None:
         ds_path = Path(config.deepspeed_config_file).resolve()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from m3lab import predict as predictor
+from m3lab import steptime
 from m3lab.cli import main as cli_main
 from m3lab.config import ConfigError, TrainConfig
 from m3lab.gpus import GIB, gpu_profile
@@ -204,6 +205,7 @@ def test_extrapolated_equals_full_trace_hf(changes):
     assert fast.breakdown == full.breakdown
     assert (fast.first_step_peak_bytes, fast.steady_step_peak_bytes) == (full.first_step_peak_bytes,
                                                                         full.steady_step_peak_bytes)
+    assert steptime.step_flops(fast) == steptime.step_flops(full) > 0  # FLOPs are linear in depth too
 
 
 def test_extrapolated_equals_full_trace_m3(standin_dir):
@@ -223,6 +225,7 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
         assert fast.extrapolated
         assert fast.peak_allocated_bytes == full.peak_allocated_bytes
         assert fast.breakdown == full.breakdown
+        assert steptime.step_flops(fast) == steptime.step_flops(full) > 0
 
 
 @pytest.mark.parametrize("offload", [False, True])

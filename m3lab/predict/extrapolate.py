@@ -126,7 +126,7 @@ def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached:
         reserved = min(reserved, capacity)
     return StepPeak(peak, reserved,
                     {k: _line(a.breakdown[k], b.breakdown[k], steps) for k in a.breakdown},
-                    b.peak_phase, module, b.peak_op)
+                    b.peak_phase, module, b.peak_op, _line(a.flops, b.flops, steps))
 
 
 def extrapolate_rank(spec: TraceSpec, depth: int, profile: GPU | None, small: list[RankSteps]) -> RankSteps | None:

@@ -25,6 +25,7 @@ class StepPeak:
     peak_phase: str
     peak_module: str
     peak_op: str
+    flops: int = 0  # the whole step's (forward, backward, optimizer), counted in the trace
 
 
 @dataclass
@@ -122,6 +123,10 @@ class MemoryReport(PeakFigures):
         data["verdict"] = self.verdict
         data["host_peak_bytes"] = self.host_peak_bytes
         data["host_total_bytes"] = self.host.total_bytes
+        from m3lab import steptime
+
+        data["step_flops"] = steptime.step_flops(self)
+        data["estimated_step_seconds"] = steptime.step_seconds(self)  # None where no throughput is on record
         return data
 
     def save_snapshot(self, path: str | Path) -> None:

@@ -30,6 +30,7 @@ class StepTrace:
     candidates: dict[tuple[str, str], Candidate]  # (phase, operation) -> its highest point
     history: list
     reserved: int
+    flops: int = 0
 
     def top(self) -> tuple[str, str]:
         return max(self.candidates, key=lambda key: self.candidates[key].bytes)
@@ -37,7 +38,7 @@ class StepTrace:
     def peak(self, key=None) -> StepPeak:
         high = self.candidates[key or self.top()]
         return StepPeak(high.bytes, self.reserved, breakdown_at(self.history, high.clock), high.phase, high.module,
-                        high.op)
+                        high.op, self.flops)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
         try:
             for _ in range(2):
                 trace.reset_peak()
+                trace.flops = 0
                 for _ in range(spec.gradient_accumulation_steps):
                     trace.enter("forward")
                     loss = driver.loss(inputs)
@@ -140,7 +142,7 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                 driver.step()
                 label_states()
                 reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
-                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved))
+                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved, trace.flops))
                 trace.phase = "between steps"
         finally:
             for handle in handles:

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from m3lab import compat
 from m3lab.measure import tensor_storages
 from m3lab.predict.allocator import Allocator, allocator_round
 
@@ -86,6 +87,10 @@ class MemoryTrace(TorchDispatchMode):
         # (phase, operation) -> (bytes, clock, where): the highest point each operation of each
         # phase reached. Extrapolation needs them all: at full depth another one may be highest.
         self.candidates: dict[tuple[str, str], Candidate] = {}
+        # Floating-point operations of the matrix products and attention kernels the step runs,
+        # counted with PyTorch's own formulas (those of FlopCounterMode), for step-time estimates.
+        self.flops = 0
+        self._flop_formulas = compat.flop_formulas()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _size(self, nbytes: int) -> int:
@@ -204,6 +209,9 @@ class MemoryTrace(TorchDispatchMode):
             return 1.0 if args[0].dtype.is_floating_point else 0
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
+        formula = self._flop_formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
         if self.separate_host:
             for tensor in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(tensor, torch.Tensor):
