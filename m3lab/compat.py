@@ -191,6 +191,22 @@ def fused_adam_kernel(multi_tensor_adam: Callable):
     return _patch("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder", KernelStandIn)
 
 
+def cpu_adam_kernel():
+    """DeepSpeed's CPU Adam (ZeRO offload without torch_adam) with its C++ kernel left out: the kernel
+    updates the host's fp32 parameters and moments in place and allocates nothing, and run on fake
+    tensors it would read memory that is not there (a segmentation fault, found tracing ZeRO-1 +
+    offload with DeepSpeed's default AdamW). DeepSpeedCPUAdam's Python (its states) runs as it is."""
+    def nothing(*args, **kwargs):
+        return 0
+
+    class KernelStandIn:
+        def load(self, verbose=True):
+            return types.SimpleNamespace(create_adam=nothing, adam_update=nothing, adam_rollback=nothing,
+                                         destroy_adam=nothing)
+
+    return _patch("deepspeed.ops.adam.cpu_adam", "CPUAdamBuilder", KernelStandIn)
+
+
 def allreduce_chunk(engine, elements: int) -> None:
     """Make ZeRO-0's gradient all-reduce use chunks of ``elements`` (the engine passes its module
     constant as a default argument; the predictor's shallow copies need a smaller one)."""
@@ -284,6 +300,7 @@ def check_targets() -> None:
                                    ("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref"),
                                    ("transformers.integrations.deepspeed", "HfTrainerDeepSpeedConfig"),
                                    ("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder"),
+                                   ("deepspeed.ops.adam.cpu_adam", "CPUAdamBuilder"),
                                    ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_gradients"),
                                    ("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE"),
                                    ("bitsandbytes.functional", "create_dynamic_map"),

@@ -117,7 +117,7 @@ class TrainConfig:
             train_group_size=8, query_max_len=512, passage_max_len=512, per_device_train_batch_size=2,
             fp16=True, gradient_checkpointing=True, deepspeed_stage=0, torch_adam=False, num_train_epochs=2,
             unified_finetuning=True, use_self_distill=True, self_distill_start_step=0,
-            pad_to_multiple_of=8, same_dataset_within_batch=True,
+            pad_to_multiple_of=8,  # m3.sh leaves same_dataset_within_batch at FlagEmbedding's False
         ), **changes})
 
     @classmethod

@@ -110,9 +110,11 @@ def base_config(data: list[str], platform: Platform, query_max_len: int, passage
     return TrainConfig(
         model=REAL_MODEL, train_data=list(data), query_max_len=query_max_len, passage_max_len=passage_max_len,
         per_device_train_batch_size=1, fp16=not gpu.supports_bf16, bf16=gpu.supports_bf16,
-        gradient_checkpointing=True, unified_finetuning=True, use_self_distill=True, same_dataset_within_batch=True,
+        gradient_checkpointing=True, unified_finetuning=True, use_self_distill=True,
         pad_to_multiple_of=8, efficient_sparse_head=not stock, num_processes=gpu.count,
-        # on several GPUs, each query sees the other GPUs' passages too, as FlagEmbedding's m3.sh runs it
+        # on several GPUs, each query sees the other GPUs' passages too, as FlagEmbedding's m3.sh runs it;
+        # not same_dataset_within_batch: without a query instruction FlagEmbedding 1.4.2 then prefixes
+        # every query with the text "None" (notebook 03 shows it)
         negatives_cross_device=gpu.count > 1)
 
 

@@ -49,7 +49,8 @@ def test_every_argument_is_one_flagembedding_accepts():
                                EncoderOnlyEmbedderM3TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv[6:])
     assert data_args.train_group_size == 8 and data_args.passage_max_len == 512
-    assert data_args.same_dataset_within_batch is True and data_args.pad_to_multiple_of == 8
+    # m3.sh leaves same_dataset_within_batch off, as FlagEmbedding's default
+    assert data_args.same_dataset_within_batch is False and data_args.pad_to_multiple_of == 8
     assert training_args.max_steps == 7 and training_args.gradient_accumulation_steps == 3
     assert training_args.unified_finetuning and training_args.use_self_distill and training_args.fix_encoder
     assert training_args.deepspeed is None and training_args.fp16 is False

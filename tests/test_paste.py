@@ -147,3 +147,12 @@ def test_flags_without_memory_effect_are_accepted_and_others_named():
         parse_command(base + ["--torch_compile", "True", "--fix_position_embedding", "True", "--frobnicate", "2"])
     text = str(caught.value)
     assert "--frobnicate: " in text and "--torch_compile True" in text and "--fix_position_embedding True" in text
+
+
+def test_same_dataset_within_batch_without_an_instruction_gets_a_note():
+    """FlagEmbedding 1.4.2 prefixes every query with "None" then (tests/test_batching.py shows it)."""
+    base = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
+            "--output_dir ./out --same_dataset_within_batch True")
+    assert any('prefixed with the text "None"' in note for note in parse_command(base).notes)
+    assert not any('"None"' in note for note in parse_command(base + " --query_instruction_for_retrieval ''").notes)
+    assert not any('"None"' in note for note in parse_command(base.replace("True", "False")).notes)

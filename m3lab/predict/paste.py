@@ -71,7 +71,8 @@ def _tokens(command: list[str] | str) -> list[str]:
     if isinstance(command, str) or len(command) == 1:
         text = command if isinstance(command, str) else command[0]
         command = shlex.split(text.replace("\\\n", " "))
-    words = [word for word in command if word.strip()]
+    # blank words are line breaks and stray spaces; an empty word is a value ("" as an instruction)
+    words = [word for word in command if word == "" or word.strip()]
     while words and "=" in words[0] and not words[0].startswith("-"):
         words.pop(0)  # FOO=bar environment assignments before the launcher
     return words
@@ -210,6 +211,13 @@ def parse_command(command: list[str] | str) -> PastedCommand:
                      "as soon as two sub-batches pad to different lengths (\"Sizes of tensors must match\" when it "
                      "concatenates their ColBERT vectors): any data with texts shorter than the max lengths. "
                      "Predicted for full-length batches, where it runs.")
+    if fields.get("same_dataset_within_batch") and getattr(namespace, "query_instruction_for_retrieval", None) is None:
+        # FlagEmbedding 1.4.2's AbsEmbedderSameDatasetTrainDataset formats every query with the instruction
+        # even when there is none: "{}{}".format(None, query)
+        notes.append("--same_dataset_within_batch True without --query_instruction_for_retrieval: FlagEmbedding 1.4.2 "
+                     "then trains on every query prefixed with the text \"None\" (it formats the missing "
+                     "instruction). Add --query_instruction_for_retrieval \"\" or drop --same_dataset_within_batch "
+                     "(with one training file it changes nothing). Memory is the same either way.")
     return PastedCommand(TrainConfig(**fields), notes)
 
 

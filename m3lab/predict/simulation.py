@@ -80,6 +80,7 @@ def simulation(gpu: GPU | None, kernel: str, rank: int, world: int, model_config
         stack.enter_context(compat.no_shared_memory_comm())
         # DeepSpeed's FusedAdam (a JSON's Adam/AdamW without torch_adam) with its CUDA kernel modelled
         stack.enter_context(compat.fused_adam_kernel(fused_adam_in_place))
+        stack.enter_context(compat.cpu_adam_kernel())  # offload without torch_adam: DeepSpeedCPUAdam
         stack.enter_context(compat.no_padding_warning())
         stack.enter_context(compat.full_length_attention_masks(model_config))
         if gpu is not None:

@@ -1,0 +1,83 @@
+"""Which texts share a batch: FlagEmbedding's own training datasets, read without training.
+
+``--same_dataset_within_batch`` makes FlagEmbedding draw every batch from one training file; without
+it batches mix the files. ``sample_batches`` asks FlagEmbedding's dataset classes themselves
+(``AbsEmbedderSameDatasetTrainDataset`` and ``AbsEmbedderTrainDataset`` with a shuffling sampler, as
+HF Trainer draws it) for the first batches of an epoch, and reports each batch's files and the
+longest passage it holds: FlagEmbedding pads a batch to its longest text, so that length is what the
+step's tensors are as long as (up to passage_max_len).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Batch:
+    files: Counter  # file name -> queries of this batch from it
+    longest_passage: int  # tokens, before truncation to passage_max_len
+
+    def describe(self, passage_max_len: int) -> str:
+        files = ", ".join(f"{count} from {name}" for name, count in sorted(self.files.items()))
+        return f"{files}; pads passages to {min(self.longest_passage, passage_max_len)} tokens"
+
+
+def _dataset(files: list, tokenizer, same_dataset: bool, batch_size: int, group: int, passage_max_len: int,
+             seed: int, instruction: str | None):
+    """FlagEmbedding's training dataset for ``files``, as its runner builds it (AbsRunner.load_train_dataset)."""
+    from FlagEmbedding.abc.finetune.embedder import (AbsEmbedderDataArguments, AbsEmbedderSameDatasetTrainDataset,
+                                                     AbsEmbedderTrainDataset)
+
+    args = AbsEmbedderDataArguments(train_data=[str(f) for f in files], train_group_size=group, query_max_len=64,
+                                    passage_max_len=passage_max_len, query_instruction_for_retrieval=instruction)
+    if not same_dataset:
+        return AbsEmbedderTrainDataset(args, tokenizer)
+    dataset = AbsEmbedderSameDatasetTrainDataset(args, default_batch_size=batch_size, seed=seed, tokenizer=tokenizer)
+    dataset.refresh_epoch()
+    return dataset
+
+
+def _draw(dataset, same_dataset: bool, batch_size: int, count: int, seed: int) -> list[tuple[list, list]]:
+    """(queries, passages) of the first ``count`` batches: whole batches from the same-dataset class,
+    else items in the order HF Trainer's RandomSampler draws them."""
+    import torch
+
+    if same_dataset:
+        return [tuple(dataset[i][:2]) for i in range(min(count, len(dataset.batch_datas)))]
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    drawn = []
+    for start in range(0, min(batch_size * count, len(order)), batch_size):
+        items = [dataset[i] for i in order[start:start + batch_size]]
+        drawn.append(([item[0] for item in items], [p for item in items for p in item[1]]))
+    return drawn
+
+
+def sample_batches(files: list[str | os.PathLike], tokenizer, *, same_dataset: bool, batch_size: int = 4,
+                   group: int = 2, passage_max_len: int = 8192, count: int = 6, seed: int = 42) -> list[Batch]:
+    """The first ``count`` batches FlagEmbedding's training dataset makes from ``files``."""
+    origin = {}  # query -> the file it came from
+    for path in files:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                origin.setdefault(json.loads(line)["query"], Path(path).name)
+    # an empty instruction keeps the queries as written (see query_as_trained)
+    dataset = _dataset(files, tokenizer, same_dataset, batch_size, group, passage_max_len, seed, "")
+    batches = []
+    for queries, passages in _draw(dataset, same_dataset, batch_size, count, seed):
+        lengths = tokenizer(list(passages), add_special_tokens=True, truncation=False)["input_ids"]
+        batches.append(Batch(Counter(origin.get(q, "?") for q in queries), max(len(ids) for ids in lengths)))
+    return batches
+
+
+def query_as_trained(files: list, tokenizer, *, same_dataset: bool, first_query: str,
+                     instruction: str | None = None) -> str:
+    """The text FlagEmbedding's dataset hands the model for ``first_query`` (a query of ``files``), with
+    ``--query_instruction_for_retrieval`` left out (None) or given."""
+    dataset = _dataset(files, tokenizer, same_dataset, 4, 2, 512, 42, instruction)
+    everything = _draw(dataset, same_dataset, 4, len(dataset), 42)
+    return next(q for queries, _ in everything for q in queries if q.endswith(first_query))
