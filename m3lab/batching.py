@@ -45,8 +45,11 @@ def _dataset(files: list, tokenizer, same_dataset: bool, batch_size: int, group:
 def _draw(dataset, same_dataset: bool, batch_size: int, count: int, seed: int) -> list[tuple[list, list]]:
     """(queries, passages) of the first ``count`` batches: whole batches from the same-dataset class,
     else items in the order HF Trainer's RandomSampler draws them."""
+    import random
+
     import torch
 
+    random.seed(seed)  # the datasets pick positives and negatives with Python's random, as HF's set_seed seeds it
     if same_dataset:
         return [tuple(dataset[i][:2]) for i in range(min(count, len(dataset.batch_datas)))]
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
