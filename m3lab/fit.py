@@ -5,9 +5,10 @@ with ``--host-ram-gib``). The data decides the lengths: the smallest query_max_l
 passage_max_len that keep 95% of the data's tokens (passages counted once each); then, if the
 data's longest queries still fit, they are kept whole. The encoder stays trainable (no
 fix_encoder, no frozen word embeddings): freezing is a lever for smaller cards, not a way to fit.
-Among the memory settings, from the fastest to the most frugal, the largest train_group_size whose
-predicted GPU total (peak + allocator cache + CUDA context) leaves ``margin`` of the card free and
-whose host RAM (``m3lab.predict.host``) the platform has wins; a faster setting wins a tie.
+The largest train_group_size that any memory setting holds wins: its predicted GPU total (peak +
+allocator cache + CUDA context) leaves ``margin`` of the card free and the platform has its host RAM
+(``m3lab.predict.host``); among the settings that hold it, the fastest (the settings are listed
+fastest first).
 ``stock=True`` keeps to what FlagEmbedding has (its own sparse head, no gradient cache); otherwise
 m3lab's levers join in (the efficient sparse head, gradient caching). Every figure is predicted,
 and said to be.
@@ -173,21 +174,32 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = 1.0, 
             f"{report.short_verdict}{host}")
         return done
 
-    # the most frugal setting finds the largest group (memory grows with the group: bisect) ...
-    frugal_name, frugal = settings[-1]
-    low, high, best = 2, cap, None
-    while low <= high:
-        group = (low + high) // 2
-        attempt = trial(frugal_name, frugal, group)
-        if attempt.fits:
-            best, low = attempt, group + 1
-        else:
-            high = group - 1
+    tried: dict[tuple[str, int], Trial] = {}
+
+    def tried_at(name: str, group: int) -> Trial:
+        if (name, group) not in tried:
+            tried[(name, group)] = trial(name, dict(settings)[name], group)
+        return tried[(name, group)]
+
+    # the largest group any setting holds (memory grows with the group: bisect), the frugal settings
+    # first: they find it soonest, and each later one need only try above it. Which setting is the most
+    # frugal depends on the platform (on two GPUs ZeRO-1 halves the optimizer states per GPU; on one it
+    # saves nothing), so each one gets its try.
+    best = None
+    for name, _ in reversed(settings):
+        low, high = (best.config.train_group_size + 1 if best else 2), cap
+        while low <= high:
+            group = (low + high) // 2
+            attempt = tried_at(name, group)
+            if attempt.fits:
+                best, low = attempt, group + 1
+            else:
+                high = group - 1
     if best is None:
         return result
     # ... the fastest setting that holds the same group is the one to run ...
-    for name, changes in settings[:-1]:
-        attempt = trial(name, changes, best.config.train_group_size)
+    for name, _ in settings:
+        attempt = tried_at(name, best.config.train_group_size)
         if attempt.fits:
             best = attempt
             break

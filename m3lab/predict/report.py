@@ -6,6 +6,7 @@ says it is predicted, and for which GPU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class MemoryReport(PeakFigures):
         """Host (CPU) memory the offloaded optimizer needs at its peak; 0 without offload."""
         return max((r.model_state_bytes.get("host_peak_bytes", 0) for r in self.per_rank), default=0)
 
-    @property
+    @functools.cached_property
     def host(self) -> HostMemory:
         """The host RAM the whole run needs (``m3lab.predict.host``: weights counted, offload traced,
         the processes themselves estimated)."""
