@@ -190,6 +190,20 @@ def ledger(reports: dict, path: str | Path | None = None,
     return _save(fig, path)
 
 
+def _zoom_on_the_card(ax, xs: list, series: list[list], usable_bytes: int, reach: float = 2.0) -> None:
+    """Keep the y axis to ``reach`` times the card, where the verdicts are decided; a point above it is
+    written at the top edge with its value, so a 137 GiB OOM does not flatten everything that fits."""
+    top = reach * usable_bytes / GIB
+    if not usable_bytes or max(r.total_bytes for reports in series for r in reports) / GIB <= top * 1.1:
+        return
+    ax.set_ylim(0, top)
+    for reports in series:
+        for x, report in zip(xs, reports):
+            if report.peak_allocated_bytes / GIB > top:
+                ax.annotate(f"{report.peak_allocated_bytes / GIB:.0f} GiB \u2191", (x, top), xytext=(0, -12),
+                            textcoords="offset points", ha="center", fontsize=8)
+
+
 def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None = None,
                  title: str = "Peak memory", measured: tuple[list, list, str] | None = None, log_x: bool = False,
                  label: str = "", compare: dict[str, list] | None = None):
@@ -211,6 +225,7 @@ def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None =
         ax.scatter(measured[0], [b / GIB for b in measured[1]], color="black", marker="D", zorder=5,
                    label=f"peak allocated, {measured[2]}")
     _usable_line(ax, first.usable_bytes)
+    _zoom_on_the_card(ax, xs, [reports, *(compare or {}).values()], first.usable_bytes)
     if log_x:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])

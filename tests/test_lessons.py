@@ -117,3 +117,15 @@ def test_retrieval_is_scored_in_a_child_process(monkeypatch):
     assert (scores.queries, scores.corpus) == (50, 303)
     assert set(scores.mrr_at_10) == set(MODES) and all(0 <= v <= 1 for v in scores.mrr_at_10.values())
     assert set(scores.recall["dense"]) == {1, 5, 10}
+
+
+def test_memory_curve_zooms_on_the_card_and_writes_what_is_above(two_reports):
+    import dataclasses
+
+    small, big = list(two_reports.values())
+    huge = dataclasses.replace(big, peak_allocated_bytes=137 * 2**30, total_bytes=138 * 2**30)
+    ax = plots.memory_curve([64, 128], [small, huge], "seq_len").axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(2 * small.usable_bytes / 2**30)
+    assert [t.get_text() for t in ax.texts if "\u2191" in t.get_text()] == ["137 GiB \u2191"]
+    unzoomed = plots.memory_curve([64, 128], [small, big], "seq_len").axes[0]
+    assert not any("\u2191" in t.get_text() for t in unzoomed.texts)
