@@ -21,7 +21,7 @@
 # Next piece of advice: a smaller `train_group_size` (e.g. 6) and per-device batch 1; and
 # `negatives_cross_device` off. What do they change, and what does `same_dataset_within_batch` do?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -112,9 +112,68 @@ lessons.print_commands({**group_configs, **batch_configs, **cross_configs})
 # It makes every batch come from one training file (one `dataset`), so that in-batch negatives are of
 # the same kind. It changes **which** texts share a batch, never how many or how long they may be: the
 # tensors of a step have the same shapes, and the predicted peak is the same. With one training file,
-# as here, it changes nothing at all. It can matter indirectly: FlagEmbedding pads each batch to its
-# longest text, so grouping a short-text dataset apart from a long-text one lowers the typical step.
-# The peak, set by the longest texts allowed, stays.
+# as here, it changes nothing at all. To see what it does, this series' training file split in two (the
+# records whose longest passage has the fewest characters in `short.jsonl`, the rest in `long.jsonl`) and the first
+# batches of 4 queries that FlagEmbedding's own datasets draw from them (`m3lab.batching` asks
+# FlagEmbedding's `AbsEmbedderTrainDataset` and `AbsEmbedderSameDatasetTrainDataset`, seeded as the
+# trainer seeds them):
+
+# %%
+import json
+import tempfile
+from pathlib import Path
+
+from m3lab import batching
+from m3lab.data import REPO_ROOT, load_jsonl
+
+tokenizer, tokenizer_name = lessons.load_tokenizer()
+records = load_jsonl(REPO_ROOT / "data" / "train.jsonl")
+longest = [max(len(text) for text in r["pos"] + r["neg"]) for r in records]  # characters: any tokenizer agrees
+cut = sorted(longest)[len(longest) // 2]
+split = Path(tempfile.mkdtemp(prefix="m3lab-03-"))
+for name, keep in (("short.jsonl", lambda n: n < cut), ("long.jsonl", lambda n: n >= cut)):
+    (split / name).write_text("".join(json.dumps(r) + "\n" for r, n in zip(records, longest) if keep(n)))
+files = [split / "short.jsonl", split / "long.jsonl"]
+drawn = {same: batching.sample_batches(files, tokenizer, same_dataset=same, batch_size=4, count=6)
+         for same in (False, True)}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for same, batches in drawn.items():
+    print(f"--same_dataset_within_batch {same}:")
+    for number, batch in enumerate(batches, 1):
+        print(f"  batch {number}: " + ", ".join(f"{n} from {name}" for name, n in sorted(batch.files.items())))
+
+# %%
+# what each batch pads its passages to (tokens, with this tokenizer; FlagEmbedding pads a batch to its longest text)
+print(tokenizer_name)
+for same, batches in drawn.items():
+    print(f"--same_dataset_within_batch {same}: " + ", ".join(str(b.longest_passage) for b in batches))
+
+# %% [markdown]
+# Without the flag, batches mix the files, and one long passage makes the whole batch long. With it,
+# a batch is all short or all long: the short ones pad less, so the typical step is cheaper. The
+# **peak** is set by the longest texts `--passage_max_len` lets in, and stays.
+#
+# **A trap in FlagEmbedding 1.4.2.** With the flag on, its dataset formats every query with the query
+# instruction even when you give none: `"{}{}".format(None, query)`. Every query is then trained with
+# the text `None` in front of it, and scored later without it. The same query, as each path hands it
+# to the model:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+query = json.loads(files[0].read_text().splitlines()[0])["query"]
+for same, instruction in ((False, None), (True, None), (True, "")):
+    flags = f"--same_dataset_within_batch {same}" + ("" if instruction is None else " --query_instruction_for_retrieval ''")
+    trained = batching.query_as_trained(files[:1], tokenizer, same_dataset=same, first_query=query,
+                                        instruction=instruction)
+    print(f"{flags:70} {trained[:60]!r}")
+
+# %% [markdown]
+# So: with one training file, leave `--same_dataset_within_batch` off (FlagEmbedding's default, and
+# what its own `m3.sh` does); with several, add `--query_instruction_for_retrieval ''`.
+# `m3lab predict -- <command>` prints this note when a pasted command has the flag without an
+# instruction. The path keeps it off.
 #
 # **Verdict.** Group size and batch scale the sparse head's tensor and the activations (passages per
 # step = batch x group): a real lever while those make the peak, as at group 16 or batch 4. At 392

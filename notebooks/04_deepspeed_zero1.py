@@ -22,7 +22,7 @@
 # the optimizer states (fp32 master weights and the two Adam moments, 12 bytes per parameter)
 # across GPUs. What does it do on **one** T4?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -64,8 +64,12 @@ configs = {"1 x T4, no DeepSpeed, torch AdamW": advice.replace(deepspeed_stage=N
            "1 x T4, ZeRO-1": advice,
            "1 x T4, ZeRO-2 (no ckpt)": advice.replace(deepspeed_stage=2, gradient_checkpointing=False),
            "1 x T4, ZeRO-1 + offload": advice.replace(offload_optimizer=True),
+           "1 x T4, ZeRO-1 + offload (CPUAdam)": advice.replace(offload_optimizer=True, torch_adam=False),
+           "2 x T4, no DeepSpeed, fused AdamW": advice.replace(deepspeed_stage=None, optim="adamw_torch_fused",
+                                                              num_processes=2),
            "2 x T4, ZeRO-0": advice.replace(deepspeed_stage=0, num_processes=2),
-           "2 x T4, ZeRO-1": advice.replace(num_processes=2)}
+           "2 x T4, ZeRO-1": advice.replace(num_processes=2),
+           "2 x T4, ZeRO-2 (no ckpt)": advice.replace(deepspeed_stage=2, gradient_checkpointing=False, num_processes=2)}
 reports = lessons.predict_all(configs)
 
 # %%
@@ -145,13 +149,19 @@ plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) for r in measured.
 # GiB. It keeps fp32 weights (2.12 GiB) and no fp16 copy, where DeepSpeed's fp16 keeps fp16 weights
 # and fp32 masters, and its optimizer temporaries are half DeepSpeed's (2.12 against 4.24 GiB).
 #
-# On Kaggle's 2 x T4 ZeRO-1 halves the states per GPU (measured: each rank holds exactly half the
-# Adam bytes), which is the saving the advice promises, and 2 x T4 then has 3.89 GiB to spare. One more
-# measured detail: in full precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0
-# does not need; with fp16 on a GPU both keep one. Offloading the optimizer to the CPU takes states
-# and update off the GPU entirely (4.48 GiB peak), at the price of host RAM: the run needs 16.75 GiB of
-# it (the offloaded optimizer traced at 14.25 GiB, the process and launcher estimated), more than
-# free Colab's 12.7 GB; Kaggle's 29 GB hold it.
+# **On two T4s, ZeRO-1.** On Kaggle's 2 x T4 ZeRO-1 halves the states per GPU (3.18 GiB each;
+# measured: each rank holds exactly half the Adam bytes), which is the saving the advice promises: 7.18
+# GiB peak and 3.89 GiB to spare. Without DeepSpeed each GPU holds everything, as on one (10.37 GiB);
+# ZeRO-2 (which with FlagEmbedding's M3 model needs checkpointing off, lesson 05) partitions the
+# gradients too but, without checkpointing, peaks at 8.46 GiB. One more measured detail: in full
+# precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0 does not need; with fp16 on
+# a GPU both keep one.
+#
+# **Offload** takes states and update off the GPU entirely (4.48 GiB peak), at the price of host RAM.
+# With `torch_adam` (torch's AdamW on the CPU) the run needs 16.75 GiB of it (the offloaded optimizer
+# traced at 14.25 GiB, the process and launcher estimated); with DeepSpeed's own CPU Adam (upstream's
+# JSON, no `torch_adam`) 12.51 GiB (10.01 GiB traced). Both are more than free Colab's 12.7 GB
+# (11.83 GiB); Kaggle's 29 GB hold either.
 
 
 # %% [markdown]

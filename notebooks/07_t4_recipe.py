@@ -21,7 +21,7 @@
 # Everything so far, put together: which configuration fine-tunes **all** of BGE-M3 on one T4 with a
 # margin, a real fine-tuning run, and retrieval quality on the held-out queries before and after.
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -107,6 +107,38 @@ from m3lab import ledger
 
 recipe = ledger.after("07")
 print(recipe.shell_command())
+
+# %% [markdown]
+# ## A recipe per platform, with FlagEmbedding as it is
+#
+# The path above keeps the advice's group of 6 and spends the room on passages of 1,024 tokens. Your
+# data may want something else: `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) takes the
+# lengths that keep 95% of the data's tokens, then the largest group the platform holds, GPU and host
+# RAM both, with FlagEmbedding's own knobs only. On this series' data (`data/train.jsonl`), for both
+# platforms: the command, the JSON it names (if any), the GPU figures and the host RAM (predicted),
+# and the time of one step, **estimated**: the step's FLOPs, counted in the trace with PyTorch's own
+# formulas (forward, checkpointing's recompute and backward), over a T4's datasheet peak (65 TFLOPS in
+# fp16) at an assumed 30% of it (`m3lab.steptime` says why; nothing here ran on a T4).
+
+# %%
+from m3lab import recipes
+
+stock_recipes = recipes.recipes(stock=True)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for platform_recipe in stock_recipes.values():
+    print(platform_recipe.card(), end="\n\n")
+
+# %% [markdown]
+# At this data's lengths (95% of its tokens: 2,704-token passages) FlagEmbedding as it is holds a
+# group of 2 on either platform, one negative per query: its sparse head's (passages x tokens x
+# vocabulary) tensor, not the optimizer, is what fills the card, so no DeepSpeed stage buys a bigger
+# group (on two T4s ZeRO-1 halves the optimizer states, and the group is still 2). Kaggle's second T4
+# doubles the queries per step, not the group. That is the trade with FlagEmbedding as it is: the
+# path's recipe above keeps groups of 6 and cuts passages at 1,024 tokens; this one keeps the
+# passages and trains one negative per query. Lesson 08's levers remove that trade (groups of 11
+# at the same lengths, on both platforms).
 
 # %% [markdown]
 # ## A real fine-tuning run, and retrieval before and after

@@ -35,7 +35,7 @@
 # Training runs with any of the first, second or last go through `torchrun -m m3lab.run_m3`, which is
 # FlagEmbedding's M3 runner and trainer with the model subclassed (same arguments, plus these).
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -61,7 +61,6 @@ if importlib.util.find_spec("m3lab") is None:
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
 from m3lab import lessons, plots
-from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
 
 env = lessons.environment()
@@ -69,20 +68,22 @@ print(env.describe())
 print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
 
 # %% [markdown]
-# ## Each lever alone, against the common advice
+# ## Each lever alone, from where the path left off
 #
-# The common advice (group 6, 64/392 tokens, batch 1, fp16, ZeRO-1, checkpointing) with one lever at a
-# time. 8-bit AdamW replaces DeepSpeed's AdamW: HF Trainer's `--optim` counts only without DeepSpeed,
-# so that bar runs HF's own fp16 (the same for the gradient cache, which here keeps ZeRO-1).
+# Lesson 07 left the run at FlagEmbedding's own knobs: no DeepSpeed, 8-bit AdamW, queries of 64 and
+# passages of 1,024 tokens, groups of 6, batch 1, checkpointing (`m3lab.ledger.before("08")`). Each of
+# m3lab's levers alone from there. Offload needs DeepSpeed: that bar is ZeRO-1 with its own AdamW
+# offloaded to the CPU, in place of 8-bit AdamW.
 
 # %%
-advice = TrainConfig.common_t4_advice()
-levers = {"common advice (ZeRO-1)": advice,
-          "+ efficient sparse head": advice.replace(efficient_sparse_head=True),
-          "+ frozen word embeddings": advice.replace(freeze_word_embeddings=True),
-          "+ 8-bit AdamW (no DeepSpeed)": advice.replace(deepspeed_stage=None, optim="adamw_bnb_8bit"),
-          "+ optimizer offload": advice.replace(offload_optimizer=True),
-          "+ grad cache (chunks of 1)": advice.replace(grad_cache_chunk_size=1)}
+from m3lab import ledger
+
+start = ledger.before("08")
+levers = {"where 07 left off": start,
+          "+ efficient sparse head": start.replace(efficient_sparse_head=True),
+          "+ frozen word embeddings": start.replace(freeze_word_embeddings=True),
+          "+ grad cache (chunks of 1)": start.replace(grad_cache_chunk_size=1),
+          "ZeRO-1 + optimizer offload": start.replace(deepspeed_stage=1, offload_optimizer=True, optim="adamw_torch")}
 lever_reports = lessons.predict_all(levers)
 
 # %%
@@ -90,24 +91,24 @@ lever_reports = lessons.predict_all(levers)
 
 print(lessons.prediction_table(lever_reports))
 for label, report in lever_reports.items():
-    print(f"{label:30} peak in {report.peak_phase:9} optimizer states {report.breakdown['optimizer_states'] / GIB:5.2f} GiB")
+    print(f"{label:28} peak in {report.peak_phase:9} activations {report.breakdown['activations'] / GIB:5.2f} GiB, "
+          f"optimizer states {report.breakdown['optimizer_states'] / GIB:5.2f} GiB, host RAM {report.host.total_bytes / GIB:5.2f} GiB")
 
 # %%
-plots.breakdown_bars(lever_reports, title="Each lever alone on the common T4 advice (64/392, group 6)");
+plots.breakdown_bars(lever_reports, title="Each lever alone, from where lesson 07 left the run (64/1,024, group 6)");
 
 # %% [markdown]
 # ## Toward the goal: 8,192-token passages, 512-token queries, groups of 8
 #
-# The advice at the goal's lengths, then the levers added one after the other. Each one removes what
-# the previous bar's peak is made of.
+# The same run at the goal's lengths, then the levers added one after the other; the last bar is the
+# path's last step (`ledger.after("08")`). Each lever removes what the previous bar's peak is made of.
 
 # %%
-at_goal = advice.replace(query_max_len=512, passage_max_len=8192, train_group_size=8)
-path = {"advice at 8192/512, group 8": at_goal,
+at_goal = start.replace(query_max_len=512, passage_max_len=8192, train_group_size=8)
+path = {"07's run at 8192/512, group 8": at_goal,
         "+ efficient sparse head": at_goal.replace(efficient_sparse_head=True),
-        "+ grad cache (chunks of 1)": at_goal.replace(efficient_sparse_head=True, grad_cache_chunk_size=1),
-        "+ 8-bit AdamW (the goal)": at_goal.replace(efficient_sparse_head=True, grad_cache_chunk_size=1,
-                                                   deepspeed_stage=None, optim="adamw_bnb_8bit")}
+        "+ grad cache (the goal)": ledger.after("08")}
+assert path["+ grad cache (the goal)"] == at_goal.replace(efficient_sparse_head=True, grad_cache_chunk_size=1)
 path_reports = lessons.predict_all(path)
 
 # %%
@@ -118,7 +119,7 @@ for label, report in path_reports.items():
     print(f"{label:30} peak in {report.peak_phase:9} ({report.peak_op})")
 
 # %%
-plots.breakdown_bars(path_reports, title="From the advice to the goal (8,192/512 tokens, group 8, all trained)");
+plots.breakdown_bars(path_reports, title="From 07's run to the goal (8,192/512 tokens, group 8, all trained)");
 
 # %% [markdown]
 # ## The gradient cache: memory that does not grow with the group
@@ -130,7 +131,7 @@ plots.breakdown_bars(path_reports, title="From the advice to the goal (8,192/512
 # %%
 from m3lab.predict import predict
 
-lean = at_goal.replace(efficient_sparse_head=True, deepspeed_stage=None, optim="adamw_bnb_8bit")
+lean = at_goal.replace(efficient_sparse_head=True)
 groups = [2, 4, 8, 16]
 cached = [predict(lean.replace(grad_cache_chunk_size=1, train_group_size=g), "t4") for g in groups]
 uncached = [predict(lean.replace(train_group_size=g), "t4") for g in groups]
@@ -147,15 +148,13 @@ for g, with_cache, without in zip(groups, cached, uncached):
 # %% [markdown]
 # ## The goal, traced in full
 #
-# The predictions above trace 2 and 3 layers and extrapolate to 24 (tested exact on the stand-in; for
-# this configuration at full size the full trace is 0.8% higher, so the goal's figure is the full
-# trace). The command to copy, and the same check from the command line:
-# `m3lab predict --query-max-len 512 --passage-max-len 8192 --train-group-size 8 --batch-size 1
-# --precision fp16 --gradient-checkpointing --use-self-distill --optim adamw_bnb_8bit
-# --efficient-sparse-head --grad-cache-chunk-size 1 --gpu t4 --exact`.
+# The predictions above trace 2 and 3 layers and extrapolate to 24 (tested exact on the stand-in). At
+# full size the goal is traced once more, every layer, and set beside the extrapolation. Then its
+# command, and the same check from the shell: `m3lab predict -- <command>` takes any M3 training
+# command as you would type it (prefix yours the same way).
 
 # %%
-goal = path["+ 8-bit AdamW (the goal)"]
+goal = path["+ grad cache (the goal)"]
 goal_report = predict(goal, "t4", exact=True)
 
 # %%
@@ -164,38 +163,44 @@ goal_report = predict(goal, "t4", exact=True)
 print(goal_report.summary())
 print(f"{goal_report.method}; total with the allocator's cache and the CUDA context: "
       f"{goal_report.total_bytes / GIB:.2f} GiB (goal: at most 14.0 GiB)")
+extrapolated = path_reports["+ grad cache (the goal)"]
+print(f"the extrapolation said {extrapolated.peak_allocated_bytes / GIB:.2f} GiB: the full trace is "
+      f"{goal_report.peak_allocated_bytes / extrapolated.peak_allocated_bytes - 1:+.1%} from it")
 print("breakdown: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in goal_report.breakdown.items()))
+# what the gradient cache costs in compute: the step's FLOPs, counted in the traces, and the time they take
+from m3lab import steptime
+
+for label in ("+ efficient sparse head", "+ grad cache (the goal)"):
+    print(f"{label:24} {steptime.describe(path_reports[label])}")
 
 # %%
-print(goal.shell_command())
+print("m3lab predict --gpu t4 --exact -- " + goal.shell_command())
 
 # %% [markdown]
-# ## `m3lab fit`: let the predictor choose
+# ## A recipe per platform, with m3lab's levers
 #
-# `m3lab fit --platform colab-t4 --data data/train.jsonl` takes the lengths that keep 95% of the data's tokens, finds
-# the largest group the most frugal setting holds (bisecting), then the fastest setting that holds the
-# same group, and prints its command. The encoder always trains. The same from Python:
+# Lesson 07 gave each platform's recipe with FlagEmbedding as it is. The same search with m3lab's
+# levers joining in (`m3lab fit --platform colab-t4`, without `--stock`): the lengths that keep 95% of
+# the data's tokens, the largest group the most frugal setting holds (bisecting), then the fastest
+# setting that holds the same group. The encoder always trains. GPU and host figures are predicted;
+# the step time is estimated (the step's counted FLOPs at an assumed 30% of a T4's datasheet peak,
+# `m3lab.steptime`).
 
 # %%
-from m3lab.config import DEFAULT_TRAIN_DATA
-from m3lab.fit import fit
+from m3lab import recipes
 
-fitted = fit(DEFAULT_TRAIN_DATA, platform="colab-t4", margin_gib=1.0)
+lever_recipes = recipes.recipes(stock=False)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-
-print(fitted.table())
-print(fitted.best.report.summary())
-
-# %%
-print(fitted.best.config.shell_command())
+for platform_recipe in lever_recipes.values():
+    print(platform_recipe.card(), end="\n\n")
 
 # %% [markdown]
 # ## A real run with the levers
 #
-# Four runs of a few steps, one lever added per run: FlagEmbedding's own step without DeepSpeed, then
-# the efficient sparse head, then the gradient cache, then 8-bit AdamW (the goal). On a T4 that is the
+# Four runs of a few steps, one lever added per run: FlagEmbedding's own step without DeepSpeed (torch
+# AdamW), then the efficient sparse head, then the gradient cache, then 8-bit AdamW (the goal). On a T4 that is the
 # real BGE-M3 at the goal's lengths (a bigger GPU is capped to a T4's memory), where FlagEmbedding's
 # step runs out of memory as predicted; on a CPU the stand-in, with passages of 512 tokens, in full
 # precision. Then the goal's measured peak is drawn over its prediction for this machine.
@@ -226,36 +231,38 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 # %% [markdown]
 # **Verdict.**
 #
-# - **At the advice's own settings** (64/392, group 6) only the levers that shrink the optimizer
-#   matter: the peak is ZeRO-1's optimizer step (11.65 GiB, a close call). 8-bit AdamW brings it to
-#   8.69 GiB, frozen word embeddings to 6.90 (but they stop training), offload to 4.48 (with 14.25 GiB of
-#   host RAM, more than free Colab has). The efficient sparse head and the gradient cache change
-#   nothing there: the common advice's problem at 392 tokens is not activations.
-# - **At BGE-M3's real lengths** (8,192-token passages, 512-token queries, group 8) the advice needs
-#   72 GiB, almost all of it FlagEmbedding's (passages x tokens x vocabulary) sparse-head tensor. The
-#   efficient sparse head takes that away (14.52 GiB: still OOM), the gradient cache takes the
-#   activations away (11.66: the optimizer step is the peak again), 8-bit AdamW shrinks the optimizer.
-#   **The goal**, every parameter trained: 8.59 GiB peak and 10.03 GiB with the allocator's cache and the
-#   CUDA context, full trace, predicted for a T4 (at most 14.0 asked). No shorter lengths, no smaller
-#   group, no frozen encoder, no offload. The common advice to cut lengths and groups is a workaround for
-#   two things FlagEmbedding's trainer does, not a limit of the card.
-# - **The gradient cache** keeps the encoder's memory flat: from group 2 to 16 the peak grows by
-#   0.45 GiB (the cached representations); without it group 8 is OOM by 0.43 GiB and group 16 by 10.4.
-#   In the CPU runs above, one lever added at a time, the cut in the stand-in's measured peak comes
-#   with the gradient cache; the efficient sparse head alone changes nothing there, because the
+# - **From where lesson 07 left the run** (no DeepSpeed, 8-bit AdamW, 64/1,024 tokens, group 6) the
+#   peak is in the forward pass: 6.94 GiB of activations, most of them FlagEmbedding's (passages x
+#   tokens x vocabulary) sparse-head tensor. The efficient sparse head alone takes the peak from 11.61
+#   to 8.69 GiB, the gradient cache alone to 8.44. Frozen word embeddings shrink the optimizer states
+#   (2.55 to 0.64 GiB) but not the activations (9.72 GiB), and the embeddings stop training. Offload
+#   (ZeRO-1 with DeepSpeed's CPU Adam) leaves 7.61 GiB on the GPU and needs 12.51 GiB of host RAM,
+#   more than free Colab's 11.83 GiB.
+# - **At BGE-M3's real lengths** (8,192-token passages, 512-token queries, group 8) the same run needs
+#   73.20 GiB. The efficient sparse head takes the sparse tensor away (14.77 GiB: OOM by 0.43), the
+#   gradient cache takes the activations away, and the optimizer step is the peak again. **The goal**,
+#   every parameter trained: 8.59 GiB peak and 10.03 GiB with the allocator's cache and the CUDA
+#   context, full trace (the extrapolation said 8.52, +0.8%), predicted for a T4 (at most 14.0 asked).
+#   No shorter lengths, no smaller group, no frozen encoder, no offload. The common advice to cut
+#   lengths and groups works around two things FlagEmbedding's trainer does, not a limit of the card.
+# - **The gradient cache** keeps the encoder's memory flat: from group 2 to 16 the peak grows from
+#   8.32 to 8.77 GiB (the cached representations); without it group 8 is OOM by 0.43 GiB and group 16
+#   by 10.43. In the CPU runs above, one lever added at a time, the cut in the stand-in's measured peak
+#   comes with the gradient cache. The efficient sparse head alone changes nothing there, because the
 #   stand-in's vocabulary is 4,002 entries, not BGE-M3's 250,002, so its sparse tensor is small (the
 #   full-size effect is the prediction above). With the cache the losses differ from the plain run's
 #   because chunks draw their dropout masks in another order, exactly as FlagEmbedding's own
 #   `sub_batch_size` does; the tests hold the cache to that computation within 1e-5.
-# - **What they cost** (not measured here, no GPU): the cache encodes every text twice, once without
-#   a graph and once with it, on top of checkpointing's recompute, so expect steps around a third
-#   slower than checkpointing alone; at 8,192 tokens a T4 step takes seconds. 8-bit AdamW keeps Adam's
-#   moments block-quantised to 8 bits (HF keeps the word embeddings' in 32 bits); Dettmers et al.
-#   (2022, "8-bit Optimizers via Block-wise Quantization") report fine-tuning results on par with
-#   32-bit Adam. Where you can afford both, ZeRO-1 AdamW without the cache is the faster choice, and
-#   `m3lab fit` picks the fastest setting that holds the group: on `data/train.jsonl`, for free Colab,
-#   no DeepSpeed with fused AdamW (m3lab's efficient sparse head on) at 2,704-token passages, group 11
-#   (the data's ten negatives per line), queries kept whole (32 tokens).
+# - **What they cost**, counted: the cache encodes every text twice (once without a graph, once
+#   with it) on top of checkpointing's recompute, so the goal's step is 490.6 TFLOP against 397.8
+#   without the cache, about 25.2 s against 20.4 s per step on a T4 (estimated: 30% of the
+#   datasheet's 65 TFLOPS, `m3lab.steptime`). 8-bit AdamW keeps Adam's moments block-quantised to 8
+#   bits (HF keeps the word embeddings' in 32 bits); Dettmers et al. (2022, "8-bit Optimizers via
+#   Block-wise Quantization") report fine-tuning results on par with 32-bit Adam.
+# - **The recipes with the levers**: on this series' data, at its 2,704-token passages, groups of 11
+#   (the data's ten negatives per line) on free Colab and on Kaggle, with no DeepSpeed and fused
+#   AdamW (the efficient sparse head on; no cache needed at that length): 10.93 GiB peak, 1.43 GiB to
+#   spare, about 5.5 s a step (estimated). FlagEmbedding as it is holds groups of 2 there (lesson 07).
 
 
 # %% [markdown]
