@@ -222,3 +222,8 @@ print(lessons.prediction_table(so_far))
 
 # %%
 plots.ledger(so_far);
+
+# %% [markdown]
+# **In one line.** On free Colab today, with FlagEmbedding as it is: no DeepSpeed, 8-bit AdamW,
+# 64/1,024 tokens, group 6 (the command above): 11.61 GiB peak, 1.71 GiB to spare, every parameter
+# trained, predicted for a T4.

@@ -287,3 +287,8 @@ print(lessons.prediction_table(so_far))
 
 # %%
 plots.ledger(so_far);
+
+# %% [markdown]
+# **In one line.** With m3lab's efficient sparse head and gradient cache, all of BGE-M3 trains at
+# 8,192/512 tokens, group 8, on one T4: 8.59 GiB peak, 10.03 GiB with cache and context (full trace,
+# predicted), about 25.2 s a step (estimated).

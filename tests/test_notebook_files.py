@@ -80,14 +80,12 @@ def _readme_rows() -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"^\| (\d\d) [^|]+\| (.+) \|$", readme, re.M)}
 
 
-@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
-def test_the_readmes_notebook_table_quotes_the_checked_outputs(lesson):
-    """Every figure in the README's row for a lesson (GiB, percentages, counts) is in that lesson's
-    checked outputs, to the precision the README gives it."""
-    row = _readme_rows()[lesson.stem[:2]]
-    numbers, text = _checked_numbers(lesson.with_suffix(".ipynb"))
+def _unchecked_figures(prose: str, notebook: Path) -> list[str]:
+    """The figures in ``prose`` (GiB, percentages, counts) that no checked output of ``notebook``
+    shows, to the precision the prose gives them."""
+    numbers, text = _checked_numbers(notebook)
     # not figures: flags (`--sub_batch_size 1`), lesson numbers, versions (FlagEmbedding 1.4.2)
-    row = re.sub(r"`[^`]*`|\b\d\d:|\(\d\d\)|\d+\.\d+\.\d+", "", row)
+    row = re.sub(r"`[^`]*`|\b\d\d:|\(\d\d\)|\d+\.\d+\.\d+", "", prose)
     missing = []
     for figure in re.findall(r"\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+|\d+(?=%)", row):
         if "," in figure and "." not in figure:
@@ -98,4 +96,19 @@ def test_the_readmes_notebook_table_quotes_the_checked_outputs(lesson):
             found = any(abs(round(n, places) - value) < 1e-9 for n in numbers)
         if not found:
             missing.append(figure)
+    return missing
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_the_readmes_notebook_table_quotes_the_checked_outputs(lesson):
+    """Every figure in the README's row for a lesson is in that lesson's checked outputs."""
+    missing = _unchecked_figures(_readme_rows()[lesson.stem[:2]], lesson.with_suffix(".ipynb"))
     assert not missing, f"README's row for {lesson.stem} quotes {missing}, which no checked output of it shows"
+
+
+@pytest.mark.parametrize("lesson", [p for p in LESSONS if p.stem[:2] != "00"], ids=lambda p: p.stem)
+def test_each_lesson_ends_with_its_answer_in_one_line_from_checked_outputs(lesson):
+    last = nbformat.read(lesson.with_suffix(".ipynb"), as_version=4).cells[-1]
+    assert last.cell_type == "markdown" and last.source.startswith("**In one line.**"), lesson.stem
+    missing = _unchecked_figures(last.source.replace("\n", " "), lesson.with_suffix(".ipynb"))
+    assert not missing, f"{lesson.stem}'s answer quotes {missing}, which no checked output of it shows"
