@@ -22,7 +22,7 @@
 # fp16, gradient checkpointing, DeepSpeed stage 0, unified fine-tuning with self-distillation), run
 # at BGE-M3's long context on a 16 GB T4. Why can it not fit, and what exactly is too big?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -165,3 +165,8 @@ print(lessons.prediction_table(so_far))
 
 # %%
 plots.ledger(so_far);
+
+# %% [markdown]
+# **In one line.** FlagEmbedding's example on one T4, passages at BGE-M3's 8,192 tokens: 136.60 GiB
+# peak, OOM by 122.26 GiB, predicted; what fills the card is the sparse head's (passages x tokens x
+# vocabulary) tensor, not the weights.
