@@ -61,6 +61,7 @@ if importlib.util.find_spec("m3lab") is None:
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
 from m3lab import lessons, plots
+from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
 
 env = lessons.environment()
