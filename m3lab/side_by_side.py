@@ -3,8 +3,9 @@
 ``grad_cache_side_by_side`` builds the model as FlagEmbedding's runner loads it (the stand-in, on the
 CPU, on every machine: the equality does not depend on size), turns dropout off so both steps see
 the same network, encodes one batch from the data, and runs FlagEmbedding's own step and m3lab's
-cached one. It returns each step's loss and peak live tensor bytes (measured with m3lab.measure's
-live-tensor meter) and the largest relative difference between their gradients.
+cached one. It returns each step's loss, what the step adds at its peak to the live tensors (measured
+with m3lab.measure's live-tensor meter: activations, gradients, temporaries) and the relative
+difference between their gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 class Step:
     label: str
     loss: float
-    peak_bytes: int  # live tensor bytes at the step's peak, weights included, measured on the CPU
+    # what the step adds at its peak to what was alive before it (weights, batch, anything else the
+    # process holds): activations, gradients, temporaries; live tensor bytes measured on the CPU
+    peak_bytes: int
 
 
 @dataclass
@@ -33,8 +36,8 @@ class SideBySide:
     parameters_compared: int
 
     def describe(self) -> str:
-        lines = [f"{step.label:34} loss {step.loss:.6f}   peak {step.peak_bytes / 2**20:7.1f} MiB, measured on CPU "
-                 "(live tensors)" for step in (self.plain, self.cached)]
+        lines = [f"{step.label:34} loss {step.loss:.6f}   the step's peak {step.peak_bytes / 2**20:7.1f} MiB above "
+                 "the weights, measured on CPU (live tensors)" for step in (self.plain, self.cached)]
         lines.append(f"gradients of {self.parameters_compared} parameters: relative difference "
                      f"{self.gradient_difference:.0e}")
         return "\n".join(lines)
@@ -65,10 +68,11 @@ def _step(model, batch, label: str) -> tuple[Step, dict]:
 
     model.zero_grad(set_to_none=True)
     with LiveTensorBytes(roots=list(model.parameters())) as meter:
+        before = meter.current
         loss = model(**batch).loss
         loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return Step(label, loss.item(), meter.peak), grads
+    return Step(label, loss.item(), meter.peak - before), grads
 
 
 def grad_cache_side_by_side(model_path: str, records: list[dict], group: int = 8, chunk_size: int = 1,

@@ -150,7 +150,8 @@ for g, with_cache, without in zip(groups, cached, uncached):
 # Is it the same computation? One step of FlagEmbedding's own M3 model and one with the cache, on the
 # same batch from the data (two queries, groups of 2 and of 8), with dropout off so that both see the
 # same network. This runs the stand-in on the CPU on every machine: the equality does not depend on
-# the model's size. Beside the loss and the gradients, the peak of live tensors each step measured.
+# the model's size. Beside the loss and the gradients, what each step adds at its peak to the live
+# tensors (activations, gradients, temporaries), measured.
 
 # %%
 from m3lab.data import REPO_ROOT, load_jsonl
@@ -167,8 +168,8 @@ for g, result in side_by_side.items():
 for g, result in side_by_side.items():
     same_loss = abs(result.cached.loss - result.plain.loss) <= 1e-6 * abs(result.plain.loss)
     print(f"group {g}: same loss (within 1e-6) {same_loss}, same gradients (within 1e-5) "
-          f"{result.gradient_difference < 1e-5}; peak {result.plain.peak_bytes / 2**20:.1f} MiB without the cache, "
-          f"{result.cached.peak_bytes / 2**20:.1f} MiB with it (measured on CPU, live tensors)")
+          f"{result.gradient_difference < 1e-5}; the step's peak above the weights {result.plain.peak_bytes / 2**20:.1f} "
+          f"MiB without the cache, {result.cached.peak_bytes / 2**20:.1f} MiB with it (measured on CPU, live tensors)")
 
 # %% [markdown]
 # ## The goal, traced in full
@@ -278,8 +279,8 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 #   full-size effect is the prediction above). In those runs the losses differ from the plain run's
 #   because chunks draw their dropout masks in another order, exactly as FlagEmbedding's own
 #   `sub_batch_size` does; with dropout off, side by side on one batch, the cached step gives
-#   FlagEmbedding's loss and gradients, and the stand-in's measured peak stays at 19.2 to 19.8 MiB
-#   from group 2 to 8 where FlagEmbedding's grows from 28.2 to 89.7 MiB.
+#   FlagEmbedding's loss and gradients, and what the stand-in's step adds to the weights stays at
+#   8.8 to 9.4 MiB from group 2 to 8 where FlagEmbedding's grows from 21.2 to 82.6 MiB (measured).
 # - **What they cost**, counted: the cache encodes every text twice (once without a graph, once
 #   with it) on top of checkpointing's recompute, so the goal's step is 490.6 TFLOP against 397.8
 #   without the cache, about 25.2 s against 20.4 s per step on a T4 (estimated: 30% of the
