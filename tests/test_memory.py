@@ -17,7 +17,7 @@ from m3lab import steptime
 from m3lab.cli import main as cli_main
 from m3lab.config import ConfigError, TrainConfig
 from m3lab.gpus import GIB, gpu_profile
-from m3lab.predict import prediction
+from m3lab.predict import extrapolate, prediction
 from m3lab.predict.allocator import Allocator
 from m3lab.predict.extrapolate import trainable_params, trainable_params_before_layers
 from m3lab.predict.spec import spec_for
@@ -244,6 +244,32 @@ def test_extrapolation_with_shrunken_buckets_stays_close_to_the_full_trace(stand
     assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
     for key, value in full.per_rank[0].model_state_bytes.items():  # DeepSpeed pads its flat buffers
         assert fast.per_rank[0].model_state_bytes[key] == pytest.approx(value, rel=0.001), key
+
+
+@pytest.mark.parametrize("changes, bounded", [
+    (dict(), True),  # the optimizer's step peaks: the 2- and 3-layer copies stand
+    (dict(passage_max_len=1024, gradient_checkpointing=False), False),  # backward peaks: deeper copies
+    (dict(deepspeed_stage=2, gradient_checkpointing=False), False),
+], ids=["optimizer peak", "backward peak", "ZeRO-2 backward peak"])
+def test_buckets_smaller_than_the_largest_gradient_bound_backward_only(standin_dir, changes, bounded):
+    """A bucket that the 2-layer copy's shrinking makes smaller than the largest gradient (the
+    word embeddings, 524k elements here; 900k less 8 layers of 50k): DeepSpeed reduces that
+    gradient on its own, so the copies' backward figures are upper bounds. They stand when the
+    peak is elsewhere; when backward peaks, the deeper copies whose bucket holds it are traced."""
+    config = predictor.load_model_config(standin_dir)
+    config.num_hidden_layers = 10
+    train = TrainConfig(**{**dict(deepspeed_stage=1, fp16=True, gradient_checkpointing=True, train_group_size=2,
+                                  query_max_len=16, passage_max_len=128, reduce_bucket_size=900_000), **changes})
+    pairs = extrapolate.shallow_specs(spec_for(train, config))
+    assert [(pair.depth, pair.bounded) for pair in pairs] == [(2, True), (3, False)]
+    largest = trainable_params(spec_for(train, config))[1]
+    assert pairs[0].specs[0].deepspeed["zero_optimization"]["reduce_bucket_size"] < largest
+    assert pairs[1].specs[0].deepspeed["zero_optimization"]["reduce_bucket_size"] >= largest
+    fast, full = (predictor.predict(train, "t4", model_config=config),
+                  predictor.predict(train, "t4", model_config=config, exact=True))
+    assert ("2- and 3-layer" in fast.method and "upper bound" in fast.method) == bounded, fast.method
+    assert full.peak_phase == ("optimizer" if bounded else "backward")
+    assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
 
 
 def test_a_plain_script_can_predict_without_a_main_guard(tmp_path):

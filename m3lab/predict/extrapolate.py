@@ -8,6 +8,7 @@ peak stays at the same point of the step; ``shallow_specs`` picks copies for whi
 from __future__ import annotations
 
 from copy import deepcopy
+from dataclasses import dataclass
 
 from m3lab.gpus import GPU
 from m3lab.predict.models import meta_model
@@ -26,18 +27,39 @@ def with_layers(spec: TraceSpec, layers: int) -> TraceSpec:
     return TraceSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "model_config": model_config})
 
 
-def shallow_specs(spec: TraceSpec) -> list[TraceSpec] | None:
-    """The two shallow copies (n and n+1 layers) to trace for extrapolation, or None when only a
-    full trace will do.
+@dataclass
+class ShallowPair:
+    """Two shallow copies (n and n+1 layers) to trace and extrapolate from.
+
+    ``bounded``: DeepSpeed's shrunken gradient buckets hold less than the model's largest gradient,
+    which the copies then reduce on its own (DeepSpeed's "extra large" path) where the full model
+    copies it into its bucket. That path keeps the gradient alive longer and changes nothing else,
+    so the copies' figures during backward (where the gradients are reduced) are upper bounds;
+    everything after it (the optimizer's step, the next step) is the full model's, layer for layer.
+    Such a pair stands only when the step's peak lies outside backward.
+    """
+
+    specs: list[TraceSpec]
+    bounded: bool = False
+
+    @property
+    def depth(self) -> int:
+        return self.specs[0].model_config.num_hidden_layers
+
+
+def shallow_specs(spec: TraceSpec) -> list[ShallowPair]:
+    """The pairs of shallow copies to try, in order (the cheapest first); empty when only a full
+    trace will do.
 
     DeepSpeed copies gradients into buckets (ZeRO-1/2: ``reduce_bucket_size`` elements) and
     empties one when the next gradient does not fit. When the model has more trainable
     parameters than a bucket holds, where it empties depends on depth, so each shallow copy gets
     a bucket smaller by exactly the parameters it lacks: it then empties before the same tensor
     as the full model, and its bucket (a buffer of that many elements) grows with depth as the
-    rest does. A shrunken bucket must still hold the largest gradient, or DeepSpeed would pass
-    that one around the bucket (BGE-M3's 256M-element word embeddings): the copies are made deep
-    enough for that (5 and 6 layers for BGE-M3 with a 5e8 bucket). ZeRO-0 on several GPUs
+    rest does. A shrunken bucket that no longer holds the largest gradient (BGE-M3's 256M-element
+    word embeddings in 2- and 3-layer copies with a 5e8 bucket) makes DeepSpeed pass that one
+    around the bucket: 2 and 3 layers are tried first as a ``bounded`` pair, then copies deep
+    enough for the bucket to hold it (5 and 6 layers for BGE-M3). ZeRO-0 on several GPUs
     all-reduces after backward in chunks of a fixed 5e8 elements, in parameter order, each chunk
     closing after the gradient that takes it past the limit; shallow copies get a chunk smaller by
     the parameters they lack, deep enough that it still closes inside a layer (6 and 7 layers for
@@ -45,29 +67,40 @@ def shallow_specs(spec: TraceSpec) -> list[TraceSpec] | None:
     """
     shallow = [with_layers(spec, n) for n in EXTRAPOLATE_FROM]
     if spec.deepspeed is None:
-        return shallow
+        return [ShallowPair(shallow)]
     zero = spec.deepspeed.get("zero_optimization", {})
     trainable, largest = trainable_params(spec)
     layers = spec.model_config.num_hidden_layers
     if zero.get("stage", 0) == 0:
         chunk = spec.allreduce_bucket_size or DEEPSPEED_ALLREDUCE_BUCKET
         if spec.num_gpus == 1 or trainable <= chunk:
-            return shallow  # one GPU reduces nothing; a model within one chunk reduces in one piece
-        return _shallow_allreduce_chunks(spec, chunk, trainable, layers)
+            return [ShallowPair(shallow)]  # one GPU reduces nothing; a model within one chunk reduces in one piece
+        pair = _shallow_allreduce_chunks(spec, chunk, trainable, layers)
+        return [ShallowPair(pair)] if pair else []
     buckets = {key: int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size")}
     if trainable <= min(buckets.values()):
-        return shallow
+        return [ShallowPair(shallow)]
     per_layer = trainable_params(shallow[1])[0] - trainable_params(shallow[0])[0]
-    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+
+    def shrunk(depth: int) -> tuple[list[TraceSpec], int]:
+        """Copies of depth and depth + 1 layers with buckets smaller by the parameters each lacks,
+        and the smaller of their buckets."""
         # allgather_bucket_size must stay a multiple of 2 (DeepSpeed's NCCL alignment)
         scaled = [{key: (size - (layers - n) * per_layer) // 2 * 2 for key, size in buckets.items()}
                   for n in (depth, depth + 1)]
-        if min(scaled[0].values()) >= largest:
-            shallow = [with_layers(spec, n) for n in (depth, depth + 1)]
-            for copy, sizes in zip(shallow, scaled):
-                copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
-            return shallow
-    return None
+        copies = [with_layers(spec, n) for n in (depth, depth + 1)]
+        for copy, sizes in zip(copies, scaled):
+            copy.deepspeed = {**spec.deepspeed, "zero_optimization": {**zero, **sizes}}
+        return copies, min(scaled[0].values())
+
+    pairs = []
+    for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
+        copies, bucket = shrunk(depth)
+        if bucket >= largest:
+            return pairs + [ShallowPair(copies)]
+        if not pairs and bucket > 0:
+            pairs.append(ShallowPair(copies, bounded=True))
+    return pairs
 
 
 def _shallow_allreduce_chunks(spec: TraceSpec, chunk: int, trainable: int, layers: int):
@@ -129,10 +162,12 @@ def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached:
                     b.peak_phase, module, b.peak_op, _line(a.flops, b.flops, steps))
 
 
-def extrapolate_rank(spec: TraceSpec, depth: int, profile: GPU | None, small: list[RankSteps]) -> RankSteps | None:
-    """One rank's steps at full depth (as StepPeak) from the traces of the copies with ``depth``
-    and ``depth + 1`` layers, or None when the peak does not sit at the same point of the step
-    in both copies."""
+def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
+                     small: list[RankSteps]) -> RankSteps | None:
+    """One rank's steps at full depth (as StepPeak) from the traces of ``pair``'s copies, or None
+    when the peak does not sit at the same point of the step in both copies, or when a bounded
+    pair's peak lies in backward (where its figures are only upper bounds)."""
+    depth = pair.depth
     layers = spec.model_config.num_hidden_layers
     steps = layers - depth
     # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
@@ -151,6 +186,8 @@ def extrapolate_rank(spec: TraceSpec, depth: int, profile: GPU | None, small: li
 
     first, steady = extrapolate(shallow.first, deeper.first), extrapolate(shallow.steady, deeper.steady)
     if first is None or steady is None:
+        return None
+    if pair.bounded and "backward" in (first.peak_phase, steady.peak_phase):
         return None
     states = {k: _line(shallow.model_states[k], deeper.model_states[k], steps) for k in shallow.model_states}
     return RankSteps(first, steady, states, shallow.kernel)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from m3lab.config import ConfigError
 from m3lab.gpus import GPU, gpu_profile
-from m3lab.predict.extrapolate import EXTRAPOLATE_FROM, extrapolate_rank, shallow_specs
+from m3lab.predict.extrapolate import EXTRAPOLATE_FROM, ShallowPair, extrapolate_rank, shallow_specs
 from m3lab.predict.pool import TraceJob, trace_shallow_copies
 from m3lab.predict.report import MemoryReport, RankPrediction
 from m3lab.predict.spec import TraceSpec, spec_for
@@ -26,13 +26,16 @@ def _full_trace(spec: TraceSpec, profile: GPU | None, rank: int, record_events: 
     return simulate_rank(spec, profile, rank, record_events).peaks()
 
 
-def _method(spec: TraceSpec, shallow: list[TraceSpec] | None, extrapolated: bool) -> str:
-    if not extrapolated:
+def _method(spec: TraceSpec, pair: ShallowPair | None) -> str:
+    if pair is None:
         return "full trace"
-    depth = shallow[0].model_config.num_hidden_layers
-    text = f"extrapolated from {depth}- and {depth + 1}-layer traces"
+    shallow = pair.specs
+    text = f"extrapolated from {pair.depth}- and {pair.depth + 1}-layer traces"
     if shallow[0].deepspeed != spec.deepspeed:
         text += " with DeepSpeed's gradient buckets shrunk by the parameters each copy lacks"
+        if pair.bounded:
+            text += (" (smaller than the largest gradient, which they reduce on its own: an upper bound on backward, "
+                     "below the step's peak)")
     if shallow[0].allreduce_bucket_size != spec.allreduce_bucket_size:
         text += " with DeepSpeed's all-reduce chunks shrunk by the parameters each copy lacks"
     return text
@@ -61,21 +64,28 @@ def predict(config, gpu: str | None = "t4", *, model_config=None, record_events:
     ranks = sorted({0, world - 1}) if spec.deepspeed is not None and stage >= 1 else [0]
     layers = getattr(spec.model_config, "num_hidden_layers", 0)
     deep = layers > EXTRAPOLATE_FROM[1] + 1
-    shallow = shallow_specs(spec) if deep and not exact and not record_events else None
+    pairs = shallow_specs(spec) if deep and not exact and not record_events else []
     per_rank = []
     snapshot = None
     extrapolated = False
+    used = None  # the pair extrapolated from, if any
     try:
         # The traced step is the real code; when DeepSpeed's own checks fail here, a real run
         # fails the same way (e.g. ZeRO-2 + gradient checkpointing with the M3 model).
-        small = trace_shallow_copies([TraceJob(copy, profile, rank) for rank in ranks for copy in shallow],
-                                     one_shot) if shallow else []
         results = {}
-        for index, rank in enumerate(ranks):
-            pair = small[index * 2:(index + 1) * 2]
-            depth = shallow[0].model_config.num_hidden_layers if shallow else 0
-            results[rank] = (extrapolate_rank(spec, depth, profile, pair) if pair else None) or \
-                _full_trace(spec, profile, rank, record_events)
+        for pair in pairs:  # the cheapest first; a later pair only for the ranks an earlier did not give
+            todo = [rank for rank in ranks if rank not in results]
+            small = trace_shallow_copies([TraceJob(copy, profile, rank) for rank in todo for copy in pair.specs],
+                                         one_shot)
+            for index, rank in enumerate(todo):
+                steps = extrapolate_rank(spec, pair, profile, small[index * 2:(index + 1) * 2])
+                if steps is not None:
+                    results[rank], used = steps, pair
+            if len(results) == len(ranks):
+                break
+        for rank in ranks:
+            if rank not in results:
+                results[rank] = _full_trace(spec, profile, rank, record_events)
     except ConfigError:
         raise
     except (AssertionError, ValueError) as error:
@@ -112,5 +122,5 @@ def predict(config, gpu: str | None = "t4", *, model_config=None, record_events:
         peak_op=top.peak_op, first_step_peak_bytes=top.first_step.peak_allocated_bytes,
         steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank,
         attention_kernel=kernel, seconds=time.perf_counter() - started, extrapolated=extrapolated,
-        method=_method(spec, shallow, extrapolated),
+        method=_method(spec, used),
         spec={k: v for k, v in asdict(spec).items() if k != "model_config"}, snapshot=snapshot)
