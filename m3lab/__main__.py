@@ -1,5 +1,3 @@
-import sys
+from m3lab.cli import entry
 
-from m3lab.cli import main
-
-sys.exit(main())
+entry()

@@ -58,8 +58,10 @@ def reference_seconds() -> float:
     return best
 
 
-# What the predictor imports before it can trace anything (a fresh process pays this whatever it does)
-IMPORTS = "import deepspeed, transformers, FlagEmbedding.finetune.embedder.encoder_only.m3"
+# What the predictor imports before it can trace anything (a fresh process pays this whatever it
+# does), in a process that then exits as `m3lab predict` does, without tearing the interpreter down
+# (see cli.entry): so the difference is the prediction's own work
+IMPORTS = "import os, deepspeed, transformers, FlagEmbedding.finetune.embedder.encoder_only.m3; os._exit(0)"
 
 
 def _fresh_process_seconds(argv: list[str]) -> float:
@@ -75,7 +77,8 @@ def _quiet_env() -> dict:
 
 
 # The two commands timed from a fresh shell: the common T4 advice with its ZeRO-1 JSON (its 5e8
-# gradient bucket needs 5- and 6-layer shallow copies), and the same without DeepSpeed (2 and 3 layers)
+# gradient bucket crossed: 2- and 3-layer copies with shrunken buckets, bounded), and the same
+# without DeepSpeed (2 and 3 layers)
 COLD_CASES = {"the common T4 advice (ZeRO-1)": {},
               "the common T4 advice without DeepSpeed (adamw_torch)": {"deepspeed_stage": None, "optim": "adamw_torch"}}
 

@@ -69,8 +69,12 @@ def shallow_specs(spec: TraceSpec) -> list[ShallowPair]:
     if spec.deepspeed is None:
         return [ShallowPair(shallow)]
     zero = spec.deepspeed.get("zero_optimization", {})
-    trainable, largest = trainable_params(spec)
     layers = spec.model_config.num_hidden_layers
+    # Counted on the copies (a full-depth model on the meta device costs a fresh process 0.1 s):
+    # every layer holds the same parameters, so a copy holds every size the full model does
+    (shallow_trainable, largest), (deeper_trainable, _) = (trainable_params(copy) for copy in shallow)
+    per_layer = deeper_trainable - shallow_trainable
+    trainable = shallow_trainable + (layers - EXTRAPOLATE_FROM[0]) * per_layer
     if zero.get("stage", 0) == 0:
         chunk = spec.allreduce_bucket_size or DEEPSPEED_ALLREDUCE_BUCKET
         if spec.num_gpus == 1 or trainable <= chunk:
@@ -80,7 +84,6 @@ def shallow_specs(spec: TraceSpec) -> list[ShallowPair]:
     buckets = {key: int(zero.get(key, 500_000_000)) for key in ("reduce_bucket_size", "allgather_bucket_size")}
     if trainable <= min(buckets.values()):
         return [ShallowPair(shallow)]
-    per_layer = trainable_params(shallow[1])[0] - trainable_params(shallow[0])[0]
 
     def shrunk(depth: int) -> tuple[list[TraceSpec], int]:
         """Copies of depth and depth + 1 layers with buckets smaller by the parameters each lacks,
@@ -108,7 +111,7 @@ def _shallow_allreduce_chunks(spec: TraceSpec, chunk: int, trainable: int, layer
     chunk n is smaller by the (layers - n) layers copy n lacks, so the first chunk closes at the
     same gradient counted from the end; it must close inside a layer (past the embeddings) and the
     rest must fit in one more chunk, or only a full trace will do."""
-    before_layers, per_layer = trainable_params_before_layers(spec)
+    before_layers, per_layer = trainable_params_before_layers(with_layers(spec, EXTRAPOLATE_FROM[0]))
     for depth in range(EXTRAPOLATE_FROM[0], layers - 2):
         scaled = [chunk - (layers - n) * per_layer for n in (depth, depth + 1)]
         if scaled[0] > before_layers and trainable - chunk < scaled[0]:

@@ -81,22 +81,24 @@ def _main_module_hidden():
 
 
 def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
-    """The first job here and the others in forked helpers, side by side."""
+    """The last job here and the others in forked helpers, side by side. The last is the deepest
+    copy, the longest to trace: the helpers' start-up and the trip of their results back overlap
+    it instead of adding to it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=len(jobs) - 1, mp_context=multiprocessing.get_context("fork"),
                              initializer=_worker_started) as helpers:
-        futures = [helpers.submit(shallow_trace, job) for job in jobs[1:]]
-        first = shallow_trace(jobs[0])
-        return [first, *(future.result() for future in futures)]
+        futures = [helpers.submit(shallow_trace, job) for job in jobs[:-1]]
+        last = shallow_trace(jobs[-1])
+        return [*(future.result() for future in futures), last]
 
 
 def trace_shallow_copies(jobs: list[TraceJob], one_shot: bool = False) -> list[RankSteps]:
     """``shallow_trace`` for each job, in the worker pool when there is one. ``one_shot``: the
     process makes this one prediction (the CLI), so rather than start a pool whose workers import
     torch, DeepSpeed and FlagEmbedding again, it forks helpers that start with what it imported
-    and traces the first job itself (measured in python -m m3lab.bench: cold, 5.5 s beyond the
+    and traces the last job itself (measured in python -m m3lab.bench: cold, 5.5 s beyond the
     imports against 14.7 s with a new pool, median of three on this 2-core machine)."""
     global _POOL
     workers = int(os.environ.get("M3LAB_PREDICT_WORKERS", min(2, os.cpu_count() or 1)))
