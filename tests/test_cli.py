@@ -131,3 +131,21 @@ def _parsed(argv):
     finally:
         cli._predict = original
     return seen["args"]
+
+
+def test_the_command_exits_quickly_with_everything_printed():
+    """``python -m m3lab predict`` exits without tearing the interpreter down (cli.entry): its
+    report must still be complete on stdout, and a mistake still one line with status 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    base = [sys.executable, "-m", "m3lab", "predict", "--trainer", "hf", "--model-config",
+            str(FIXTURES / "bert-tiny-config.json"), "--seq-len", "64"]
+    done = subprocess.run([*base, "--gpu", "t4", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["gpu"] == "t4"  # the whole JSON object arrived
+    wrong = subprocess.run([*base, "--gpu", "tpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines()[-1].startswith("m3lab predict: --gpu tpu: unknown GPU")
