@@ -10,11 +10,13 @@ step's tensors are as long as (up to passage_max_len).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+
+from m3lab.data import load_jsonl
 
 
 @dataclass
@@ -42,22 +44,22 @@ def _dataset(files: list, tokenizer, same_dataset: bool, batch_size: int, group:
     return dataset
 
 
-def _draw(dataset, same_dataset: bool, batch_size: int, count: int, seed: int) -> list[tuple[list, list]]:
-    """(queries, passages) of the first ``count`` batches: whole batches from the same-dataset class,
-    else items in the order HF Trainer's RandomSampler draws them."""
+def _batches(dataset, same_dataset: bool, batch_size: int, seed: int):
+    """(queries, passages) of each batch in turn, drawn as training draws them: whole batches from
+    the same-dataset class, else items in the order HF Trainer's RandomSampler draws them."""
     import random
 
     import torch
 
     random.seed(seed)  # the datasets pick positives and negatives with Python's random, as HF's set_seed seeds it
     if same_dataset:
-        return [tuple(dataset[i][:2]) for i in range(min(count, len(dataset.batch_datas)))]
+        for index in range(len(dataset.batch_datas)):
+            yield tuple(dataset[index][:2])
+        return
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    drawn = []
-    for start in range(0, min(batch_size * count, len(order)), batch_size):
+    for start in range(0, len(order), batch_size):
         items = [dataset[i] for i in order[start:start + batch_size]]
-        drawn.append(([item[0] for item in items], [p for item in items for p in item[1]]))
-    return drawn
+        yield [item[0] for item in items], [p for item in items for p in item[1]]
 
 
 def sample_batches(files: list[str | os.PathLike], tokenizer, *, same_dataset: bool, batch_size: int = 4,
@@ -65,13 +67,12 @@ def sample_batches(files: list[str | os.PathLike], tokenizer, *, same_dataset: b
     """The first ``count`` batches FlagEmbedding's training dataset makes from ``files``."""
     origin = {}  # query -> the file it came from
     for path in files:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                origin.setdefault(json.loads(line)["query"], Path(path).name)
+        for record in load_jsonl(path):
+            origin.setdefault(record["query"], Path(path).name)
     # an empty instruction keeps the queries as written (see query_as_trained)
     dataset = _dataset(files, tokenizer, same_dataset, batch_size, group, passage_max_len, seed, "")
     batches = []
-    for queries, passages in _draw(dataset, same_dataset, batch_size, count, seed):
+    for queries, passages in islice(_batches(dataset, same_dataset, batch_size, seed), count):
         lengths = tokenizer(list(passages), add_special_tokens=True, truncation=False)["input_ids"]
         batches.append(Batch(Counter(origin.get(q, "?") for q in queries), max(len(ids) for ids in lengths)))
     return batches
@@ -82,5 +83,4 @@ def query_as_trained(files: list, tokenizer, *, same_dataset: bool, first_query:
     """The text FlagEmbedding's dataset hands the model for ``first_query`` (a query of ``files``), with
     ``--query_instruction_for_retrieval`` left out (None) or given."""
     dataset = _dataset(files, tokenizer, same_dataset, 4, 2, 512, 42, instruction)
-    everything = _draw(dataset, same_dataset, 4, len(dataset), 42)
-    return next(q for queries, _ in everything for q in queries if q.endswith(first_query))
+    return next(q for queries, _ in _batches(dataset, same_dataset, 4, 42) for q in queries if q.endswith(first_query))

@@ -122,8 +122,8 @@ def _fit(args) -> int:
 
     from m3lab.config import ConfigError
     from m3lab.fit import fit
-    from m3lab.gpus import GIB
     from m3lab.platforms import platform_for
+    from m3lab.recipes import Recipe
 
     # an unknown GPU or platform is a mistake to report before the data is read
     platform_for(args.platform, args.gpu, args.host_ram_gib)
@@ -144,16 +144,8 @@ def _fit(args) -> int:
               f"with group 2 and every {'stock knob' if args.stock else 'lever'} (all figures predicted). Shorten "
               "the lengths (--coverage), or use a bigger card.")
         return 1
-    config, report = result.best.config, result.best.report
-    print(f"\nbest: {result.best.setting}, train_group_size {config.train_group_size}, query_max_len "
-          f"{config.query_max_len}, passage_max_len {config.passage_max_len}; every parameter trained")
-    print(report.summary())
-    print(report.host.describe())
-    print(f"(margin asked: {args.margin_gib:g} GiB; total {report.total_bytes / GIB:.2f} GiB of "
-          f"{report.usable_bytes / GIB:.2f} GiB)\n")
-    print(config.shell_command())
-    if config.deepspeed_stage is not None:
-        print(f"\n# {config.deepspeed_file_name}\n{config.deepspeed_json()}", end="")
+    print(f"\n{Recipe(result).card()}")
+    print(f"\n(margin asked: {args.margin_gib:g} GiB on the GPU)")
     return 0
 
 

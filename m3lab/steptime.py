@@ -44,5 +44,6 @@ def describe(report, gpu: str | None = None) -> str:
     flops = step_flops(report) / 1e12
     if seconds is None:
         return f"{flops:.1f} TFLOP per step (counted); no step-time estimate for this device"
+    name = gpu_profile(gpu or report.gpu).name  # a known card: step_seconds found its throughput
     return (f"{flops:.1f} TFLOP per step (counted in the trace): about {seconds:.1f} s per step on "
-            f"{gpu_profile(gpu or report.gpu).name}, estimated at {ASSUMED_UTILISATION:.0%} of its datasheet peak")
+            f"{name}, estimated at {ASSUMED_UTILISATION:.0%} of its datasheet peak")
