@@ -79,6 +79,7 @@ def _config_from_options(args):
 def _predict(args) -> int:
     import contextlib
 
+    from m3lab import steptime
     from m3lab.config import ConfigError
     from m3lab.predict import GIB, predict
 
@@ -114,6 +115,7 @@ def _predict(args) -> int:
           f"{report.method}, {report.seconds:.1f} s")
     for rank in report.per_rank if len(report.per_rank) > 1 else []:
         print(f"  rank {rank.rank}: peak {rank.peak_allocated_bytes / GIB:.2f} GiB, total {rank.total_bytes / GIB:.2f} GiB")
+    print(f"time: {steptime.describe(report)}")
     return 0
 
 

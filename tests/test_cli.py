@@ -149,3 +149,11 @@ def test_the_command_exits_quickly_with_everything_printed():
     wrong = subprocess.run([*base, "--gpu", "tpu"], capture_output=True, text=True, env=env, timeout=600)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines()[-1].startswith("m3lab predict: --gpu tpu: unknown GPU")
+
+
+def test_the_text_report_ends_with_the_estimated_step_time(capsys):
+    assert cli.main(["predict", "--trainer", "hf", "--model-config", str(FIXTURES / "bert-tiny-config.json"),
+                     "--seq-len", "64", "--gpu", "t4"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("time: ") and "TFLOP per step (counted in the trace)" in last
+    assert "on Tesla T4 (Colab), estimated at 30% of its datasheet peak" in last
