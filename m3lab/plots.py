@@ -1,6 +1,7 @@
 """Plots for the lessons: loss curves, memory bars with provenance, token-length histograms.
 
-Every memory plot is in GiB, titled, and labelled "measured on <device>" or "predicted for <GPU>";
+Every memory plot is in GiB, titled, and says in its title and legend "measured on <device>" (on
+CPU: "tiny stand-in") or "predicted for <GPU>";
 pass ``usable_bytes`` to draw the card's usable-memory line.
 """
 
@@ -27,7 +28,7 @@ def loss_curve(result, path: str | Path | None = None, title: str | None = None)
     ax.plot(steps, result.losses, marker="o", markersize=3, label=f"loss, {result.provenance}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (M3 unified)")
-    ax.set_title(title or "Fine-tuning loss")
+    ax.set_title(f"{title or 'Fine-tuning loss'}\n({result.provenance})")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -45,7 +46,7 @@ def memory_bars(labels: list[str], values_bytes: list[float], provenance: str, p
     ax.set_ylim(0, max([v / GIB for v in values_bytes] + [(usable_bytes or 0) / GIB]) * 1.3 or 1)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(f"{title}\n({provenance})")  # "measured on CPU (tiny stand-in)" says whose run it was
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -145,7 +146,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     for i, total in enumerate(totals):  # the figure itself, where the bar is too tall or too thin to read
         axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
             _gib_or_mib(total), (i, total), ha="center", va="bottom", fontsize=8)
-    provenance = " / ".join(sorted({r.provenance for r in reports.values()}))
+    provenance = " / ".join(sorted({r.provenance for r in reports.values()} | ({measured_provenance} if measured else set())))
     _finish_bars(fig, axes, labels, f"{title}\n({provenance})", "GPU memory at the peak (GiB)")
     return _save(fig, path)
 

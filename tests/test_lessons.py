@@ -52,6 +52,15 @@ def test_plots_carry_provenance_and_the_usable_line(two_reports):
         assert "GiB" in ax.get_ylabel()
 
 
+def test_measured_plots_say_whose_run_in_the_title(two_reports):
+    """A stand-in's measured figures must not pass for BGE-M3's: the title says where they came from."""
+    where = "measured on CPU (tiny stand-in)"
+    bars = plots.memory_bars(["a", "b"], [2**20, 2**21], where, title="Peak memory of one step")
+    assert where in bars.axes[0].get_title()
+    drawn = plots.breakdown_bars(two_reports, measured={"seq 64": 2**20}, measured_provenance=where)
+    assert where in drawn.axes[0].get_title() and "predicted for Tesla T4" in drawn.axes[0].get_title()
+
+
 def test_no_gpu_environment_says_what_it_will_do():
     env = lessons.environment()
     assert not env.on_gpu and env.model == "tiny-bge-m3"
