@@ -35,13 +35,24 @@ def _dataset(files: list, tokenizer, same_dataset: bool, batch_size: int, group:
     from FlagEmbedding.abc.finetune.embedder import (AbsEmbedderDataArguments, AbsEmbedderSameDatasetTrainDataset,
                                                      AbsEmbedderTrainDataset)
 
+    import datasets
+
     args = AbsEmbedderDataArguments(train_data=[str(f) for f in files], train_group_size=group, query_max_len=64,
                                     passage_max_len=passage_max_len, query_instruction_for_retrieval=instruction)
-    if not same_dataset:
-        return AbsEmbedderTrainDataset(args, tokenizer)
-    dataset = AbsEmbedderSameDatasetTrainDataset(args, default_batch_size=batch_size, seed=seed, tokenizer=tokenizer)
-    dataset.refresh_epoch()
-    return dataset
+    # FlagEmbedding loads the files with datasets, whose "Generating train split" bars would land in
+    # a lesson's output; they are put back as they were
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        if not same_dataset:
+            return AbsEmbedderTrainDataset(args, tokenizer)
+        dataset = AbsEmbedderSameDatasetTrainDataset(args, default_batch_size=batch_size, seed=seed,
+                                                     tokenizer=tokenizer)
+        dataset.refresh_epoch()
+        return dataset
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _batches(dataset, same_dataset: bool, batch_size: int, seed: int):

@@ -37,3 +37,12 @@ def test_flagembedding_prefixes_none_to_queries_without_an_instruction(two_files
     assert query_as_trained(two_files[:1], tokenizer, same_dataset=True, first_query=query) == "None" + query
     assert query_as_trained(two_files[:1], tokenizer, same_dataset=True, first_query=query, instruction="") == query
     assert query_as_trained(two_files[:1], tokenizer, same_dataset=False, first_query=query) == query
+
+
+def test_no_progress_bars_in_the_output_and_datasets_left_as_found(tokenizer, two_files, capfd):
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled()
+    sample_batches(two_files, tokenizer, same_dataset=False, count=1)
+    assert "Generating train split" not in capfd.readouterr().err  # new files: datasets did generate them
+    assert not datasets.are_progress_bars_disabled()
