@@ -37,15 +37,18 @@ def loss_curve(result, path: str | Path | None = None, title: str | None = None)
 def memory_bars(labels: list[str], values_bytes: list[float], provenance: str, path: str | Path | None = None,
                 title: str = "Peak memory per configuration", usable_bytes: float | None = None,
                 usable_label: str = "usable memory", ylabel: str = "peak memory (GiB)"):
-    """One bar per configuration, in GiB, with the provenance in the legend."""
+    """One bar per configuration, in GiB (MiB when every value is below 1 GiB, as the stand-in's CPU
+    runs are), with the provenance in the title and the legend."""
+    unit, scale = ("GiB", GIB) if max([*values_bytes, usable_bytes or 0]) >= GIB else ("MiB", 2**20)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(labels) + 2), 4.0))
-    bars = ax.bar(range(len(labels)), [v / GIB for v in values_bytes], color="tab:blue", label=provenance)
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    bars = ax.bar(range(len(labels)), [v / scale for v in values_bytes], color="tab:blue", label=provenance)
+    ax.bar_label(bars, fmt="%.3f" if unit == "GiB" else "%.1f", fontsize=8)
     if usable_bytes is not None:
-        ax.axhline(usable_bytes / GIB, color="tab:red", linestyle="--", label=f"{usable_label} ({usable_bytes / GIB:.2f} GiB)")
-    ax.set_ylim(0, max([v / GIB for v in values_bytes] + [(usable_bytes or 0) / GIB]) * 1.3 or 1)
+        ax.axhline(usable_bytes / scale, color="tab:red", linestyle="--",
+                   label=f"{usable_label} ({usable_bytes / scale:.2f} {unit})")
+    ax.set_ylim(0, max([v / scale for v in values_bytes] + [(usable_bytes or 0) / scale]) * 1.3 or 1)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel.replace("GiB", unit))
     ax.set_title(f"{title}\n({provenance})")  # "measured on CPU (tiny stand-in)" says whose run it was
     ax.legend(loc="upper left")
     ax.grid(axis="y", alpha=0.3)

@@ -57,6 +57,8 @@ def test_measured_plots_say_whose_run_in_the_title(two_reports):
     where = "measured on CPU (tiny stand-in)"
     bars = plots.memory_bars(["a", "b"], [2**20, 2**21], where, title="Peak memory of one step")
     assert where in bars.axes[0].get_title()
+    assert bars.axes[0].get_ylabel() == "peak memory (MiB)"  # tens of MiB are not written as 0.0x GiB
+    assert [t.get_text() for t in bars.axes[0].texts] == ["1.0", "2.0"]
     drawn = plots.breakdown_bars(two_reports, measured={"seq 64": 2**20}, measured_provenance=where)
     assert where in drawn.axes[0].get_title() and "predicted for Tesla T4" in drawn.axes[0].get_title()
 
