@@ -146,8 +146,8 @@ def _fit(args) -> int:
               f"with group 2 and every {'stock knob' if args.stock else 'lever'} (all figures predicted). Shorten "
               "the lengths (--coverage), or use a bigger card.")
         return 1
-    print(f"\n{Recipe(result).card()}")
-    print(f"\n(margin asked: {args.margin_gib:g} GiB on the GPU)")
+    print(f"(margin asked: {args.margin_gib:g} GiB on the GPU)\n")
+    print(Recipe(result).card())  # last: the command (and its JSON) is what a reader copies
     return 0
 
 

@@ -41,8 +41,9 @@ class Recipe:
             f"{config.num_processes} GPU(s); every parameter trained",
             f"GPU, {report.provenance}: peak {report.peak_allocated_bytes / GIB:.2f} GiB, "
             f"total {report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
-            f"host, predicted: {report.host.total_bytes / GIB:.2f} GiB of the {platform.host_ram_bytes / GB:.1f} GB "
-            f"({platform.host_ram_bytes / GIB:.2f} GiB) {platform.name} has",
+            f"host, predicted: {report.host.total_bytes / GIB:.2f} GiB" + (
+                f" of the {platform.host_ram_bytes / GB:.1f} GB ({platform.host_ram_bytes / GIB:.2f} GiB) "
+                f"{platform.name} has" if platform.host_ram_bytes else " (the host's RAM was not given: not checked)"),
             f"time: {steptime.describe(report)}",
         ])
 

@@ -39,3 +39,14 @@ def test_deepspeed_card_prints_the_json_its_command_names():
     card = zero1.card()
     assert "--deepspeed ds_stage1.json" in card
     assert "# ds_stage1.json (write it beside the command)" in card and '"stage": 1' in card
+
+
+def test_card_without_the_hosts_ram_says_it_was_not_checked(kaggle_stock):
+    """``m3lab fit --gpu t4`` (no --platform, no --host-ram-gib) prints the same card: the host's
+    figure stands alone, labelled unchecked."""
+    import dataclasses
+
+    fitted = dataclasses.replace(kaggle_stock.fitted, platform=dataclasses.replace(
+        kaggle_stock.fitted.platform, host_ram_bytes=None))
+    figures = recipes.Recipe(fitted).figures()
+    assert "host, predicted: " in figures and "(the host's RAM was not given: not checked)" in figures
