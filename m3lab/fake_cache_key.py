@@ -7,15 +7,27 @@ field) and, on a miss, running the operation's meta kernel (several times the co
 common case (a plain strided fake tensor of the mode, no symbolic sizes) and leaves every other
 argument to PyTorch.
 
-One difference, on purpose: for operations that neither return a view nor write into an
-argument (``mm``, ``addmm``, ``_to_copy``, ...; told apart by their schema's alias annotations),
-the key leaves out where each tensor argument sits in its storage (offset, storage size). Their
-output is a new tensor whose shape, strides and dtype do not depend on it; but DeepSpeed makes
-every parameter a view into one flat buffer, so with it each layer's ``linear`` would be a miss
-of its own. The tests replay traced steps with PyTorch's cross-check (every hit recomputed and
-compared) and compare whole predictions with and without these keys.
+One difference, on purpose: the key leaves out where each tensor argument sits in its storage
+(offset, storage size) for operations whose output does not depend on it. DeepSpeed makes every
+parameter a view into one flat buffer and every gradient a view into its bucket, so with the
+placement in the key each layer's operations would be misses of their own (on a miss, a fresh
+process runs the operation's meta kernel, often through Python decompositions: about 0.8 ms for
+a view, against 0.1 ms for a hit). Two kinds of operation qualify:
+- those that neither return a view nor write into an argument (``mm``, ``addmm``, ``_to_copy``,
+  ...; told apart by their schema's alias annotations): their output is a new tensor whose shape,
+  strides and dtype do not depend on where the inputs sit;
+- the views whose output sits in the input's storage at the input's offset plus an amount fixed
+  by the key (``view``, ``slice``, ``t``, ``detach``, ``as_strided`` without an offset, ...;
+  ``SHIFTING_VIEWS``): their cache entries hold the offset relative to the input's
+  (``output_info``), and a hit adds the input's own back (``output_tensor``). ``as_strided`` with
+  an offset puts its output there wherever the input sits. Not ``view(dtype)`` or
+  ``view_as_real``: they rescale the offset.
+A hit skips the meta kernel's check that a view fits in its storage, which only a program that
+fails for real would need (the traced code is the real code, which runs).
+The tests replay traced steps with PyTorch's cross-check (every hit recomputed and its shape,
+strides and offset compared) and compare whole predictions with and without these keys.
 
-``faster_dispatch()`` installs both for the duration of a trace, only after checking on sample
+``faster_dispatch()`` installs them for the duration of a trace, only after checking on sample
 tensors that the key builder agrees with PyTorch's (a PyTorch whose internals differ keeps its
 own code). It also calls FakeTensorMode's ``__torch_dispatch__`` without the guard PyTorch wraps
 around every mode's (``torch._disable_dynamo``: it switches TorchDynamo's frame hook off and on
@@ -25,6 +37,7 @@ traced step compiles anything, and the tests compare whole predictions made with
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -33,14 +46,29 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 _TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash  # PyTorch's own, kept before m3lab.compat replaces it
 _TORCH_CACHE_KEY = FakeTensorMode._cache_key
+_TORCH_OUTPUT_INFO = FakeTensorMode._get_output_info_for_cache_entry
+_TORCH_OUTPUT_TENSOR = FakeTensorMode._get_output_tensor_from_cache_entry
 UNGUARD_DISPATCH = True  # the tests switch it off to compare with PyTorch's guarded dispatch
 # Argument types whose key is just (type, value), as PyTorch's own code makes it
 _PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format))
 _SEQUENCES = frozenset((list, tuple, torch.Size))
 
 
-# Set while the key of an operation that neither aliases nor mutates its arguments is built
+# Set while the key of an operation whose output does not depend on its inputs' placement is built
 _placement_free = False
+# Set while PyTorch checks a new cache entry by building an output from it (offsets still absolute)
+_checking_new_entry = False
+
+_aten = torch.ops.aten
+# Views whose output's storage offset is the input's plus an amount fixed by the shapes, strides
+# and arguments (all in the key); as_strided only without an offset argument (see _relative)
+SHIFTING_VIEWS = frozenset((
+    _aten.view.default, _aten._reshape_alias.default, _aten.alias.default, _aten.detach.default,
+    _aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.expand.default,
+    _aten.unsqueeze.default, _aten.squeeze.default, _aten.squeeze.dim, _aten.squeeze.dims,
+    _aten.slice.Tensor, _aten.select.int, _aten.narrow.default, _aten.split.Tensor,
+    _aten.split_with_sizes.default, _aten.unbind.int, _aten.diagonal.default, _aten.unfold.default,
+))
 
 
 @functools.cache
@@ -48,6 +76,23 @@ def _aliases_or_mutates(func) -> bool:
     schema = func._schema
     return func.is_view or any(a.alias_info is not None for a in schema.arguments) \
         or any(r.alias_info is not None for r in schema.returns)
+
+
+def _relative(func, args) -> bool:
+    """Whether the cache entry of ``func`` holds its output's storage offset relative to its input's."""
+    if func is _aten.as_strided.default:
+        return len(args) < 4 or args[3] is None
+    return func in SHIFTING_VIEWS
+
+
+def _placement_free_key(func, args, kwargs) -> bool:
+    if not isinstance(func, torch._ops.OpOverload):
+        return False
+    if func is _aten.as_strided.default:
+        # its offset passed by keyword: the entry is kept relative (_relative sees args only), so
+        # the key keeps the placement, and a hit sees the same input offset as the entry
+        return "storage_offset" not in kwargs
+    return func in SHIFTING_VIEWS or not _aliases_or_mutates(func)
 
 
 def _append_tensor(append, extend, tensor) -> None:
@@ -82,11 +127,42 @@ def _append_tensor(append, extend, tensor) -> None:
 def cache_key(mode, state, func, args, kwargs):
     """Drop-in for ``FakeTensorMode._cache_key``: PyTorch's key, placement-free where it cannot matter."""
     global _placement_free
-    _placement_free = isinstance(func, torch._ops.OpOverload) and not _aliases_or_mutates(func)
+    _placement_free = _placement_free_key(func, args, kwargs)
     try:
         return _TORCH_CACHE_KEY(mode, state, func, args, kwargs)
     finally:
         _placement_free = False
+
+
+def output_info(mode, state, key, func, args, kwargs, output):
+    """Drop-in for ``FakeTensorMode._get_output_info_for_cache_entry``: PyTorch's entry, with a
+    shifting view's storage offset made relative to its input's."""
+    global _checking_new_entry
+    _checking_new_entry = True
+    try:
+        info = _TORCH_OUTPUT_INFO(mode, state, key, func, args, kwargs, output)
+    finally:
+        _checking_new_entry = False
+    if info.view_idx is not None and info.metadata is not None and _relative(func, args):
+        base = args[info.view_idx].storage_offset()
+        if type(info.metadata.storage_offset) is int and type(base) is int:  # noqa: E721 (no SymInts)
+            info.metadata.storage_offset -= base
+    return info
+
+
+def output_tensor(mode, state, entry, key, func, args):
+    """Drop-in for ``FakeTensorMode._get_output_tensor_from_cache_entry``: a shifting view's output
+    placed at its entry's relative offset from where this input sits."""
+    if not _checking_new_entry and entry.view_idx is not None and entry.metadata is not None \
+            and _relative(func, args):
+        base = args[entry.view_idx].storage_offset()
+        if type(entry.metadata.storage_offset) is int and type(base) is int:  # noqa: E721
+            metadata = copy.copy(entry.metadata)
+            metadata.storage_offset += base
+            placed = copy.copy(entry)
+            object.__setattr__(placed, "metadata", metadata)  # the entry is a frozen dataclass
+            entry = placed
+    return _TORCH_OUTPUT_TENSOR(mode, state, entry, key, func, args)
 
 
 def cache_key_args(mode, result, args, state, id_hashed_objects) -> None:
@@ -143,4 +219,5 @@ def faster_dispatch():
     agree with it), and FakeTensorMode's dispatch without the no-compile guard (see m3lab.compat)."""
     from m3lab import compat
 
-    return compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, builds_torch_keys(), UNGUARD_DISPATCH)
+    return compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, output_info, output_tensor, builds_torch_keys(),
+                                            UNGUARD_DISPATCH)

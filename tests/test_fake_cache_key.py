@@ -133,3 +133,46 @@ def test_only_operations_that_neither_alias_nor_mutate_leave_placement_out():
     for func in (aten.view.default, aten.narrow.default, aten.as_strided.default, aten.detach.default,
                  aten.add_.Tensor, aten.copy_.default, aten.add.out, aten.set_.source_Storage_storage_offset):
         assert fake_cache_key._aliases_or_mutates(func), func
+
+
+def test_a_view_hit_sits_where_its_own_input_sits():
+    """Views of tensors at different offsets share one cache entry (the key leaves the placement
+    out) and each output lands at its own input's offset plus the view's shift."""
+    mode = FakeTensorMode()
+    with fake_cache_key.faster_dispatch(), mode:
+        flat = torch.empty(1000)
+        first, second = flat[10:70], flat[300:360]  # the same shape at two offsets
+        cases = [
+            (lambda t: t.view(6, 10), 0),
+            (lambda t: t.view(6, 10).t(), 0),
+            (lambda t: t.view(6, 10)[2:4], 20),
+            (lambda t: t.view(6, 10).select(0, 3), 30),
+            (lambda t: torch.ops.aten.as_strided.default(t, (5, 5), (5, 1)), 0),
+            (lambda t: t.detach(), 0),
+            (lambda t: t.split(20)[2], 40),
+        ]
+        for view, shift in cases:
+            view(first)
+            hits = FakeTensorMode.cache_hits
+            out = view(second)
+            assert out.storage_offset() == 300 + shift
+            assert FakeTensorMode.cache_hits > hits  # the second input's view came from the cache
+            assert out.untyped_storage()._cdata == flat.untyped_storage()._cdata
+            assert view(first).storage_offset() == 10 + shift
+        # as_strided with an offset puts its output there, wherever the input sits
+        assert torch.ops.aten.as_strided.default(second, (5,), (1,), 7).storage_offset() == 7
+        assert torch.ops.aten.as_strided.default(first, (5,), (1,), 7).storage_offset() == 7
+        # view(dtype) rescales the offset, so it keeps PyTorch's keys
+        assert first.view(torch.int16).storage_offset() == 20 and second.view(torch.int16).storage_offset() == 600
+
+
+def test_only_shifting_views_leave_placement_out_and_stay_relative():
+    aten = torch.ops.aten
+    assert fake_cache_key._placement_free_key(aten.mm.default, (), {})
+    assert fake_cache_key._placement_free_key(aten.slice.Tensor, (), {})
+    assert not fake_cache_key._placement_free_key(aten.view.dtype, (), {})
+    assert not fake_cache_key._placement_free_key(aten.add_.Tensor, (), {})
+    assert not fake_cache_key._placement_free_key(aten.as_strided.default, (None, (1,), (1,)), {"storage_offset": 3})
+    assert fake_cache_key._relative(aten.as_strided.default, (None, (1,), (1,)))
+    assert not fake_cache_key._relative(aten.as_strided.default, (None, (1,), (1,), 3))
+    assert not fake_cache_key._relative(aten.view_as_real.default, (None,))
