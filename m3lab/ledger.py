@@ -9,9 +9,10 @@ those too, with the lesson's reason.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from m3lab.config import M3LAB_M3_MODULE, TrainConfig
+from m3lab.config import M3LAB_M3_MODULE, ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,34 @@ def predict_path(upto: str = "08", gpu: str = "t4") -> dict:
 
 def changed_flags(config: TrainConfig, previous: TrainConfig) -> list[str]:
     """The command-line words that differ from ``previous``'s command: what to change in a copied
-    command (DeepSpeed's JSON named by file, as the command names it)."""
-    old, new = previous.flagembedding_args("OUT", "ds.json"), config.flagembedding_args("OUT", "ds.json")
+    command. DeepSpeed's JSON is named by file, as the command names it, and when both commands
+    have one, what differs inside it beyond what its ZeRO stage changes."""
+    old, new = previous.flagembedding_args("OUT"), config.flagembedding_args("OUT")
+    launcher = [f"--nproc_per_node {config.num_processes}"] if config.num_processes != previous.num_processes else []
     module = [f"-m {M3LAB_M3_MODULE}"] if config.uses_m3lab_levers and not previous.uses_m3lab_levers else []
-    return module + _flags(new, exclude=_flags(old)) + [f"(remove {flag})" for flag in
-                                                        sorted(_flag_names(old) - _flag_names(new))]
+    inside = []
+    if config.deepspeed_stage is not None and previous.deepspeed_stage is not None:
+        # against the JSON the previous run would have had at this stage: the new file name says the stage
+        try:
+            reference = previous.replace(deepspeed_stage=config.deepspeed_stage)
+        except ConfigError:  # a combination the stage refuses: compare with the previous JSON as it was
+            reference = previous
+        inside = _json_changes(reference.deepspeed_config(), config.deepspeed_config())
+    return launcher + module + _flags(new, exclude=_flags(old)) + [
+        f"(remove {flag})" for flag in sorted(_flag_names(old) - _flag_names(new))] + (
+        [f"({config.deepspeed_file_name}: {', '.join(inside)})"] if inside else [])
+
+
+def _json_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key.path: value`` for each entry of ``new`` that differs from ``old`` (nested dicts walked)."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _json_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {json.dumps(b) if key in new else '(removed)'}")
+    return changes
 
 
 def lesson_changes(lesson: str) -> list[str]:

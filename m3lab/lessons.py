@@ -155,14 +155,19 @@ def prediction_table(reports: dict[str, MemoryReport]) -> str:
     return "\n".join(lines)
 
 
-def print_commands(configs: dict[str, TrainConfig]) -> None:
-    """Each configuration's torchrun command on one line, to copy. ``--deepspeed ds_stageN.json``
-    names the file that ``config.deepspeed_json()`` prints (write it beside the command)."""
-    import shlex
+def print_commands(configs: dict[str, TrainConfig], lesson: str) -> None:
+    """Each configuration as the flags to change in the command the path reached before ``lesson``
+    (lesson 01 prints the whole baseline command and its JSON; each lesson's "path so far" lists what
+    it changed), and how to check a whole command of one's own."""
+    from m3lab import ledger
 
+    previous = ledger.before(lesson)
+    print(f"# Flags to change in the command the path reached before lesson {lesson} "
+          "(01 prints the baseline whole);")
+    print("# check any whole command with: m3lab predict --gpu t4 -- <command>")
     for label, config in configs.items():
-        print(f"# {label}")
-        print(" ".join(shlex.quote(arg) for arg in config.command()))
+        flags = ledger.changed_flags(config, previous)
+        print(f"{label}: {' '.join(flags) if flags else 'nothing changes'}")
 
 
 def predict_run(config: TrainConfig, env: Environment) -> MemoryReport:

@@ -92,9 +92,9 @@ for p in passage_lengths:
           f"{report.peak_allocated_bytes / GIB:6.2f} GiB, {report.short_verdict}")
 
 # %%
-# Every configuration above as the command to copy (--deepspeed names the JSON that
-# config.deepspeed_json() prints; lesson 07 shows one whole)
-lessons.print_commands({**passage_configs, **query_configs})
+# Every configuration above as the flags to change in your copy of the command (--deepspeed
+# names the JSON that config.deepspeed_json() prints, written beside the command)
+lessons.print_commands({**passage_configs, **query_configs}, "02")
 
 # %% [markdown]
 # **What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x

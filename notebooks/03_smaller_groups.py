@@ -102,9 +102,9 @@ cross = lessons.predict_all(cross_configs)
 print(lessons.prediction_table(cross))
 
 # %%
-# Every configuration above as the command to copy (--deepspeed names the JSON that
-# config.deepspeed_json() prints; lesson 07 shows one whole)
-lessons.print_commands({**group_configs, **batch_configs, **cross_configs})
+# Every configuration above as the flags to change in your copy of the command (--deepspeed
+# names the JSON that config.deepspeed_json() prints, written beside the command)
+lessons.print_commands({**group_configs, **batch_configs, **cross_configs}, "03")
 
 # %% [markdown]
 # ## same_dataset_within_batch

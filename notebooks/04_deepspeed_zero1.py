@@ -96,9 +96,9 @@ for label, report in reports.items():
 plots.breakdown_bars(reports, title="ZeRO stages on one and two T4s (common advice)");
 
 # %%
-# Every configuration above as the command to copy (--deepspeed names the JSON that
-# config.deepspeed_json() prints; lesson 07 shows one whole)
-lessons.print_commands(configs)
+# Every configuration above as the flags to change in your copy of the command (--deepspeed
+# names the JSON that config.deepspeed_json() prints, written beside the command)
+lessons.print_commands(configs, "04")
 
 # %% [markdown]
 # ## Measured: the optimizer state each rank really holds

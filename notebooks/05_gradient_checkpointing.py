@@ -82,9 +82,9 @@ for label, report in reports.items():
 plots.breakdown_bars(reports, title="Gradient checkpointing on and off (the path after lesson 04)");
 
 # %%
-# Every configuration above as the command to copy (--deepspeed names the JSON that
-# config.deepspeed_json() prints; lesson 07 shows one whole)
-lessons.print_commands(configs)
+# Every configuration above as the flags to change in your copy of the command (--deepspeed
+# names the JSON that config.deepspeed_json() prints, written beside the command)
+lessons.print_commands(configs, "05")
 
 # %% [markdown]
 # ## Measured: memory and step time

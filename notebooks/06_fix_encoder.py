@@ -93,9 +93,9 @@ print(lessons.prediction_table(reports))
 plots.breakdown_bars(reports, title="fix_encoder: what is left");
 
 # %%
-# Every configuration above as the command to copy (--deepspeed names the JSON that
-# config.deepspeed_json() prints; lesson 07 shows one whole)
-lessons.print_commands(configs)
+# Every configuration above as the flags to change in your copy of the command (--deepspeed
+# names the JSON that config.deepspeed_json() prints, written beside the command)
+lessons.print_commands(configs, "06")
 
 # %% [markdown]
 # ## The first trap: fix_encoder with gradient checkpointing

@@ -46,6 +46,19 @@ def test_changed_flags_name_only_what_changes():
     assert ledger.changed_flags(before, before) == []
 
 
+def test_changed_flags_say_what_changes_inside_a_json_of_the_same_name():
+    zero1 = ledger.before("04").replace(deepspeed_stage=1, torch_adam=True)
+    offload = zero1.replace(offload_optimizer=True)
+    changed = ledger.changed_flags(offload, zero1)
+    assert len(changed) == 1 and changed[0].startswith("(ds_stage1.json: ")
+    assert 'zero_optimization.offload_optimizer: {"device": "cpu"' in changed[0]
+    # a new stage is named by the file; what else changes in it is spelled out
+    assert ledger.changed_flags(zero1.replace(deepspeed_stage=0), zero1) == ["--deepspeed ds_stage0.json"]
+    moved = ledger.changed_flags(offload, zero1.replace(deepspeed_stage=0))
+    assert moved[0] == "--deepspeed ds_stage1.json" and len(moved) == 2
+    assert moved[1].startswith("(ds_stage1.json: ") and "offload_optimizer" in moved[1] and "zero_optimization.stage" not in moved[1]
+
+
 @pytest.mark.slow
 def test_the_predicted_path_runs_from_an_oom_to_a_recipe_that_fits_free_colab():
     reports = ledger.predict_path("08")

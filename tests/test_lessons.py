@@ -88,19 +88,20 @@ def test_the_environment_picks_sizes_and_nothing_else():
     assert (t4.gpu_check_model, cpu.gpu_check_model) == ("full", "tiny")
 
 
-def test_print_commands_gives_one_copyable_line_per_configuration(capsys):
-    import shlex
+def test_print_commands_gives_the_flags_to_change_from_where_the_path_stands(capsys):
+    from m3lab import ledger
 
-    from m3lab.config import TrainConfig
-
-    lessons.print_commands({"advice": TrainConfig.common_t4_advice(), "advice, ZeRO-0": TrainConfig.common_t4_advice(
-        deepspeed_stage=0)})
+    start = ledger.before("04")
+    lessons.print_commands({"ZeRO-1": start.replace(deepspeed_stage=1), "unchanged": start,
+                            "no DeepSpeed, 2 GPUs": start.replace(deepspeed_stage=None, num_processes=2)}, "04")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "# advice" and lines[2] == "# advice, ZeRO-0"
-    argv = shlex.split(lines[1])
-    assert argv[:2] == ["torchrun", "--standalone"] and "FlagEmbedding.finetune.embedder.encoder_only.m3" in argv
-    assert argv[argv.index("--deepspeed") + 1] == "ds_stage1.json"
-    assert shlex.split(lines[3])[shlex.split(lines[3]).index("--deepspeed") + 1] == "ds_stage0.json"
+    assert lines[0].startswith("# Flags to change in the command the path reached before lesson 04")
+    assert "m3lab predict --gpu t4 -- <command>" in lines[1]
+    assert lines[2] == "ZeRO-1: --deepspeed ds_stage1.json"
+    assert lines[3] == "unchanged: nothing changes"
+    # without DeepSpeed the command itself names what the JSON held (HF Trainer's optimizer)
+    assert lines[4].startswith("no DeepSpeed, 2 GPUs: --nproc_per_node 2 ") and lines[4].endswith("(remove --deepspeed)")
+    assert "--optim adamw_torch" in lines[4]
 
 
 def test_memory_curve_compares_labelled_series(two_reports):
