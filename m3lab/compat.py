@@ -271,10 +271,11 @@ FAKE_TENSOR_TARGETS = ("_prep_args_for_hash", "_cache_key", "_get_output_info_fo
 
 
 @contextlib.contextmanager
-def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, output_info: Callable,
-                              output_tensor: Callable, keys_agree: bool, unguard: bool = True):
+def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, output_info: Callable | None,
+                              output_tensor: Callable | None, keys_agree: bool, unguard: bool = True):
     """FakeTensorMode with m3lab's cache keys and view entries (``m3lab.fake_cache_key``; only if
-    ``keys_agree``, i.e. its keys match PyTorch's own on sample arguments) and its
+    ``keys_agree``, i.e. its keys match PyTorch's own on sample arguments; view entries only if
+    given) and its
     ``__torch_dispatch__`` without the no-compile guard PyTorch wraps around it. Predictions are the
     same either way (tested); only the time differs, so keys that disagree fall back to PyTorch's
     with a warning."""
@@ -286,8 +287,9 @@ def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, out
             stack.enter_context(_replaced(FakeTensorMode, "_prep_args_for_hash", cache_key_args))
             stack.enter_context(_replaced(FakeTensorMode, "_cache_key", cache_key))
             # entries whose keys leave the placement out hold view offsets relative to the input's
-            stack.enter_context(_replaced(FakeTensorMode, "_get_output_info_for_cache_entry", output_info))
-            stack.enter_context(_replaced(FakeTensorMode, "_get_output_tensor_from_cache_entry", output_tensor))
+            if output_info is not None and output_tensor is not None:
+                stack.enter_context(_replaced(FakeTensorMode, "_get_output_info_for_cache_entry", output_info))
+                stack.enter_context(_replaced(FakeTensorMode, "_get_output_tensor_from_cache_entry", output_tensor))
         else:
             warnings.warn("m3lab's fake-tensor cache keys differ from this PyTorch's; predictions stay right "
                           "but take longer. Report your torch version.", RuntimeWarning, stacklevel=3)

@@ -85,9 +85,16 @@ def _relative(func, args) -> bool:
     return func in SHIFTING_VIEWS
 
 
+# False where this PyTorch's cache entries are not the ones output_info/output_tensor know (see
+# places_views_right): views then keep PyTorch's keys and entries
+_relative_views = True
+
+
 def _placement_free_key(func, args, kwargs) -> bool:
     if not isinstance(func, torch._ops.OpOverload):
         return False
+    if not _relative_views:
+        return not _aliases_or_mutates(func)
     if func is _aten.as_strided.default:
         # its offset passed by keyword: the entry is kept relative (_relative sees args only), so
         # the key keeps the placement, and a hit sees the same input offset as the entry
@@ -214,10 +221,35 @@ def builds_torch_keys() -> bool:
         return False
 
 
-def faster_dispatch():
-    """While the block runs: ``cache_key`` and ``cache_key_args`` in place of PyTorch's (if they
-    agree with it), and FakeTensorMode's dispatch without the no-compile guard (see m3lab.compat)."""
+def places_views_right() -> bool:
+    """Whether, with output_info/output_tensor installed, views of one buffer at two offsets share a
+    cache entry and each lands where it should (checked before each trace, a few milliseconds:
+    another PyTorch may build its entries differently, and a view at the wrong offset would not
+    raise, only mislead)."""
     from m3lab import compat
 
-    return compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, output_info, output_tensor, builds_torch_keys(),
-                                            UNGUARD_DISPATCH)
+    global _relative_views
+    _relative_views = True
+    try:
+        with compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, output_info, output_tensor, True, False), \
+                FakeTensorMode():
+            flat = torch.empty(97)
+            views = [part.view(4, 4).t()[1:3] for part in (flat[5:21], flat[40:56], flat[5:21])]
+            hits = FakeTensorMode.cache_hits
+            views.append(flat[60:76].view(4, 4).t()[1:3])
+            return [v.storage_offset() for v in views] == [6, 41, 6, 61] and FakeTensorMode.cache_hits >= hits + 3
+    except Exception:  # internals changed shape: keep PyTorch's own entries
+        return False
+
+
+def faster_dispatch():
+    """While the block runs: ``cache_key`` and ``cache_key_args`` in place of PyTorch's (if they
+    agree with it), views' entries relative to their input's offset (if ``places_views_right``),
+    and FakeTensorMode's dispatch without the no-compile guard (see m3lab.compat)."""
+    from m3lab import compat
+
+    global _relative_views
+    keys_agree = builds_torch_keys()
+    _relative_views = keys_agree and places_views_right()
+    views = (output_info, output_tensor) if _relative_views else (None, None)
+    return compat.fake_tensor_fast_dispatch(cache_key, cache_key_args, *views, keys_agree, UNGUARD_DISPATCH)

@@ -176,3 +176,15 @@ def test_only_shifting_views_leave_placement_out_and_stay_relative():
     assert fake_cache_key._relative(aten.as_strided.default, (None, (1,), (1,)))
     assert not fake_cache_key._relative(aten.as_strided.default, (None, (1,), (1,), 3))
     assert not fake_cache_key._relative(aten.view_as_real.default, (None,))
+
+
+def test_views_keep_pytorchs_keys_and_entries_where_the_check_fails(monkeypatch):
+    from m3lab import fake_cache_key as keys
+
+    assert keys.places_views_right()
+    monkeypatch.setattr(keys, "places_views_right", lambda: False)
+    with keys.faster_dispatch():
+        assert FakeTensorMode._get_output_tensor_from_cache_entry is keys._TORCH_OUTPUT_TENSOR
+        assert FakeTensorMode._cache_key is keys.cache_key  # the other keys stay
+        assert not keys._placement_free_key(torch.ops.aten.view.default, (), {})
+        assert keys._placement_free_key(torch.ops.aten.mm.default, (), {})
