@@ -139,7 +139,13 @@ def build(target: Path, full_size: bool = False) -> Path:
         torch.save(colbert_linear.state_dict(), staging / "colbert_linear.pt")
         torch.save(sparse_linear.state_dict(), staging / "sparse_linear.pt")
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError as error:
+            if not target.exists():
+                raise
+            # another process finished the same build first (os.replace onto a non-empty folder)
+            raise FileExistsError(f"{target} was built by another process meanwhile") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

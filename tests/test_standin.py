@@ -51,6 +51,23 @@ def test_build_refuses_an_existing_folder(tmp_path):
         standin.build(tmp_path / "x")
 
 
+def test_a_build_that_another_process_finishes_first_is_no_error(tmp_path, monkeypatch):
+    """Two processes building the same stand-in (the GPU check's runs and tests side by side, seen on the
+    H200): the one that loses the race keeps the winner's folder and leaves no staging folder behind."""
+    real_load = standin._load_tokenizer
+    target = tmp_path / "cache" / f"{standin.STANDIN}-{standin._cache_key()}"
+
+    def load_while_another_process_finishes(folder):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")  # the other process's finished build
+        return real_load(folder)
+
+    monkeypatch.setattr(standin, "_load_tokenizer", load_while_another_process_finishes)
+    assert standin.standin_path(tmp_path / "cache") == target
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [target.name]
+    assert [p.name for p in target.iterdir()] == ["config.json"]
+
+
 # Written down from transformers 4.57.6 (CI's lock); the Colab lane runs this under transformers 5.15
 SAMPLE = "列表 Liste list. The quick brown fox; ¿Qué pasa? Überprüfung 数据集"
 SAMPLE_IDS = [0, 5, 3989, 3988, 1369, 77, 3, 22, 1239, 2742, 345, 64, 1463, 49, 342, 128, 47, 58, 5, 3, 2478, 375,
