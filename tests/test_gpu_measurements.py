@@ -17,12 +17,31 @@ from m3lab.predict.spec import spec_for
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
 
+# Measured on the H200 (2026-11-30) and not yet mended: test_the_known_miss_is_one_word_embedding_gradient
+# pins what it is. Autograd adds a parameter's two gradients (BGE-M3 encodes queries and passages apart)
+# in place on a GPU, but out of place under any TorchDispatchMode or fake tensor
+# (InputBuffer::accumulate's can_accumulate_inplace), so the trace holds one more word-embedding
+# gradient (0.95 GiB) at that add. It is the peak only where backward is: fused or 8-bit AdamW
+# without DeepSpeed. The CPU meter is a dispatch mode too, which is why the CPU file agrees.
+EMBEDDING_MISS = ("the trace adds the word embedding's two gradients out of place (a GPU adds them in place): "
+                  "predicted 0.95 GiB high where backward is the peak")
+KNOWN_MISSES = {"path after lesson 04 (no DeepSpeed, adamw_torch_fused)": EMBEDDING_MISS,
+                "path after lesson 04, T4 budget": EMBEDDING_MISS}
+
+
 def _committed_runs():
     for path in sorted(MEASUREMENTS.glob("*.json")):
         report = gpu_check.load(path)
         for record in report["runs"]:
-            if record["status"] == "ok":
-                yield pytest.param(report, record, id=f"{path.stem}: {record['name']}")
+            if record["status"] != "ok":
+                continue
+            marks = ()
+            if not any(gpu_check._step_pairs(rank["steps"]) for rank in record["ranks"]):
+                # kept as measured: the H200's first HF fp16 AMP run skipped every update (re-run with more steps)
+                marks = pytest.mark.skip(reason="fp16 loss scaling skipped every step's update: no step to compare")
+            if record["name"] in KNOWN_MISSES:
+                marks = pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[record["name"]])
+            yield pytest.param(report, record, id=f"{path.stem}: {record['name']}", marks=marks)
 
 
 COMMITTED = list(_committed_runs()) or [pytest.param(None, None, marks=pytest.mark.skip(
@@ -145,3 +164,17 @@ def test_the_full_size_stand_in_has_the_parameters_the_predictor_traces(tmp_path
     assert encoder + heads == traced
     assert traced > 567_000_000  # BGE-M3's ~568M parameters
     assert os.path.getsize(built / "model.safetensors") > 2.2e9  # fp32, like the real checkpoint
+
+
+def test_the_known_miss_is_one_word_embedding_gradient():
+    """The steady step of fused AdamW without DeepSpeed, measured on the H200, is the prediction less
+    one fp32 word-embedding gradient (within 1%): the out-of-place accumulation, nothing else."""
+    report = gpu_check.load(MEASUREMENTS / "2026-11-30-nvidia-h200-fp16-amp.json")
+    (record,) = [r for r in report["runs"] if r["name"] == "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"]
+    rows = {row.step: row for row in gpu_check.compare(report, [record])}
+    config = predictor.bge_m3_config()
+    embedding_gradient = config.vocab_size * config.hidden_size * 4
+    assert rows["first"].within_tolerance  # the optimizer step's peak, before any accumulation matters
+    steady = rows["steady"]
+    assert not steady.within_tolerance
+    assert abs(steady.predicted_bytes - embedding_gradient - steady.measured_bytes) < 0.01 * steady.measured_bytes
