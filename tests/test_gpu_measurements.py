@@ -178,3 +178,32 @@ def test_the_known_miss_is_one_word_embedding_gradient():
     steady = rows["steady"]
     assert not steady.within_tolerance
     assert abs(steady.predicted_bytes - embedding_gradient - steady.measured_bytes) < 0.01 * steady.measured_bytes
+
+
+def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
+    """data/measurements/README.md's table and README.md quote measured peaks: each is the committed file's."""
+    runs = {}
+    for path in sorted(MEASUREMENTS.glob("*.json")):
+        for record in gpu_check.load(path)["runs"]:
+            pairs = [step for rank in record["ranks"][:1] for _label, step in gpu_check._step_pairs(rank["steps"])]
+            if record["status"] == "ok" and pairs:
+                runs[record["name"]] = " / ".join(f"{s['peak_allocated_bytes'] / 2**30:.3f}" for s in pairs)
+    rows = {"common advice (ZeRO-1, 64/392, group 6)": "advice (ZeRO-1)", "advice, ZeRO-0": "advice, ZeRO-0",
+            "advice, fix_encoder on": "advice, fix_encoder on",
+            "advice, no gradient checkpointing": "advice, no gradient checkpointing",
+            "advice + efficient sparse head + grad cache": "advice + efficient sparse head + grad cache",
+            "FlagEmbedding's example at passage 512": "example at passage 512",
+            "FlagEmbedding's example at passage 8192": "example at passage 8192",
+            "advice, no DeepSpeed (HF fp16 AMP, adamw_torch), 10 steps": "advice, no DeepSpeed (HF fp16 AMP, adamw_torch)",
+            "the path after lesson 04 (no DeepSpeed, adamw_torch_fused)":
+                "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"}
+    table = {}
+    for line in (MEASUREMENTS / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in rows:
+            table[cells[0]] = cells[1].replace("**", "")
+    assert table == {label: runs[name] for label, name in rows.items()}
+    readme = " ".join((MEASUREMENTS.parent.parent / "README.md").read_text().split())
+    steady = {name: figures.split(" / ")[-1] for name, figures in runs.items()}
+    assert f"{float(steady['example at passage 8192']):.2f} GiB measured" in readme
+    assert f"measured {float(steady['path after lesson 04 (no DeepSpeed, adamw_torch_fused)']):.2f} GiB" in readme
