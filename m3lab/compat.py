@@ -311,6 +311,41 @@ def flop_formulas() -> dict:
     return vars(obj)[name]
 
 
+# ---- torch: autograd's in-place accumulation of gradients -------------------------------------
+# Read, not patched. Autograd adds a parameter's second gradient (BGE-M3 encodes queries and passages
+# apart, so every weight gets two) into the first in place when it holds the only reference to a plain
+# dense tensor (torch/csrc/autograd/input_buffer.cpp: accumulate, can_accumulate_inplace), but out of
+# place for tensor subclasses and under any TorchDispatchMode: a fake-tensor trace would hold one more
+# gradient there than a GPU run does (0.95 GiB for the word embeddings; measured on the H200).
+AUTOGRAD_ACCUMULATION = (("torch._C", "_current_autograd_node"), ("torch._C", "_storage_Use_Count"),
+                         ("torch._prims_common", "is_non_overlapping_and_dense_or_false"))
+
+
+def autograd_adds_in_place(func, args, kwargs) -> bool:
+    """Whether this ``aten.add`` is autograd adding a second gradient into a parameter's first, which a
+    run with no dispatch mode does in place: the node running has an edge to the parameter's
+    AccumulateGrad, both operands have its shape and dtype, and the first is dense and owns its
+    storage alone (the count includes the Python storage object made to read it)."""
+    import torch
+
+    if func is not torch.ops.aten.add.Tensor or kwargs or len(args) != 2 or torch.is_grad_enabled():
+        return False
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    first, second = args
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        return False
+    if first.shape != second.shape or first.dtype != second.dtype:
+        return False
+    node = torch._C._current_autograd_node()
+    if node is None or not any(getattr(next_node, "variable", None) is not None
+                               and next_node.variable.shape == first.shape and next_node.variable.dtype == first.dtype
+                               for next_node, _ in node.next_functions if next_node is not None):
+        return False
+    return (is_non_overlapping_and_dense_or_false(first)
+            and torch._C._storage_Use_Count(first.untyped_storage()._cdata) <= 2)
+
+
 def check_targets() -> None:
     """Raise CompatError if any attribute these patches replace is missing from the installed versions."""
     from transformers import XLMRobertaConfig
@@ -329,6 +364,7 @@ def check_targets() -> None:
                                    ("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE"),
                                    ("bitsandbytes.functional", "create_dynamic_map"),
                                    ("bitsandbytes.optim", "GlobalOptimManager"), FLOP_FORMULAS,
+                                   *AUTOGRAD_ACCUMULATION,
                                    *[("torch._subclasses.fake_tensor", f"FakeTensorMode.{name}")
                                      for name in FAKE_TENSOR_TARGETS]]:
         try:

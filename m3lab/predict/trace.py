@@ -62,9 +62,13 @@ class MemoryTrace(TorchDispatchMode):
         return False
 
     def __init__(self, rounding: bool, record_events: bool = False, capacity: int | None = None,
-                 separate_host: bool = False):
+                 separate_host: bool = False, gpu_autograd: bool | None = None):
         super().__init__()
         self.rounding = rounding
+        # A GPU run adds a parameter's gradients in place (compat.autograd_adds_in_place); a CPU run
+        # measured by m3lab's meter, a dispatch mode like this one, adds them out of place as the trace
+        # does by itself. Default: as a GPU when the sizes are rounded as a GPU's allocator rounds them.
+        self.gpu_autograd = rounding if gpu_autograd is None else gpu_autograd
         # With optimizer offload the GPU's tensors live on the fake device "cpu:0" and DeepSpeed's
         # host tensors on plain "cpu"; the host ones are tallied apart and never reach the GPU figures.
         self.separate_host = separate_host
@@ -207,6 +211,10 @@ class MemoryTrace(TorchDispatchMode):
             # tensors hold no values; the trace takes the healthy step: integer and boolean flags
             # are 0 (no inf/NaN, no overflow), floating-point values are 1 (norms, step counts).
             return 1.0 if args[0].dtype.is_floating_point else 0
+        if (func is torch.ops.aten.add.Tensor and self.gpu_autograd and self.phase == "backward"
+                and compat.autograd_adds_in_place(func, args, kwargs)):
+            # what autograd does with no dispatch mode about: the second gradient added into the first
+            return torch.ops.aten.add_.Tensor(*args)
         # Everything the trace touches is created inside it, so only outputs need looking at.
         out = func(*args, **kwargs)
         formula = self._flop_formulas.get(func._overloadpacket)
