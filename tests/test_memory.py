@@ -503,6 +503,28 @@ def test_a_one_shot_prediction_forks_helpers_and_predicts_the_same(monkeypatch):
     assert one_shot == here
 
 
+def test_a_forked_helper_that_pytorch_refuses_is_traced_in_the_parent(monkeypatch):
+    """PyTorch 2.11 (Colab's) refuses autograd in a child forked from a process that ran a backward
+    (seen calling the command line in-process after tracing); the parent then traces that copy."""
+    from m3lab.predict import pool
+
+    def refused(*args, **kwargs):
+        raise RuntimeError(pool.AUTOGRAD_AFTER_FORK + ". See https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork")
+
+    def helper_started(started=pool._worker_started):  # runs in each forked helper only
+        started()
+        pool.simulate_rank = refused
+
+    run = hf_run(seq_len=64, batch_size=2)
+    monkeypatch.setattr(pool, "_worker_started", helper_started)
+    one_shot = predictor.predict(run, "t4", one_shot=True).to_json()
+    monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")
+    here = predictor.predict(run, "t4").to_json()
+    for report in (one_shot, here):
+        report.pop("seconds")
+    assert one_shot == here
+
+
 def test_offload_with_deepspeeds_cpu_adam_is_traced_not_run(standin_dir):
     """ZeRO offload without torch_adam builds DeepSpeedCPUAdam, whose C++ kernel read fake tensors'
     memory and crashed the process (found in notebook 08); its kernel is left out, its states traced."""

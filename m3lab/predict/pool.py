@@ -80,6 +80,10 @@ def _main_module_hidden():
         sys.modules["__main__"] = main
 
 
+# What PyTorch raises in a forked child when the parent has used autograd's engine (seen with 2.11)
+AUTOGRAD_AFTER_FORK = "Unable to handle autograd's threading in combination with fork-based multiprocessing"
+
+
 def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
     """The last job here and the others in forked helpers, side by side. The last is the deepest
     copy, the longest to trace: the helpers' start-up and the trip of their results back overlap
@@ -91,7 +95,17 @@ def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
                              initializer=_worker_started) as helpers:
         futures = [helpers.submit(shallow_trace, job) for job in jobs[:-1]]
         last = shallow_trace(jobs[-1])
-        return [*(future.result() for future in futures), last]
+        results = []
+        for job, future in zip(jobs[:-1], futures):
+            try:
+                results.append(future.result())
+            except RuntimeError as error:
+                if AUTOGRAD_AFTER_FORK not in str(error):
+                    raise
+                # This process ran autograd before forking (the command line called in a process that
+                # had trained or traced): PyTorch 2.11 refuses autograd in such a child; trace it here.
+                results.append(shallow_trace(job))
+        return [*results, last]
 
 
 def trace_shallow_copies(jobs: list[TraceJob], one_shot: bool = False) -> list[RankSteps]:
