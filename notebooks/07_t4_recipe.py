@@ -188,9 +188,9 @@ plots.breakdown_bars({"this run": lessons.predict_run(run_config, env)}, title=f
 # random weights, built here in about a minute: memory depends on shapes, not values) for three
 # steps per configuration and sets `torch.cuda.max_memory_allocated` beside the prediction. The
 # project's tests keep every prediction within 5% of the measurements committed under
-# `data/measurements/`. The first came from an H200 imitating a T4's kernels; they found one miss,
-# since mended (fused AdamW without DeepSpeed: the trace counted one word-embedding gradient too many;
-# that folder's README says why). A file measured on a real T4 (`results/gpu_check/gpu_check.json`)
+# `data/measurements/`. The first came from an H200 imitating a T4's kernels, and one configuration
+# misses: fused AdamW without DeepSpeed, where the trace counts one word-embedding gradient too many
+# (that file's README says why). A file measured on a real T4 (`results/gpu_check/gpu_check.json`)
 # is the most useful thing you can send back. `python -m m3lab.gpu_check --out DIR` runs all of them.
 
 # %%

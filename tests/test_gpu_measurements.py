@@ -18,6 +18,15 @@ from m3lab.predict.spec import spec_for
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
 
+# Measured on the H200 (2026-11-30) and not yet mended by default: see test_a_gpu_adds_the_word_embedding_gradients_in_place
+# and m3lab.predict.trace.GPU_ADDS_GRADIENTS_IN_PLACE (written and tested, off until the verdicts tell a trimmed
+# cache from a full card).
+EMBEDDING_MISS = ("the trace adds the word embedding's two gradients out of place (a GPU adds them in place): "
+                  "predicted 0.95 GiB high where backward is the peak")
+KNOWN_MISSES = {"path after lesson 04 (no DeepSpeed, adamw_torch_fused)": EMBEDDING_MISS,
+                "path after lesson 04, T4 budget": EMBEDDING_MISS}
+
+
 def _committed_runs():
     for path in sorted(MEASUREMENTS.glob("*.json")):
         report = gpu_check.load(path)
@@ -28,6 +37,8 @@ def _committed_runs():
             if not any(gpu_check._step_pairs(rank["steps"]) for rank in record["ranks"]):
                 # kept as measured: the H200's first HF fp16 AMP run skipped every update (re-run with more steps)
                 marks = pytest.mark.skip(reason="fp16 loss scaling skipped every step's update: no step to compare")
+            if record["name"] in KNOWN_MISSES:
+                marks = pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[record["name"]])
             yield pytest.param(report, record, id=f"{path.stem}: {record['name']}", marks=marks)
 
 
@@ -156,22 +167,22 @@ def test_the_full_size_stand_in_has_the_parameters_the_predictor_traces(tmp_path
 def test_a_gpu_adds_the_word_embedding_gradients_in_place(monkeypatch):
     """Fused AdamW without DeepSpeed peaks in backward, where autograd adds the word embedding's two
     gradients (queries and passages are encoded apart). Measured on the H200, the steady step holds
-    one gradient there, not two: with the trace's own out-of-place add (compat.autograd_adds_in_place
-    off) the prediction is one fp32 word-embedding gradient too high, and outside the tolerance."""
-    from m3lab import compat
+    one gradient there, not two: as the trace runs by default (out of place) it is one fp32
+    word-embedding gradient too high, outside the tolerance; with GPU_ADDS_GRADIENTS_IN_PLACE on, within."""
+    from m3lab.predict import trace
 
     report = gpu_check.load(MEASUREMENTS / "2026-11-30-nvidia-h200-fp16-amp.json")
     (record,) = [r for r in report["runs"] if r["name"] == "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"]
-    steady = {row.step: row for row in gpu_check.compare(report, [record])}["steady"]
-    assert steady.within_tolerance
-    # traced in this process (exact), where the patch applies; the extrapolated peaks are the same bytes
-    monkeypatch.setattr(compat, "autograd_adds_in_place", lambda func, args, kwargs: False)
+    rows = {row.step: row for row in gpu_check.compare(report, [record])}
+    assert rows["first"].within_tolerance and not rows["steady"].within_tolerance
+    # traced in this process (exact), where the switch applies; extrapolated peaks are the same bytes
+    monkeypatch.setattr(trace, "GPU_ADDS_GRADIENTS_IN_PLACE", True)
     config = predictor.bge_m3_config()
-    out_of_place = predictor.predict(TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}), "t4",
-                                     model_config=config, exact=True).per_rank[0].steady_step.peak_allocated_bytes
+    in_place = predictor.predict(TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}), "t4",
+                                 model_config=config, exact=True).per_rank[0].steady_step.peak_allocated_bytes
     gradient = config.vocab_size * config.hidden_size * 4  # fp32
-    assert abs(out_of_place - steady.predicted_bytes - gradient) < 2**21  # within the allocator's 2 MiB blocks
-    assert out_of_place / steady.measured_bytes - 1 > gpu_check.TOLERANCE["cuda"]
+    assert abs(rows["steady"].predicted_bytes - in_place - gradient) < 2**21  # within the allocator's 2 MiB blocks
+    assert abs(in_place / rows["steady"].measured_bytes - 1) <= gpu_check.TOLERANCE["cuda"]
 
 
 def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
@@ -201,3 +212,16 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
     steady = {name: figures.split(" / ")[-1] for name, figures in runs.items()}
     assert f"{float(steady['example at passage 8192']):.2f} GiB measured" in readme
     assert f"measured {float(steady['path after lesson 04 (no DeepSpeed, adamw_torch_fused)']):.2f} GiB" in readme
+    # and the reserved bytes data/measurements/README.md quotes
+    reserved = {}
+    for path in sorted(MEASUREMENTS.glob("*.json")):
+        for record in gpu_check.load(path)["runs"]:
+            if record["status"] == "ok" and record["ranks"][0]["steps"][0]["peak_reserved_bytes"] is not None:
+                reserved[(path.stem, record["name"])] = max(s["peak_reserved_bytes"] for s in record["ranks"][0]["steps"])
+    notes = " ".join((MEASUREMENTS / "README.md").read_text().split())
+    h200, amp = "2026-11-30-nvidia-h200", "2026-11-30-nvidia-h200-fp16-amp"
+    for phrase, key in [("({:.2f} GiB with torch's AdamW", (amp, "advice, no DeepSpeed (HF fp16 AMP, adamw_torch)")),
+                        ("{:.2f} with the fused one", (amp, "path after lesson 04 (no DeepSpeed, adamw_torch_fused)")),
+                        ("advice ran with {:.2f} GiB reserved", (h200, "advice (ZeRO-1), T4 budget")),
+                        ("at most ({:.2f} uncapped)", (h200, "advice (ZeRO-1)"))]:
+        assert phrase.format(reserved[key] / 2**30) in notes, phrase
