@@ -221,8 +221,7 @@ class MemoryTrace(TorchDispatchMode):
             # tensors hold no values; the trace takes the healthy step: integer and boolean flags
             # are 0 (no inf/NaN, no overflow), floating-point values are 1 (norms, step counts).
             return 1.0 if args[0].dtype.is_floating_point else 0
-        if (func is torch.ops.aten.add.Tensor and self.gpu_autograd and self.phase == "backward"
-                and compat.autograd_adds_in_place(func, args, kwargs)):
+        if self.gpu_autograd and self.phase == "backward" and compat.autograd_adds_in_place(func, args, kwargs):
             # what autograd does with no dispatch mode about: the second gradient added into the first
             return torch.ops.aten.add_.Tensor(*args)
         # Everything the trace touches is created inside it, so only outputs need looking at.
