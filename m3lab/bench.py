@@ -4,8 +4,9 @@
 shared machines vary by a third from hour to hour); then, cold and warm side by side, the common
 T4 advice predicted for a T4, with its ZeRO-1 JSON and without DeepSpeed: a fresh ``m3lab predict --
 <command>`` process, the imports alone in a fresh process (DeepSpeed, FlagEmbedding, transformers:
-what any use of them pays), the difference (the target: at most 3 s; medians of three interleaved
-rounds), and the same prediction in a warm process; then one line per
+what any use of them pays), the difference, the same work timed after the imports inside one fresh
+process (the target: at most 3 s; medians of three interleaved rounds), and the same prediction in
+a warm process; then one line per
 configuration of a 17-point sweep (predicted peak, seconds, extrapolated or traced in full), and
 the median and slowest time after the first call, and the median per method.
 """
@@ -64,10 +65,28 @@ def reference_seconds() -> float:
 IMPORTS = "import os, deepspeed, transformers, FlagEmbedding.finetune.embedder.encoder_only.m3; os._exit(0)"
 
 
+# The same imports, then `m3lab predict`'s own code timed from there to its end in that process:
+# the prediction's work beyond the imports without the noise of a second process's imports
+# (which alone vary by a second from run to run on this 2-core machine)
+AFTER_IMPORTS = ("import os, sys, time, deepspeed, transformers, FlagEmbedding.finetune.embedder.encoder_only.m3\n"
+                 "started = time.perf_counter()\n"
+                 "from m3lab import cli\n"
+                 "code = cli.main(sys.argv[1:])\n"
+                 "sys.stdout.flush()\n"
+                 "print(f'seconds after the imports: {time.perf_counter() - started}', file=sys.stderr, flush=True)\n"
+                 "os._exit(code)")
+
+
 def _fresh_process_seconds(argv: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, env=_quiet_env())
     return time.perf_counter() - started
+
+
+def _seconds_after_imports(argv: list[str]) -> float:
+    done = subprocess.run([sys.executable, "-c", AFTER_IMPORTS, *argv], check=True, capture_output=True, text=True,
+                          env=_quiet_env())
+    return float(done.stderr.rsplit("seconds after the imports: ", 1)[1])
 
 
 def _quiet_env() -> dict:
@@ -92,17 +111,18 @@ def cold_and_warm(rounds: int = 3) -> dict[str, dict[str, float]]:
         config = TrainConfig.common_t4_advice(max_steps=100, **changes)
         json_path = str(_advice_json(config)) if config.deepspeed_stage is not None else None
         command = config.command(deepspeed_json_path=json_path)
-        colds, imports = [], []
+        arguments = ["predict", "--gpu", "t4", "--json", "--", *command]
+        colds, imports, after = [], [], []
         for _ in range(rounds):
-            colds.append(_fresh_process_seconds([sys.executable, "-m", "m3lab", "predict", "--gpu", "t4", "--json",
-                                                 "--", *command]))
+            colds.append(_fresh_process_seconds([sys.executable, "-m", "m3lab", *arguments]))
             imports.append(_fresh_process_seconds([sys.executable, "-c", IMPORTS]))
+            after.append(_seconds_after_imports(arguments))
         predict(config, "t4")  # this process's first: imports, caches, workers if any
         started = time.perf_counter()
         predict(config, "t4")
         results[name] = {"cold": statistics.median(colds), "imports": statistics.median(imports),
                          "beyond_imports": statistics.median(c - i for c, i in zip(colds, imports)),
-                         "warm": time.perf_counter() - started}
+                         "after_imports": statistics.median(after), "warm": time.perf_counter() - started}
     return results
 
 
@@ -120,7 +140,8 @@ def main() -> None:
     for name, times in cold_and_warm().items():
         print(f"{name}, predicted for a T4, median of three: cold (a fresh `m3lab predict -- ...`) "
               f"{times['cold']:.1f} s, imports alone {times['imports']:.1f} s, {times['beyond_imports']:.1f} s "
-              f"beyond them (target: 3 s); warm {times['warm']:.1f} s", flush=True)
+              f"beyond them; timed after the imports in the same process {times['after_imports']:.2f} s "
+              f"(target: 3 s); warm {times['warm']:.1f} s", flush=True)
     timings, methods = [], []
     print(f"{'configuration':36} {'peak GiB':>9} {'seconds':>8}  method")
     for name, config in sweep():

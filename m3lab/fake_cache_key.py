@@ -21,7 +21,10 @@ a view, against 0.1 ms for a hit). Two kinds of operation qualify:
   ``SHIFTING_VIEWS``): their cache entries hold the offset relative to the input's
   (``output_info``), and a hit adds the input's own back (``output_tensor``). ``as_strided`` with
   an offset puts its output there wherever the input sits. Not ``view(dtype)`` or
-  ``view_as_real``: they rescale the offset.
+  ``view_as_real``: they rescale the offset. A ``slice`` that lies inside its input is keyed by
+  its length instead of its start and end, its entry relative to its first element: DeepSpeed
+  slices each parameter and gradient out of a flat buffer, the same lengths at ever new starts
+  (a cold 3-layer ZeRO-1 trace: 313 misses of ``slice`` become 55).
 A hit skips the meta kernel's check that a view fits in its storage, which only a program that
 fails for real would need (the traced code is the real code, which runs).
 The tests replay traced steps with PyTorch's cross-check (every hit recomputed and its shape,
@@ -131,10 +134,45 @@ def _append_tensor(append, extend, tensor) -> None:
             tensor.is_conj(), tensor.is_neg(), tensor.is_inference(), False, None, None, None))
 
 
+def _slice_start(func, args) -> int | None:
+    """For a ``slice`` that lies inside its input (0 <= start <= end <= size), its start; else None.
+
+    DeepSpeed slices every parameter and gradient out of one flat buffer: the same lengths at
+    ever new starts. Keyed by length instead of start and end (``cache_key``), with the entry's
+    offset relative to the slice's first element (``_view_base``), those slices share entries.
+    """
+    # (slice has no keyword-only arguments: the dispatcher passes all of them in ``args``)
+    if func is not _aten.slice.Tensor or not _relative_views or not 4 <= len(args) <= 5:
+        return None
+    tensor, dim, start, end = args[:4]
+    if type(dim) is not int or type(start) is not int or type(end) is not int:  # noqa: E721 (no SymInts)
+        return None
+    if len(args) == 5 and (type(args[4]) is not int or args[4] < 1):  # noqa: E721
+        return None
+    shape = tensor.shape
+    if not -len(shape) <= dim < len(shape) or not 0 <= start <= end <= shape[dim]:
+        return None
+    return start
+
+
+def _view_base(func, args, index: int) -> int:
+    """The storage offset a shifting view's entry is relative to: its input's, and for a slice keyed
+    by its length, its first element's."""
+    base = args[index].storage_offset()
+    start = _slice_start(func, args)
+    if start:
+        base += start * args[0].stride(args[1])
+    return base
+
+
 def cache_key(mode, state, func, args, kwargs):
-    """Drop-in for ``FakeTensorMode._cache_key``: PyTorch's key, placement-free where it cannot matter."""
+    """Drop-in for ``FakeTensorMode._cache_key``: PyTorch's key, placement-free where it cannot matter,
+    and a slice inside its input keyed by its length (``_slice_start``)."""
     global _placement_free
     _placement_free = _placement_free_key(func, args, kwargs)
+    start = _slice_start(func, args)
+    if start:
+        args = (args[0], args[1], 0, args[3] - start, *args[4:])
     try:
         return _TORCH_CACHE_KEY(mode, state, func, args, kwargs)
     finally:
@@ -151,7 +189,7 @@ def output_info(mode, state, key, func, args, kwargs, output):
     finally:
         _checking_new_entry = False
     if info.view_idx is not None and info.metadata is not None and _relative(func, args):
-        base = args[info.view_idx].storage_offset()
+        base = _view_base(func, args, info.view_idx)
         if type(info.metadata.storage_offset) is int and type(base) is int:  # noqa: E721 (no SymInts)
             info.metadata.storage_offset -= base
     return info
@@ -162,8 +200,8 @@ def output_tensor(mode, state, entry, key, func, args):
     placed at its entry's relative offset from where this input sits."""
     if not _checking_new_entry and entry.view_idx is not None and entry.metadata is not None \
             and _relative(func, args):
-        base = args[entry.view_idx].storage_offset()
-        if type(entry.metadata.storage_offset) is int and type(base) is int:  # noqa: E721
+        base = _view_base(func, args, entry.view_idx)
+        if type(base) is int and base and type(entry.metadata.storage_offset) is int:  # noqa: E721 (0: as stored)
             metadata = copy.copy(entry.metadata)
             metadata.storage_offset += base
             placed = copy.copy(entry)

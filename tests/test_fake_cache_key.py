@@ -166,6 +166,37 @@ def test_a_view_hit_sits_where_its_own_input_sits():
         assert first.view(torch.int16).storage_offset() == 20 and second.view(torch.int16).storage_offset() == 600
 
 
+def test_slices_of_one_length_share_an_entry_and_land_at_their_start():
+    """DeepSpeed's flat buffers: the same length sliced at ever new starts. Inside the input, a
+    slice is keyed by its length and placed at its own start; other slices keep their own keys."""
+    aten = torch.ops.aten
+    mode = FakeTensorMode()
+    with fake_cache_key.faster_dispatch(), mode:
+        flat = torch.empty(1000)
+        grid = flat[100:700].view(20, 30)  # offset 100, strides (30, 1)
+        cases = [  # (input, dim, starts, end - start, step, offset of each start's output)
+            (flat, 0, (3, 250, 990), 10, 1, lambda start: start),
+            (grid, 1, (2, 11), 12, 1, lambda start: 100 + start),
+            (grid, 0, (1, 7), 6, 2, lambda start: 100 + 30 * start),
+            (grid, -1, (4, 9), 8, 1, lambda start: 100 + start),
+        ]
+        for tensor, dim, starts, length, step, offset in cases:
+            reference = aten.slice.Tensor(tensor, dim, starts[0], starts[0] + length, step)
+            for start in starts[1:]:
+                hits = FakeTensorMode.cache_hits
+                out = aten.slice.Tensor(tensor, dim, start, start + length, step)
+                assert FakeTensorMode.cache_hits == hits + 1  # from the entry the first start made
+                assert out.storage_offset() == offset(start)
+                assert (out.shape, out.stride()) == (reference.shape, reference.stride())
+        # ends past the input, negative starts and open ends are PyTorch's own keys, clamped as it clamps
+        assert fake_cache_key._slice_start(aten.slice.Tensor, (flat, 0, 995, 1005)) is None
+        assert fake_cache_key._slice_start(aten.slice.Tensor, (flat, 0, -5, 1000)) is None
+        assert fake_cache_key._slice_start(aten.slice.Tensor, (flat, 0, 5, 2**63 - 1)) is None
+        assert flat[995:1005].shape == (5,) and flat[990:1000].shape == (10,)
+        assert flat[-5:].storage_offset() == 995 and flat[-5:].shape == (5,)
+        assert aten.slice.Tensor(grid, 1, 25, 2**63 - 1).storage_offset() == 125
+
+
 def test_only_shifting_views_leave_placement_out_and_stay_relative():
     aten = torch.ops.aten
     assert fake_cache_key._placement_free_key(aten.mm.default, (), {})

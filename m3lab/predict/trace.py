@@ -10,6 +10,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -235,6 +236,12 @@ class MemoryTrace(TorchDispatchMode):
                     on_host = tensor.device.index is None
                     for storage in tensor_storages(tensor):
                         self._see_host(storage) if on_host else self.see(storage, func.__name__)
+            return out
+        if type(out) is FakeTensor:  # most operations: one tensor; tensor_storages' own check, inlined
+            if not out.is_meta:
+                storage = out.untyped_storage()
+                if storage.nbytes():
+                    self.see(storage, func.__name__)
             return out
         for storage in tensor_storages(out):
             self.see(storage, func.__name__)
