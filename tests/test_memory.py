@@ -84,10 +84,27 @@ def test_allocator_empties_its_cache_before_it_runs_out():
 
 
 # ---- the trace -----------------------------------------------------------------------------------
-def test_trace_counts_fake_tensors_by_category():
+def _traced(trace, fused: bool):
+    """The trace as a mode above FakeTensorMode, or told by FakeTensorMode itself (as predictions run)."""
+    import contextlib
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), predictor.MemoryTrace(rounding=False) as trace:
+    from m3lab.predict.trace import TracedFakeTensorMode
+
+    stack = contextlib.ExitStack()
+    if fused:
+        stack.enter_context(TracedFakeTensorMode(trace))
+    else:
+        stack.enter_context(FakeTensorMode())
+        stack.enter_context(trace)
+    return stack
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["told-by-fake-mode", "mode-above-fake-mode"])
+def test_trace_counts_fake_tensors_by_category(fused):
+    trace = predictor.MemoryTrace(rounding=False)
+    with _traced(trace, fused):
         weight = torch.empty(1000, 1000)  # 4 MB
         trace.relabel([weight], "weights")
         trace.reset_peak()
@@ -105,15 +122,32 @@ def test_trace_counts_fake_tensors_by_category():
     assert max(v.bytes for (phase, _), v in trace.candidates.items() if phase == "backward") == 12_000_000
 
 
+def test_what_fake_mode_runs_inside_an_operation_is_not_counted():
+    """native_layer_norm's fake kernel is a Python decomposition whose intermediates exist only on
+    fake tensors; the trace counts its outputs alone, whether above FakeTensorMode or told by it."""
+    peaks, counts = [], []
+    for fused in (True, False):
+        trace = predictor.MemoryTrace(rounding=False)
+        with _traced(trace, fused):
+            hidden = torch.empty(1000, 1000)  # 4 MB
+            trace.reset_peak()
+            out = torch.nn.functional.layer_norm(hidden, (1000,))
+            del out
+        peaks.append(trace.peak)
+        counts.append(len(trace.history))
+    assert peaks[0] == peaks[1] == 4_000_000 + 4_000_000 + 2 * 4_000  # input, output, mean and rstd
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["told-by-fake-mode", "mode-above-fake-mode"])
 @pytest.mark.parametrize("gpu_autograd", [True, False])
-def test_a_weight_used_twice_gets_its_gradients_added_in_place_as_on_a_gpu(gpu_autograd):
+def test_a_weight_used_twice_gets_its_gradients_added_in_place_as_on_a_gpu(gpu_autograd, fused):
     """An embedding looked up twice (queries and passages) gets two gradients. Run plainly, autograd adds
     the second into the first (measured on the H200: the word embedding's 0.95 GiB); under a dispatch
     mode it allocates the sum. The trace does the former for GPU predictions, the latter for the CPU
     meter's (which is a dispatch mode too)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(), predictor.MemoryTrace(rounding=False, gpu_autograd=gpu_autograd) as trace:
+    trace = predictor.MemoryTrace(rounding=False, gpu_autograd=gpu_autograd)
+    with _traced(trace, fused):
         embedding = torch.nn.Embedding(1000, 250)  # 1 MB of weights, 1 MB per gradient
         ids = torch.zeros(2, 4, dtype=torch.long)
         loss = embedding(ids).sum() + embedding(ids).sum()

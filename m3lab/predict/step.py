@@ -20,7 +20,7 @@ from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
 from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
 from m3lab.predict.spec import TraceSpec
-from m3lab.predict.trace import Candidate, MemoryTrace, breakdown_at
+from m3lab.predict.trace import Candidate, MemoryTrace, TracedFakeTensorMode, breakdown_at
 
 
 @dataclass
@@ -83,8 +83,6 @@ def module_hooks(model, trace: MemoryTrace):
 
 def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False):
     """Two training steps of one rank on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
 
     half = spec.precision in ("fp16", "bf16")
@@ -99,8 +97,8 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
     device = GPU_DEVICE if offload else "cpu"
     steps: list[StepTrace] = []
     bnb = compat.bitsandbytes_overrides_isolated() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
-    with simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, FakeTensorMode(allow_non_fake_inputs=True), \
-            default_device(device), trace:
+    with simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, \
+            TracedFakeTensorMode(trace, allow_non_fake_inputs=True), default_device(device):
         if spec.trainer == "flagembedding-m3":
             model, inputs = build_m3_model(spec), m3_inputs(spec)
         else:

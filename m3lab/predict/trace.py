@@ -1,7 +1,8 @@
 """The trace mode: every tensor storage a traced step creates and frees, labelled and timed.
 
-``MemoryTrace`` is a TorchDispatchMode; each operator's outputs are counted as they appear and
-forgotten when Python frees them, optionally fed to the simulated caching allocator.
+``MemoryTrace`` counts each operator's outputs as they appear and forgets them when Python frees
+them, optionally feeding the simulated caching allocator; predictions have ``TracedFakeTensorMode``
+tell it about each operation (it also works as a TorchDispatchMode above FakeTensorMode).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -212,7 +213,11 @@ class MemoryTrace(TorchDispatchMode):
         self.history = list(self.live.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        return self.record(func, types, args, kwargs or {}, _call)
+
+    def record(self, func, types, args, kwargs, dispatch):
+        """Run one operation through ``dispatch(func, types, args, kwargs)`` (the modes below, or
+        FakeTensorMode's own dispatch in ``TracedFakeTensorMode``) and count what it creates."""
         if func is torch.ops.prim.device.default:
             # Half of all calls in a DeepSpeed step are `tensor.device`; answer them without
             # a trip through the fake-tensor dispatcher, which allocates nothing for them anyway.
@@ -224,9 +229,9 @@ class MemoryTrace(TorchDispatchMode):
             return 1.0 if args[0].dtype.is_floating_point else 0
         if self.gpu_autograd and self.phase == "backward" and compat.autograd_adds_in_place(func, args, kwargs):
             # what autograd does with no dispatch mode about: the second gradient added into the first
-            return torch.ops.aten.add_.Tensor(*args)
+            return dispatch(torch.ops.aten.add_.Tensor, types, args, {})
         # Everything the trace touches is created inside it, so only outputs need looking at.
-        out = func(*args, **kwargs)
+        out = dispatch(func, types, args, kwargs)
         formula = self._flop_formulas.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
@@ -247,3 +252,34 @@ class MemoryTrace(TorchDispatchMode):
             self.see(storage, func.__name__)
         return out
 
+
+
+def _call(func, types, args, kwargs):
+    return func(*args, **kwargs)
+
+
+class TracedFakeTensorMode(FakeTensorMode):
+    """FakeTensorMode that reports each operation to a ``MemoryTrace`` itself, instead of the trace
+    being a second mode above it: every operation then crosses from C++ to a Python mode once, not
+    twice (about 20 to 30 us less of a cache hit's 120 us on this 2-core machine). The operations
+    FakeTensorMode runs inside its own dispatch (decompositions) reach it again and are not counted:
+    above it, the trace did not see them either."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # as MemoryTrace: no no-compile guard around each call
+
+    def __init__(self, trace: MemoryTrace, **kwargs):
+        super().__init__(**kwargs)
+        self.trace = trace
+        self._inside = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        fake_dispatch = super().__torch_dispatch__
+        if self._inside:
+            return fake_dispatch(func, types, args, kwargs)
+        self._inside = True
+        try:
+            return self.trace.record(func, types, args, kwargs or {}, fake_dispatch)
+        finally:
+            self._inside = False
