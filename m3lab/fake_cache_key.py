@@ -259,9 +259,10 @@ def builds_torch_keys() -> bool:
         return False
 
 
+@functools.cache
 def places_views_right() -> bool:
     """Whether, with output_info/output_tensor installed, views of one buffer at two offsets share a
-    cache entry and each lands where it should (checked before each trace, a few milliseconds:
+    cache entry and each lands where it should (checked once per process, before its first trace:
     another PyTorch may build its entries differently, and a view at the wrong offset would not
     raise, only mislead)."""
     from m3lab import compat
