@@ -102,7 +102,7 @@ def _predict(args) -> int:
     # One prediction per process: one_shot forks helpers that start with what is imported here,
     # instead of a lasting pool of workers that import everything again (see m3lab.predict.pool).
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-        report = predict(config, args.gpu, record_events=bool(args.snapshot), exact=args.exact, one_shot=True)
+        report = predict(config, args.gpu, record_events=bool(args.snapshot), exact=True if args.exact else None, one_shot=True)
     if args.snapshot:
         report.save_snapshot(args.snapshot)
     if args.json:

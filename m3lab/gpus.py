@@ -28,6 +28,11 @@ class GPU:
     peak_flops_fp32: float | None = None
 
     @property
+    def allocator_limit_bytes(self) -> int:
+        """What PyTorch's caching allocator can obtain: the card less what lies outside it."""
+        return self.usable_bytes - self.context_bytes
+
+    @property
     def supports_bf16(self) -> bool:
         return self.compute_capability >= (8, 0)
 

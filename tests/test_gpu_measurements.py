@@ -1,6 +1,7 @@
 """The predictor against GPU measurements committed under data/measurements/ (written by
 ``python -m m3lab.gpu_check`` on a GPU), and the check script itself, run here on the CPU."""
 
+import dataclasses
 import json
 import math
 import os
@@ -9,22 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3lab import gpu_check, predict as predictor, standin
+from m3lab import evidence, gpu_check, predict as predictor, standin
 from m3lab.config import TrainConfig
 from m3lab.measure import SDPA_KERNEL_ENV, limit_sdpa_kernels
 from m3lab.predict.models import meta_model
 from m3lab.predict.spec import spec_for
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
-
-
-# Measured on the H200 (2026-11-30) and not yet mended by default: see test_a_gpu_adds_the_word_embedding_gradients_in_place
-# and m3lab.predict.trace.GPU_ADDS_GRADIENTS_IN_PLACE (written and tested, off until the verdicts tell a trimmed
-# cache from a full card).
-EMBEDDING_MISS = ("the trace adds the word embedding's two gradients out of place (a GPU adds them in place): "
-                  "predicted 0.95 GiB high where backward is the peak")
-KNOWN_MISSES = {"path after lesson 04 (no DeepSpeed, adamw_torch_fused)": EMBEDDING_MISS,
-                "path after lesson 04, T4 budget": EMBEDDING_MISS}
 
 
 def _committed_runs():
@@ -37,8 +29,6 @@ def _committed_runs():
             if not any(gpu_check._step_pairs(rank["steps"]) for rank in record["ranks"]):
                 # kept as measured: the H200's first HF fp16 AMP run skipped every update (re-run with more steps)
                 marks = pytest.mark.skip(reason="fp16 loss scaling skipped every step's update: no step to compare")
-            if record["name"] in KNOWN_MISSES:
-                marks = pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[record["name"]])
             yield pytest.param(report, record, id=f"{path.stem}: {record['name']}", marks=marks)
 
 
@@ -167,22 +157,73 @@ def test_the_full_size_stand_in_has_the_parameters_the_predictor_traces(tmp_path
 def test_a_gpu_adds_the_word_embedding_gradients_in_place(monkeypatch):
     """Fused AdamW without DeepSpeed peaks in backward, where autograd adds the word embedding's two
     gradients (queries and passages are encoded apart). Measured on the H200, the steady step holds
-    one gradient there, not two: as the trace runs by default (out of place) it is one fp32
-    word-embedding gradient too high, outside the tolerance; with GPU_ADDS_GRADIENTS_IN_PLACE on, within."""
+    one gradient there, not two: autograd adds the second in place on a GPU, out of place under any
+    dispatch mode. The trace adds it in place (GPU_ADDS_GRADIENTS_IN_PLACE); without that it is one
+    fp32 word-embedding gradient too high, outside the tolerance."""
     from m3lab.predict import trace
 
     report = gpu_check.load(MEASUREMENTS / "2026-11-30-nvidia-h200-fp16-amp.json")
     (record,) = [r for r in report["runs"] if r["name"] == "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"]
     rows = {row.step: row for row in gpu_check.compare(report, [record])}
-    assert rows["first"].within_tolerance and not rows["steady"].within_tolerance
-    # traced in this process (exact), where the switch applies; extrapolated peaks are the same bytes
-    monkeypatch.setattr(trace, "GPU_ADDS_GRADIENTS_IN_PLACE", True)
+    assert trace.GPU_ADDS_GRADIENTS_IN_PLACE and rows["steady"].within_tolerance
+    monkeypatch.setattr(trace, "GPU_ADDS_GRADIENTS_IN_PLACE", False)
     config = predictor.bge_m3_config()
-    in_place = predictor.predict(TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}), "t4",
-                                 model_config=config, exact=True).per_rank[0].steady_step.peak_allocated_bytes
+    out_of_place = predictor.predict(TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}), "t4",
+                                     model_config=config).per_rank[0].steady_step.peak_allocated_bytes
     gradient = config.vocab_size * config.hidden_size * 4  # fp32
-    assert abs(rows["steady"].predicted_bytes - in_place - gradient) < 2**21  # within the allocator's 2 MiB blocks
-    assert abs(in_place / rows["steady"].measured_bytes - 1) <= gpu_check.TOLERANCE["cuda"]
+    assert abs(out_of_place - rows["steady"].predicted_bytes - gradient) < 2**21  # within the allocator's 2 MiB blocks
+    assert abs(out_of_place / rows["steady"].measured_bytes - 1) > gpu_check.TOLERANCE["cuda"]
+
+
+# ---- the allocator under the card's limit, against the same runs ------------------------------------
+EVIDENCE = [pytest.param(run, id=f"{run.source}: {run.name}") for run in evidence.measured_runs()
+            if run.peak_allocated_bytes or not run.ran]
+RESERVED_TOLERANCE = 0.02
+# Measured, not yet understood: the reserved bytes of this run's first updated step (after a skipped
+# one) are 12.8% below the simulation's, whose peak allocated is within 0.2%
+RESERVED_MISSES = {"advice, no gradient checkpointing": "the simulated cache holds 1.9 GiB more than the H200's "
+                                                        "(16.84 against 14.93 GiB); cause not found"}
+
+
+@pytest.mark.parametrize("run", [r for r in EVIDENCE if r.values[0].limit_bytes])
+def test_under_a_t4s_limit_the_verdict_is_what_the_card_did(run):
+    """The H200 capped at a T4's budget ran the advice and the path after lesson 04 and ran out of
+    memory on FlagEmbedding's example: the simulated allocator, limited the same way, says the same,
+    and where it runs out, it runs out on the same request with the same bytes in use."""
+    found = evidence.against_prediction(run)
+    assert found.outcome_matches, found.describe()
+    if not run.ran:
+        oom = found.report.out_of_memory
+        assert oom.requested_bytes == pytest.approx(run.oom_requested_bytes, rel=0.005)  # "Tried to allocate"
+        assert oom.allocated_bytes == pytest.approx(run.oom_allocated_bytes, rel=0.005)
+        assert abs(oom.unallocated_bytes - run.oom_unallocated_bytes) < 10 * 2**20  # fragmentation, 10 MiB
+        assert found.report.spare_bytes < 0 and "out of memory in step 1" in found.report.verdict
+    else:
+        assert found.report.out_of_memory is None and found.report.spare_bytes > 0
+
+
+@pytest.mark.parametrize("run", [pytest.param(*r.values, id=r.id, marks=pytest.mark.xfail(
+    strict=True, reason=RESERVED_MISSES[r.values[0].name])) if r.values[0].name in RESERVED_MISSES else r
+    for r in EVIDENCE if r.values[0].peak_reserved_bytes])
+def test_the_simulated_allocator_reserves_what_the_card_reserved(run):
+    """max_memory_reserved over the compared steps, with and without a T4's limit, within 2%."""
+    found = evidence.against_prediction(run)
+    assert abs(found.reserved_error) <= RESERVED_TOLERANCE, found.describe()
+
+
+def test_the_comparison_can_fail():
+    """A run that ran, predicted on a card too small for it, is a mismatch (and the other way round)."""
+    (run,) = [r for r in evidence.measured_runs() if r.name == "advice (ZeRO-1), T4 budget"]
+    small = dataclasses.replace(run, limit_bytes=10 * 2**30, name="advice (ZeRO-1), 10 GiB")
+    found = evidence.Evidence(small, predictor.predict(run.config, evidence.card_of(small),
+                                                       model_config=predictor.bge_m3_config()))
+    assert not found.outcome_matches
+
+
+def test_a_lesson_finds_the_measurement_of_what_it_predicts():
+    advice = TrainConfig.common_t4_advice()
+    assert [run.name for run in evidence.measured_peaks(advice)] == ["advice (ZeRO-1)"]
+    assert evidence.measured_peaks(advice.replace(train_group_size=4)) == []
 
 
 def test_the_measured_figures_quoted_in_the_readmes_are_the_files():

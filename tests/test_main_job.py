@@ -26,7 +26,7 @@ def test_main_job_writes_a_labelled_report(tmp_path, standin_dir):
     assert "-m FlagEmbedding.finetune.embedder.encoder_only.m3" in report["copyable_command"]
     assert "tiny-bge-m3-" in report["copyable_command"]  # the stand-in's real folder, runnable as shown
     predicted = {row["configuration"]: row for row in report["predicted_t4"]}
-    assert predicted["FlagEmbedding example (512)"]["verdict"].startswith("OOM")
+    assert predicted["FlagEmbedding example (512)"]["verdict"].startswith("out of memory")
     assert all(row["provenance"] == "predicted for Tesla T4 (Colab)" for row in predicted.values())
     passage = next(s for s in report["token_lengths"] if s["field"] == "passage")
     assert passage["truncated_share"] > 0.1  # truncation at 392 tokens matters on this data

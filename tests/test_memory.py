@@ -66,21 +66,68 @@ def test_allocator_splits_as_pytorchs_should_split():
         alloc.malloc(1, 12 << 20)  # a 12 MiB segment of its own (over kMinLargeAlloc), then cached
         alloc.release(1)
         alloc.malloc(2, request)
-        handed_out = alloc.blocks[2][3]
-        assert handed_out == (request if split else 12 << 20)
+        assert alloc.blocks[2].size == (request if split else 12 << 20)
     small = Allocator()
     small.malloc(1, 1 << 20)  # the whole small 2 MiB segment's first half
-    assert small.blocks[1][3] == 1 << 20 and small.reserved == 2 << 20
+    assert small.blocks[1].size == 1 << 20 and small.reserved == 2 << 20
 
 
-def test_allocator_empties_its_cache_before_it_runs_out():
-    alloc = Allocator(capacity=100 << 20)
+def test_allocator_gives_its_cache_back_before_it_runs_out():
+    """malloc: alloc_block fails at the limit; release_available_cached_blocks does nothing without
+    max_split_size; release_cached_blocks returns every cached whole segment and alloc_block is retried."""
+    alloc = Allocator(limit_bytes=100 << 20)
     alloc.malloc(1, 60 << 20)
     alloc.release(1)
-    alloc.malloc(2, 80 << 20)  # the cached 60 MiB segment is too small; freeing it makes room
-    assert alloc.reserved == 80 << 20 and not alloc.out_of_memory
-    alloc.malloc(3, 40 << 20)
-    assert alloc.out_of_memory
+    alloc.malloc(2, 80 << 20)  # the cached 60 MiB segment is too small; giving it back makes room
+    assert alloc.reserved == 80 << 20 and alloc.out_of_memory is None and alloc.retries == 1
+    alloc.malloc(3, 40 << 20, where="forward:encoder:mm")
+    oom = alloc.out_of_memory
+    assert (oom.requested_bytes, oom.allocated_bytes, oom.reserved_bytes) == (40 << 20, 80 << 20, 80 << 20)
+    assert oom.short_by_bytes == 20 << 20 and oom.where == "forward:encoder:mm"
+
+
+def test_a_split_segment_is_not_given_back_and_its_gap_counts():
+    """release_blocks frees only blocks that are not split: a segment with a tensor in it stays, and
+    its free part is the "reserved but unallocated" memory of PyTorch's message."""
+    alloc = Allocator(limit_bytes=100 << 20)
+    alloc.malloc(1, 30 << 20)
+    alloc.malloc(2, 30 << 20)
+    alloc.release(1)
+    alloc.malloc(3, 12 << 20)  # best fit: the 30 MiB block, split (18 MiB left, over 1 MiB)
+    assert alloc.blocks[3].segment is not alloc.blocks[2].segment and alloc.blocks[3].size == 12 << 20
+    assert alloc.held == 60 << 20 and alloc.allocated == 42 << 20
+    alloc.malloc(4, 48 << 20)  # 60 held + 48 > 100: nothing whole to give back
+    oom = alloc.out_of_memory
+    assert oom.unallocated_bytes == 18 << 20 and oom.short_by_bytes == 8 << 20
+    assert alloc.peak_held == 108 << 20  # the segment opened past the limit: what the step needed
+
+
+def test_allocator_serves_best_fit_lowest_address_first():
+    """get_free_block: the smallest cached block that holds the request (BlockComparatorSize orders
+    by size, then address)."""
+    alloc = Allocator()
+    for key in range(4):
+        alloc.malloc(key, (12 + 2 * (key % 2)) << 20)  # 12, 14, 12, 14 MiB segments
+    for key in range(4):
+        alloc.release(key)
+    alloc.malloc(9, 13 << 20)
+    assert alloc.blocks[9].address == min(s.address for s in alloc.segments if s.size == 14 << 20)
+    alloc.malloc(10, 11 << 20)
+    assert alloc.blocks[10].address == min(s.address for s in alloc.segments if s.size == 12 << 20)
+
+
+def test_freed_neighbours_merge_into_one_block():
+    alloc = Allocator()
+    alloc.malloc(1, 30 << 20)
+    alloc.release(1)
+    for key in (2, 3, 4):
+        alloc.malloc(key, 10 << 20)  # three pieces of the one segment
+    assert len(alloc.segments) == 1
+    alloc.release(2)
+    alloc.release(4)
+    alloc.release(3)  # between two free neighbours: all three are one block again
+    (pool_block,) = alloc.pools[False].blocks.values()
+    assert pool_block.size == 30 << 20 and not pool_block.is_split and alloc.held == 0
 
 
 # ---- the trace -----------------------------------------------------------------------------------
@@ -180,11 +227,12 @@ def _cli_json(capsys, *args):
 def test_predict_json_has_the_contracted_fields(capsys):
     out = _cli_json(capsys, "--trainer", "hf", "--model-config", str(BERT_TINY), "--batch-size", "4",
                     "--seq-len", "128", "--precision", "fp16", "--optim", "adamw_torch", "--gpu", "t4")
-    for key in ("peak_allocated_bytes", "predicted_reserved_bytes", "context_bytes", "total_bytes",
-                "usable_bytes", "fits", "breakdown", "peak_phase", "per_rank"):
+    for key in ("peak_allocated_bytes", "predicted_reserved_bytes", "held_bytes", "context_bytes", "total_bytes",
+                "usable_bytes", "spare_bytes", "fits", "out_of_memory", "breakdown", "peak_phase", "per_rank"):
         assert key in out, key
     assert set(out["breakdown"]) == {"weights", "gradients", "optimizer_states", "activations", "temporaries", "other"}
-    assert out["total_bytes"] == out["predicted_reserved_bytes"] + out["context_bytes"]
+    assert out["total_bytes"] == out["held_bytes"] + out["context_bytes"]
+    assert out["spare_bytes"] == out["usable_bytes"] - out["total_bytes"] and out["out_of_memory"] is None
     assert out["fits"] is True and out["provenance"] == "predicted for Tesla T4 (Colab)"
     assert out["peak_allocated_bytes"] % 512 == 0  # the allocator's rounding
     assert out["per_rank"][0]["peak_allocated_bytes"] == out["peak_allocated_bytes"]
@@ -255,7 +303,7 @@ def test_snapshot_is_readable_by_pytorchs_memory_viz(tmp_path, capsys):
 @pytest.mark.parametrize("changes", [dict(), dict(gradient_checkpointing=True), dict(precision="fp16", optim="adafactor")])
 def test_extrapolated_equals_full_trace_hf(changes):
     run = hf_run(batch_size=2, seq_len=128, **changes)
-    fast, full = predictor.predict(run, "t4"), predictor.predict(run, "t4", exact=True)
+    fast, full = predictor.predict(run, "t4", exact=False), predictor.predict(run, "t4", exact=True)
     assert fast.extrapolated and not full.extrapolated
     assert fast.peak_allocated_bytes == full.peak_allocated_bytes
     assert fast.breakdown == full.breakdown
@@ -276,7 +324,7 @@ def test_extrapolated_equals_full_trace_m3(standin_dir):
                               optim="adamw_bnb_8bit", grad_cache_chunk_size=1, efficient_sparse_head=True,
                               train_group_size=4, query_max_len=32, passage_max_len=1024,
                               per_device_train_batch_size=1)):
-        fast, full = (predictor.predict(train, "t4", model_config=config),
+        fast, full = (predictor.predict(train, "t4", model_config=config, exact=False),
                       predictor.predict(train, "t4", model_config=config, exact=True))
         assert fast.extrapolated
         assert fast.peak_allocated_bytes == full.peak_allocated_bytes
@@ -294,7 +342,7 @@ def test_extrapolation_with_shrunken_buckets_stays_close_to_the_full_trace(stand
                         query_max_len=16, passage_max_len=128, reduce_bucket_size=1_000_000,
                         offload_optimizer=offload)
     assert trainable_params(spec_for(train, config))[0] > 1_000_000  # the bucket really is crossed
-    fast, full = (predictor.predict(train, "t4", model_config=config),
+    fast, full = (predictor.predict(train, "t4", model_config=config, exact=False),
                   predictor.predict(train, "t4", model_config=config, exact=True))
     assert fast.extrapolated and "buckets shrunk" in fast.method
     assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
@@ -321,7 +369,7 @@ def test_buckets_smaller_than_the_largest_gradient_bound_backward_only(standin_d
     largest = trainable_params(spec_for(train, config))[1]
     assert pairs[0].specs[0].deepspeed["zero_optimization"]["reduce_bucket_size"] < largest
     assert pairs[1].specs[0].deepspeed["zero_optimization"]["reduce_bucket_size"] >= largest
-    fast, full = (predictor.predict(train, "t4", model_config=config),
+    fast, full = (predictor.predict(train, "t4", model_config=config, exact=False),
                   predictor.predict(train, "t4", model_config=config, exact=True))
     assert ("2- and 3-layer" in fast.method and "upper bound" in fast.method) == bounded, fast.method
     assert full.peak_phase == ("optimizer" if bounded else "backward")
@@ -473,7 +521,7 @@ def test_storages_freed_together_are_released_in_a_fixed_order(free_order):
     with trace:
         a = torch.empty(12 * mib, dtype=torch.uint8)
         b = torch.empty(12 * mib, dtype=torch.uint8)
-        first_segment = trace.allocator.blocks[a.untyped_storage()._cdata][1]
+        first_segment = trace.allocator.blocks[a.untyped_storage()._cdata].segment
         if free_order == "oldest first":
             del a
             del b
@@ -481,7 +529,7 @@ def test_storages_freed_together_are_released_in_a_fixed_order(free_order):
             del b
             del a
         c = torch.empty(12 * mib, dtype=torch.uint8)
-        assert trace.allocator.blocks[c.untyped_storage()._cdata][1] == first_segment
+        assert trace.allocator.blocks[c.untyped_storage()._cdata].segment is first_segment
 
 
 def test_zero0_on_two_gpus_extrapolates_with_shrunken_allreduce_chunks(standin_dir, monkeypatch):
@@ -509,7 +557,7 @@ def test_zero0_on_two_gpus_extrapolates_with_shrunken_allreduce_chunks(standin_d
         return original(engine, small_bucket, *args, **kwargs)
 
     monkeypatch.setattr(DeepSpeedEngine, "allreduce_and_copy", spy)
-    fast = predictor.predict(train, "t4x2", model_config=config)
+    fast = predictor.predict(train, "t4x2", model_config=config, exact=False)
     full = predictor.predict(train, "t4x2", model_config=config, exact=True)
     assert fast.extrapolated and "all-reduce chunks shrunk" in fast.method
     depths = sorted(n for n in chunks if n < 10)
@@ -528,9 +576,9 @@ def test_a_one_shot_prediction_forks_helpers_and_predicts_the_same(monkeypatch):
     run = hf_run(seq_len=64, batch_size=2)
     forked = []
     monkeypatch.setattr(pool, "_forked", lambda jobs, original=pool._forked: forked.append(len(jobs)) or original(jobs))
-    one_shot = predictor.predict(run, "t4", one_shot=True).to_json()
+    one_shot = predictor.predict(run, "t4", one_shot=True, exact=False).to_json()
     monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")
-    here = predictor.predict(run, "t4").to_json()
+    here = predictor.predict(run, "t4", exact=False).to_json()
     assert forked == [2]
     for report in (one_shot, here):
         report.pop("seconds")
@@ -551,9 +599,9 @@ def test_a_forked_helper_that_pytorch_refuses_is_traced_in_the_parent(monkeypatc
 
     run = hf_run(seq_len=64, batch_size=2)
     monkeypatch.setattr(pool, "_worker_started", helper_started)
-    one_shot = predictor.predict(run, "t4", one_shot=True).to_json()
+    one_shot = predictor.predict(run, "t4", one_shot=True, exact=False).to_json()
     monkeypatch.setenv("M3LAB_PREDICT_WORKERS", "0")
-    here = predictor.predict(run, "t4").to_json()
+    here = predictor.predict(run, "t4", exact=False).to_json()
     for report in (one_shot, here):
         report.pop("seconds")
     assert one_shot == here

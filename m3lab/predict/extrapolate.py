@@ -146,23 +146,19 @@ def _line(a: int, b: int, steps: int) -> int:
     return a + steps * (b - a)
 
 
-def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached: int,
-                      capacity: int | None) -> StepPeak:
+def _extrapolate_step(a: StepPeak, b: StepPeak, steps: int, layers: int, cached: int) -> StepPeak:
     """One phase's peak at full depth from its peaks at the two shallow depths."""
     module = b.peak_module
     last = layers - steps  # the deeper copy's last layer
     if f"layer.{last}." in module + ".":  # the last layer of the shallow copy is the model's last
         module = module.replace(f"layer.{last}", f"layer.{layers - 1}")
     peak = _line(a.peak_allocated_bytes, b.peak_allocated_bytes, steps)
-    # The allocator's cache is not linear in depth: take the cached-but-unused bytes of the
-    # deeper copy (``cached``) as they are, and, as the allocator empties its cache before it
-    # gives up, no more than the card holds while the live tensors themselves fit.
-    reserved = peak + cached
-    if capacity is not None and peak <= capacity:
-        reserved = min(reserved, capacity)
-    return StepPeak(peak, reserved,
+    # The allocator's cache is not linear in depth: the cached-but-unused bytes of the deeper copy
+    # (``cached``) are taken as they are. The segments it holds grow with the tensors in them.
+    return StepPeak(peak, peak + cached,
                     {k: _line(a.breakdown[k], b.breakdown[k], steps) for k in a.breakdown},
-                    b.peak_phase, module, b.peak_op, _line(a.flops, b.flops, steps))
+                    b.peak_phase, module, b.peak_op, _line(a.flops, b.flops, steps),
+                    _line(a.held_bytes, b.held_bytes, steps))
 
 
 def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
@@ -176,7 +172,6 @@ def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
     # Each candidate peak (an operation of a phase) is linear in depth; the step's peak is
     # the highest candidate at full depth, which need not be the highest in the shallow copies.
     shallow, deeper = small
-    capacity = profile.usable_bytes - profile.context_bytes if profile else None
 
     def extrapolate(a: StepTrace, b: StepTrace) -> StepPeak | None:
         common = a.candidates.keys() & b.candidates.keys()
@@ -185,7 +180,7 @@ def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
         key = max(common, key=lambda k: _line(a.candidates[k].bytes, b.candidates[k].bytes, steps))
         b_top = b.peak()
         cached = max(0, b_top.predicted_reserved_bytes - b_top.peak_allocated_bytes)
-        return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached, capacity)
+        return _extrapolate_step(a.peak(key), b.peak(key), steps, layers, cached)
 
     first, steady = extrapolate(shallow.first, deeper.first), extrapolate(shallow.steady, deeper.steady)
     if first is None or steady is None:

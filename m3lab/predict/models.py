@@ -133,10 +133,13 @@ def build_hf_model(spec: TraceSpec):
     model.config.use_cache = False  # as in build_m3_model
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    inputs = {"input_ids": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
-              "attention_mask": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
-              "labels": torch.zeros(spec.batch_size, dtype=torch.long)}
-    return model, inputs
+    return model
+
+
+def hf_inputs(spec: TraceSpec):
+    return {"input_ids": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
+            "attention_mask": torch.ones(spec.batch_size, spec.seq_len, dtype=torch.long),
+            "labels": torch.zeros(spec.batch_size, dtype=torch.long)}
 
 
 def meta_model(spec: TraceSpec):
@@ -145,7 +148,7 @@ def meta_model(spec: TraceSpec):
 
     spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
     with torch.device("meta"):
-        return build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)[0]
+        return build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
 
 
 

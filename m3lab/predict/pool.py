@@ -1,4 +1,5 @@
-"""The worker pool: shallow copies traced side by side in spawned processes (two on a 2-core machine).
+"""The worker pool: traces (shallow copies, or the ranks of a run) side by side in spawned processes
+(two on a 2-core machine).
 
 Workers start on the first prediction that needs them and live as long as the process, so later
 predictions pay no start-up; ``M3LAB_PREDICT_WORKERS=0`` traces everything in-process.
@@ -18,18 +19,22 @@ from m3lab.predict.step import RankSteps, simulate_rank
 
 @dataclass
 class TraceJob:
-    """One shallow copy of one rank to trace."""
+    """One rank of a model to trace, or of a shallow copy of it (``shallow``: its allocator is not
+    limited to the card, and every candidate peak comes back, for extrapolation)."""
 
     spec: TraceSpec
     gpu: GPU | None
     rank: int
+    shallow: bool = False
+    first_update_skipped: bool = False
 
 
-def shallow_trace(job: TraceJob) -> RankSteps:
-    """One rank's two steps of a shallow copy, without the trace object (it cannot be pickled)."""
-    steps = simulate_rank(job.spec, job.gpu, job.rank)
+def trace_job(job: TraceJob) -> RankSteps:
+    """One rank's two steps, without the trace object (it cannot be pickled)."""
+    steps = simulate_rank(job.spec, job.gpu, job.rank, limited=not job.shallow,
+                          first_update_skipped=job.first_update_skipped)
     steps.trace = None
-    return steps
+    return steps if job.shallow else steps.peaks()
 
 
 _POOL = None
@@ -85,16 +90,16 @@ AUTOGRAD_AFTER_FORK = "Unable to handle autograd's threading in combination with
 
 
 def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
-    """The last job here and the others in forked helpers, side by side. The last is the deepest
-    copy, the longest to trace: the helpers' start-up and the trip of their results back overlap
-    it instead of adding to it."""
+    """The last job here and the others in forked helpers, side by side. The last is the longest to
+    trace (the deeper copy): the helpers' start-up and the trip of their results back overlap it
+    instead of adding to it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=len(jobs) - 1, mp_context=multiprocessing.get_context("fork"),
                              initializer=_worker_started) as helpers:
-        futures = [helpers.submit(shallow_trace, job) for job in jobs[:-1]]
-        last = shallow_trace(jobs[-1])
+        futures = [helpers.submit(trace_job, job) for job in jobs[:-1]]
+        last = trace_job(jobs[-1])
         results = []
         for job, future in zip(jobs[:-1], futures):
             try:
@@ -104,30 +109,29 @@ def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
                     raise
                 # This process ran autograd before forking (the command line called in a process that
                 # had trained or traced): PyTorch 2.11 refuses autograd in such a child; trace it here.
-                results.append(shallow_trace(job))
+                results.append(trace_job(job))
         return [*results, last]
 
 
-def trace_shallow_copies(jobs: list[TraceJob], one_shot: bool = False) -> list[RankSteps]:
-    """``shallow_trace`` for each job, in the worker pool when there is one. ``one_shot``: the
+def trace_in_parallel(jobs: list[TraceJob], one_shot: bool = False) -> list[RankSteps]:
+    """``trace_job`` for each job, in the worker pool when there is one. ``one_shot``: the
     process makes this one prediction (the CLI), so rather than start a pool whose workers import
     torch, DeepSpeed and FlagEmbedding again, it forks helpers that start with what it imported
-    and traces the last job itself (measured in python -m m3lab.bench: cold, 5.5 s beyond the
-    imports against 14.7 s with a new pool, median of three on this 2-core machine)."""
+    and traces the last job itself (docs/predictor.md has the timings)."""
     global _POOL
     workers = int(os.environ.get("M3LAB_PREDICT_WORKERS", min(2, os.cpu_count() or 1)))
     if one_shot and len(jobs) > 1 and workers >= 2 and hasattr(os, "fork"):
         return _forked(jobs)
     pool = _worker_pool() if len(jobs) > 1 else None
     if pool is None:
-        return [shallow_trace(job) for job in jobs]
+        return [trace_job(job) for job in jobs]
     from concurrent.futures.process import BrokenProcessPool
 
     try:
         with _main_module_hidden():
-            futures = [pool.submit(shallow_trace, job) for job in jobs]  # starts the workers
+            futures = [pool.submit(trace_job, job) for job in jobs]  # starts the workers
         return [future.result() for future in futures]
     except BrokenProcessPool:  # a worker died (killed, out of host memory): start afresh next time
         _POOL = None
-        return [shallow_trace(job) for job in jobs]
+        return [trace_job(job) for job in jobs]
 

@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from m3lab.gpus import GIB
+from m3lab.predict.allocator import OutOfMemory
 from m3lab.predict.host import HostMemory, host_memory
 
-# Within this of the card's limit, the verdict rests on the caching allocator's share, which is
-# simulated (full traces) or carried over from the 3-layer trace (extrapolation): say so.
-NEAR_THE_LIMIT = int(1.0 * GIB)
+# Less than this to spare is a close call: the CUDA context is an estimate (no T4 has measured it
+# here), and a real allocator's blocks can land differently from the simulation's.
+CLOSE_CALL_BYTES = int(0.5 * GIB)
 
 
 @dataclass
@@ -27,14 +28,22 @@ class StepPeak:
     peak_module: str
     peak_op: str
     flops: int = 0  # the whole step's (forward, backward, optimizer), counted in the trace
+    held_bytes: int = 0  # the allocator's peak of segments holding tensors: what the step needs of the card
 
 
 @dataclass
 class PeakFigures:
-    """The figures of ``m3lab predict --json``'s contract, for the whole run or for one rank."""
+    """The figures of ``m3lab predict --json``'s contract, for the whole run or for one rank.
+
+    ``total_bytes`` is what the step needs of the card: the most the simulated allocator holds in
+    segments with tensors in them (the live tensors and the gaps between them that it cannot give
+    back), with the allocator limited to the card, plus the CUDA context. ``spare_bytes`` = usable
+    minus that: the one margin every verdict, table and plot uses.
+    """
 
     peak_allocated_bytes: int
-    predicted_reserved_bytes: int
+    predicted_reserved_bytes: int  # the allocator's peak reserved bytes, under the card's limit
+    held_bytes: int
     context_bytes: int
     total_bytes: int
     usable_bytes: int
@@ -43,6 +52,11 @@ class PeakFigures:
     peak_phase: str
     peak_module: str
     peak_op: str
+    out_of_memory: OutOfMemory | None
+
+    @property
+    def spare_bytes(self) -> int:
+        return self.usable_bytes - self.total_bytes
 
 
 @dataclass
@@ -71,20 +85,29 @@ class MemoryReport(PeakFigures):
 
     @property
     def verdict(self) -> str:
-        """Fits or OOM, with what the margin rests on: live tensors are traced; the allocator's
-        cache and the CUDA context are estimates."""
-        spare_live = (self.usable_bytes - self.peak_allocated_bytes - self.context_bytes) / GIB
-        spare = (self.usable_bytes - self.total_bytes) / GIB
-        if spare_live < 0:
-            return f"OOM by {-spare_live:.2f} GiB (live tensors alone)"
-        if spare < 0:
-            return (f"OOM by {-spare:.2f} GiB once the caching allocator's cache is counted (an estimate); "
-                    f"live tensors alone leave {spare_live:.2f} GiB")
-        text = f"fits with {spare:.2f} GiB to spare"
-        if abs(self.usable_bytes - self.total_bytes) < NEAR_THE_LIMIT:
-            text += (f" (close call: {spare_live:.2f} GiB before the caching allocator's cache, which is an "
-                     "estimate, as is the CUDA context)")
+        """Fits or out of memory, as the allocator decides under the card's limit, and the margin."""
+        spare = self.spare_bytes / GIB
+        oom = self.out_of_memory
+        if oom is not None:
+            place = ", ".join(p for p in oom.where.split(":")[:2] if p)
+            return (f"out of memory in step {oom.step} at {oom.where.rsplit(':', 1)[-1]} ({place}): "
+                    f"short by {-spare:.2f} GiB")
+        if not self.usable_bytes:
+            return "no card: live tensor bytes on a CPU"
+        text = f"fits, {spare:.2f} GiB to spare"
+        if self.spare_bytes < CLOSE_CALL_BYTES:
+            text += f": a close call (under {CLOSE_CALL_BYTES / GIB:.1f} GiB)"
         return text
+
+    @property
+    def short_verdict(self) -> str:
+        """The verdict in a few words, for tables."""
+        spare = self.spare_bytes / GIB
+        if self.out_of_memory is not None:
+            return f"OOM, short by {-spare:.2f} GiB"
+        if not self.usable_bytes:
+            return "(CPU)"
+        return f"fits, {spare:.2f} GiB to spare" + (" (close call)" if self.spare_bytes < CLOSE_CALL_BYTES else "")
 
     @property
     def host_peak_bytes(self) -> int:
@@ -97,31 +120,19 @@ class MemoryReport(PeakFigures):
         the processes themselves estimated)."""
         return host_memory(self.per_rank)
 
-    @property
-    def short_verdict(self) -> str:
-        """The verdict in a few words, for tables."""
-        spare_live = (self.usable_bytes - self.peak_allocated_bytes - self.context_bytes) / GIB
-        spare = (self.usable_bytes - self.total_bytes) / GIB
-        if spare_live < 0:
-            return f"OOM by {-spare_live:.2f} GiB"
-        if spare < 0:
-            return f"OOM by {-spare:.2f} GiB with the cache (estimated)"
-        if abs(spare) * GIB < NEAR_THE_LIMIT:
-            return f"close call: {spare_live:.2f} GiB left before the cache"
-        return f"fits, {spare:.2f} GiB to spare"
-
     def summary(self) -> str:
         host = (f"; offloaded optimizer: {self.host_peak_bytes / GIB:.2f} GiB of host memory at its peak"
                 if self.host_peak_bytes else "")
-        return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB, "
-                f"reserved {self.predicted_reserved_bytes / GIB:.2f} GiB + context {self.context_bytes / GIB:.2f} GiB"
-                f" = {self.total_bytes / GIB:.2f} GiB of {self.usable_bytes / GIB:.2f} GiB: {self.verdict} "
-                f"(peak in {self.peak_phase}, {self.peak_module or 'outside modules'}, {self.peak_op}){host}")
+        return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB (in {self.peak_phase}, "
+                f"{self.peak_module or 'outside modules'}, {self.peak_op}); needs {self.total_bytes / GIB:.2f} GiB "
+                f"of {self.usable_bytes / GIB:.2f} GiB (the allocator's segments {self.held_bytes / GIB:.2f} + CUDA "
+                f"context {self.context_bytes / GIB:.2f}, estimated): {self.verdict}{host}")
 
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("snapshot")
         data["verdict"] = self.verdict
+        data["spare_bytes"] = self.spare_bytes
         data["host_peak_bytes"] = self.host_peak_bytes
         data["host_total_bytes"] = self.host.total_bytes
         from m3lab import steptime

@@ -7,15 +7,18 @@ mode, labels what it sees (weights, gradients, optimizer states) and returns a `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils._pytree import tree_flatten
 
 from m3lab import compat
 from m3lab.gpus import GPU
 from m3lab.measure import tensor_storages
 from m3lab.predict.drivers import DeepSpeedDriver, PlainDriver, grad_tensors
-from m3lab.predict.models import build_hf_model, build_m3_model, m3_inputs
+from m3lab.predict.allocator import OutOfMemory
+from m3lab.predict.models import build_hf_model, build_m3_model, hf_inputs, m3_inputs
 from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
 from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
@@ -29,7 +32,8 @@ class StepTrace:
 
     candidates: dict[tuple[str, str], Candidate]  # (phase, operation) -> its highest point
     history: list
-    reserved: int
+    reserved: int  # the allocator's peak reserved bytes in this step
+    held: int  # its peak of segments holding tensors (Allocator.peak_held): what the step needs
     flops: int = 0
 
     def top(self) -> tuple[str, str]:
@@ -38,7 +42,7 @@ class StepTrace:
     def peak(self, key=None) -> StepPeak:
         high = self.candidates[key or self.top()]
         return StepPeak(high.bytes, self.reserved, breakdown_at(self.history, high.clock), high.phase, high.module,
-                        high.op, self.flops)
+                        high.op, self.flops, self.held)
 
 
 @dataclass
@@ -50,12 +54,35 @@ class RankSteps:
     model_states: dict[str, int] = field(default_factory=dict)
     kernel: str = ""
     trace: MemoryTrace | None = None  # kept only in this process (it cannot be pickled)
+    out_of_memory: OutOfMemory | None = None  # the first request the card could not hold
 
     def peaks(self) -> "RankSteps":
         """The same steps with StepTrace reduced to its peak."""
         def peak(step):
             return step.peak() if isinstance(step, StepTrace) else step
-        return RankSteps(peak(self.first), peak(self.steady), self.model_states, self.kernel, self.trace)
+        return RankSteps(peak(self.first), peak(self.steady), self.model_states, self.kernel, self.trace,
+                         self.out_of_memory)
+
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """The model built in ``dtype``, as DeepSpeed's engine casts it (fp16/bf16) before the GPU sees it."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or saved)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def moved_to_the_gpu(module) -> list[torch.Tensor]:
+    """The module's tensors in the order ``Module.to(device)`` copies them (``Module._apply``: each
+    module's children first, then its own parameters, then its buffers)."""
+    tensors = [t for child in module.children() for t in moved_to_the_gpu(child)]
+    return tensors + [p for _, p in module.named_parameters(recurse=False)] + list(module.buffers(recurse=False))
 
 
 def module_hooks(model, trace: MemoryTrace):
@@ -81,29 +108,36 @@ def module_hooks(model, trace: MemoryTrace):
 
 
 
-def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False):
-    """Two training steps of one rank on fake tensors."""
+def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False,
+                  limited: bool = True, first_update_skipped: bool = False):
+    """Two training steps of one rank on fake tensors, the allocator limited to the card's memory
+    (``limited=False``: not limited, as for shallow copies, whose figures are extrapolated).
+    ``first_update_skipped``: DeepSpeed's fp16 loss scaling finds an overflow in the first step and
+    skips its update, as it does on the first steps of many runs (its scale starts at 2**16)."""
     from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
 
     half = spec.precision in ("fp16", "bf16")
     kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
-    capacity = gpu.usable_bytes - gpu.context_bytes if gpu is not None else None
     import_lazy_modules(spec.model_config)
     if spec.optim == "adamw_bnb_8bit":
         bnb_quantization_maps()
     offload = spec.offloads
-    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events, capacity=capacity,
+    trace = MemoryTrace(rounding=gpu is not None, record_events=record_events,
+                        limit_bytes=gpu.allocator_limit_bytes if gpu is not None and limited else None,
                         separate_host=offload)
     device = GPU_DEVICE if offload else "cpu"
     steps: list[StepTrace] = []
+    out_of_memory = None
     bnb = compat.bitsandbytes_overrides_isolated() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
     with simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, \
             TracedFakeTensorMode(trace, allow_non_fake_inputs=True), default_device(device):
-        if spec.trainer == "flagembedding-m3":
-            model, inputs = build_m3_model(spec), m3_inputs(spec)
-        else:
-            model, inputs = build_hf_model(spec)
-        trace.relabel(list(model.parameters()), "weights")
+        # The runner loads the model in host memory; DeepSpeed's engine casts it to fp16/bf16 there
+        # and HF Trainer or the engine then moves it to the GPU, tensor by tensor
+        with trace.unrecorded(), default_dtype(HALF.get(spec.precision) if spec.deepspeed is not None else None):
+            model = build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
+        trace.relabel(moved_to_the_gpu(model), "weights")
+        trace.relabel(list(model.buffers()), "other")
+        inputs = m3_inputs(spec) if spec.trainer == "flagembedding-m3" else hf_inputs(spec)
         driver = (DeepSpeedDriver if spec.deepspeed is not None else PlainDriver)(model, spec)
         trace.relabel(list(model.parameters()), "weights")
 
@@ -125,8 +159,9 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
             if param.requires_grad:
                 handles.append(param.register_post_accumulate_grad_hook(label_gradient))
         try:
-            for _ in range(2):
+            for step in (1, 2):
                 trace.reset_peak()
+                trace.overflowing = first_update_skipped and step == 1
                 trace.flops = 0
                 for _ in range(spec.gradient_accumulation_steps):
                     trace.enter("forward")
@@ -139,8 +174,12 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                 trace.enter("optimizer")
                 driver.step()
                 label_states()
-                reserved = trace.allocator.peak_reserved if trace.allocator else trace.peak
-                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved, trace.flops))
+                allocator = trace.allocator
+                if allocator is not None:
+                    if allocator.out_of_memory is not None and out_of_memory is None:
+                        out_of_memory = dataclasses.replace(allocator.out_of_memory, step=len(steps) + 1)
+                reserved, held = (allocator.peak_reserved, allocator.peak_held) if allocator else (trace.peak,) * 2
+                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved, held, trace.flops))
                 trace.phase = "between steps"
         finally:
             for handle in handles:
@@ -156,4 +195,4 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                                 optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer))
                             }.values() if storage._cdata in trace.host_live),
                         "host_peak_bytes": trace.host_peak}
-    return RankSteps(steps[0], steps[1], model_states, kernel, trace)
+    return RankSteps(steps[0], steps[1], model_states, kernel, trace, out_of_memory)
