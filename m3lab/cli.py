@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, no gradient cache)")
     fit.add_argument("--json", action="store_true", help="print the chosen configuration and its report as JSON")
     fit.add_argument("--data", nargs="+", default=["data/train.jsonl"], help="FlagEmbedding JSONL training file(s)")
-    fit.add_argument("--margin-gib", type=float, default=1.0, help="GiB to leave free on the card (default 1.0)")
+    from m3lab.gpus import CLOSE_CALL_BYTES, GIB
+
+    fit.add_argument("--margin-gib", type=float, default=CLOSE_CALL_BYTES / GIB,
+                     help=f"GiB to leave free on the card (default {CLOSE_CALL_BYTES / GIB:g}: no close call)")
     fit.add_argument("--coverage", type=float, default=0.95,
                      help="share of the data's tokens the max lengths keep (default 0.95)")
     fit.add_argument("--max-group", type=int, default=16, help="largest train_group_size to consider (default 16)")

@@ -5,10 +5,11 @@ with ``--host-ram-gib``). The data decides the lengths: the smallest query_max_l
 passage_max_len that keep 95% of the data's tokens (passages counted once each); then, if the
 data's longest queries still fit, they are kept whole. The encoder stays trainable (no
 fix_encoder, no frozen word embeddings): freezing is a lever for smaller cards, not a way to fit.
-The largest train_group_size that any memory setting holds wins: its predicted GPU total (peak +
-allocator cache + CUDA context) leaves ``margin`` of the card free and the platform has its host RAM
-(``m3lab.predict.host``); among the settings that hold it, the fastest (the settings are listed
-fastest first).
+The largest train_group_size that any memory setting holds wins: the predicted verdict leaves at
+least ``margin`` of the card to spare (by default, not a close call) and the platform has its host
+RAM (``m3lab.predict.host``); among the settings that hold it, the fastest (the settings are listed
+fastest first). A trial whose live tensors alone leave less than the margin (a quick trace of
+shallow copies tells) is not traced at full depth.
 ``stock=True`` keeps to what FlagEmbedding has (its own sparse head, no gradient cache); otherwise
 m3lab's levers join in (the efficient sparse head, gradient caching). Every figure is predicted,
 and said to be.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab.config import TrainConfig
-from m3lab.gpus import GIB
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.platforms import Platform, platform_for
 from m3lab.standin import REAL_MODEL
 
@@ -54,6 +55,14 @@ class Trial:
     report: object  # predict.MemoryReport
     fits: bool  # on the GPU with the margin, and in the host's RAM
     host_fits: bool = True
+    screened: bool = False  # ruled out by its live tensors, from shallow copies (``report`` is theirs)
+
+    @property
+    def verdict(self) -> str:
+        if self.screened:
+            spare = self.report.usable_bytes - self.report.peak_allocated_bytes - self.report.context_bytes
+            return f"live tensors alone leave {spare / GIB:.2f} GiB (quick trace)"
+        return self.report.short_verdict
 
 
 @dataclass
@@ -75,14 +84,14 @@ class FitResult:
         return self.platform.gpu.name
 
     def table(self) -> str:
-        header = (f"{'memory setting':40} {'group':>5} {'query':>5} {'peak':>7} {'total':>7} {'host':>7}  verdict")
+        header = (f"{'memory setting':40} {'group':>5} {'query':>5} {'peak':>7} {'needs':>7} {'host':>7}  verdict")
         lines = [header, "-" * len(header)]
         for t in self.trials:
             mark = "  <- best" if t is self.best else ""
             host = "" if t.host_fits else f"; host RAM short ({self.platform.host_ram_bytes / GIB:.1f} GiB)"
             lines.append(f"{t.setting:40} {t.config.train_group_size:5d} {t.config.query_max_len:5d} "
                          f"{t.report.peak_allocated_bytes / GIB:5.2f} G {t.report.total_bytes / GIB:5.2f} G "
-                         f"{t.report.host.total_bytes / GIB:5.2f} G  {t.report.short_verdict}{host}{mark}")
+                         f"{t.report.host.total_bytes / GIB:5.2f} G  {t.verdict}{host}{mark}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -98,7 +107,8 @@ class FitResult:
                                                    "report": best.report.to_json()},
                 "trials": [{"setting": t.setting, "train_group_size": t.config.train_group_size,
                             "query_max_len": t.config.query_max_len, "fits": t.fits, "host_fits": t.host_fits,
-                            "total_bytes": t.report.total_bytes, "host_total_bytes": t.report.host.total_bytes}
+                            "total_bytes": t.report.total_bytes, "screened": t.screened,
+                            "host_total_bytes": t.report.host.total_bytes}
                            for t in self.trials]}
 
 
@@ -141,7 +151,8 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tup
     return min(query, MODEL_MAX_LEN), min(passage, MODEL_MAX_LEN), negatives, name, min(longest, MODEL_MAX_LEN)
 
 
-def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = 1.0, coverage: float = 0.95,
+def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE_CALL_BYTES / GIB,
+        coverage: float = 0.95,
         tokenizer=None, max_group: int = 16, log=print, *, platform: str | None = None,
         host_ram_gib: float | None = None, stock: bool = False) -> FitResult:
     """Search memory settings and group sizes with the predictor; see the module docstring.
@@ -164,14 +175,15 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = 1.0, 
 
     def trial(setting: str, changes: dict, group: int, **lengths) -> Trial:
         config = base.replace(**changes, train_group_size=group, **lengths)
-        report = predict(config, where.gpu.key)
+        quick = predict(config, where.gpu.key, exact=False)
+        screened = quick.usable_bytes - quick.peak_allocated_bytes - quick.context_bytes < result.margin_bytes
+        report = quick if screened else predict(config, where.gpu.key)
         host_fits = where.host_ram_bytes is None or report.host.total_bytes <= where.host_ram_bytes
-        gpu_fits = report.total_bytes <= report.usable_bytes - result.margin_bytes
-        done = Trial(setting, config, report, gpu_fits and host_fits, host_fits)
+        gpu_fits = not screened and report.fits and report.spare_bytes >= result.margin_bytes
+        done = Trial(setting, config, report, gpu_fits and host_fits, host_fits, screened)
         result.trials.append(done)
         host = "" if host_fits else f"; needs {report.host.total_bytes / GIB:.2f} GiB of host RAM, more than the host has"
-        log(f"  {setting}, group {group}, query {config.query_max_len}: {report.total_bytes / GIB:.2f} GiB in all, "
-            f"{report.short_verdict}{host}")
+        log(f"  {setting}, group {group}, query {config.query_max_len}: {done.verdict}{host}")
         return done
 
     tried: dict[tuple[str, int], Trial] = {}

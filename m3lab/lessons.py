@@ -142,14 +142,16 @@ def predict_all(configs: dict[str, TrainConfig], gpu: str = "t4") -> dict[str, M
 
 
 def prediction_table(reports: dict[str, MemoryReport]) -> str:
-    """A fixed-width table of predictions: deterministic text, so nbval can hold it steady."""
+    """A fixed-width table of predictions: deterministic text, so nbval can hold it steady. *peak
+    alloc* is the live tensors' peak; *needs* what the step needs of the card (the allocator's
+    segments at their most, simulated under the card's limit, and the CUDA context); the verdict's
+    spare is the card's usable memory minus that."""
     width = max([34] + [len(label) for label in reports])
-    header = f"{'configuration':{width}} {'peak alloc':>10} {'+cache+ctx':>10}  verdict"
+    header = f"{'configuration':{width}} {'peak alloc':>10} {'needs':>8}  verdict"
     lines = [header, "-" * len(header)]
     for label, report in reports.items():
-        verdict = report.short_verdict
-        lines.append(f"{label:{width}} {report.peak_allocated_bytes / GIB:8.2f} G {report.total_bytes / GIB:8.2f} G  "
-                     f"{verdict}")
+        lines.append(f"{label:{width}} {report.peak_allocated_bytes / GIB:8.2f} G {report.total_bytes / GIB:6.2f} G  "
+                     f"{report.short_verdict}")
     provenances = sorted({r.provenance for r in reports.values()})
     lines.append(f"GiB, {' / '.join(provenances)}; usable {next(iter(reports.values())).usable_bytes / GIB:.2f} GiB")
     return "\n".join(lines)

@@ -124,9 +124,9 @@ def _finish_bars(fig, axes, labels: list[str], title: str, ylabel: str):
 def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "What the peak is made of",
                    measured: dict | None = None, measured_provenance: str = "measured"):
     """Stacked bars, one per configuration: what is alive at the predicted peak (weights,
-    gradients, optimizer states, activations, temporaries, DeepSpeed's buffers), then the
-    allocator's cache and the CUDA context on top; the card's usable memory as a line; a broken
-    axis when some bars dwarf the card. ``measured`` ({label: bytes}) adds measured peaks as black
+    gradients, optimizer states, activations, temporaries, DeepSpeed's buffers), then up to what the
+    step needs of the card (the simulated allocator's gaps, the CUDA context); the card's usable
+    memory as a line; a broken axis when some bars dwarf the card. ``measured`` ({label: bytes}) adds measured peaks as black
     markers, labelled ``measured_provenance`` (e.g. "measured on Tesla T4")."""
     labels = list(reports)
     first = next(iter(reports.values()))
@@ -140,7 +140,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
             bottoms = [b + v for b, v in zip(bottoms, values)]
         extra = [t - b for t, b in zip(totals, bottoms)]
         ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
-               label="allocator cache + CUDA context (estimated)")
+               label="what the card needs beyond them: the allocator's gaps + CUDA context (estimated)")
         if measured:
             xs = [i for i, k in enumerate(labels) if k in measured]
             ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
@@ -154,33 +154,41 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     return _save(fig, path)
 
 
+VERDICT_COLOURS = {"fits": "tab:green", "close call": "tab:orange", "out of memory": "tab:red"}
+
+
+def _verdict_kind(report) -> str:
+    from m3lab.gpus import CLOSE_CALL_BYTES
+
+    if report.out_of_memory is not None:
+        return "out of memory"
+    return "close call" if report.spare_bytes < CLOSE_CALL_BYTES else "fits"
+
+
 def ledger(reports: dict, path: str | Path | None = None,
-           title: str = "The path so far: each knob's change to the predicted total"):
-    """The series' ledger (``m3lab.ledger``): a waterfall, one bar per step, from the total before
-    the step to the total after it (peak + allocator cache + CUDA context; down in green, up in red,
-    unchanged in grey), the predicted peak allocated as a dot, each total written over its bar, and
-    the card's usable memory as a line; a broken axis for the baseline's tall bar."""
+           title: str = "The path so far: the predicted peak after each knob"):
+    """The series' ledger (``m3lab.ledger``): one bar per step, one knob each, from zero to the
+    predicted peak of live tensors after it, coloured by the verdict (fits, close call, out of
+    memory), with what the step needs of the card as a marker, the peak written over each bar with
+    its change from the step before, and the card's usable memory as a line; a broken axis where a
+    step dwarfs the card."""
     labels = list(reports)
     first = next(iter(reports.values()))
-    totals = [reports[k].total_bytes / GIB for k in labels]
     peaks = [reports[k].peak_allocated_bytes / GIB for k in labels]
-    fig, axes = _bar_axes(totals, first.usable_bytes / GIB, max(7.0, 0.95 * len(labels) + 3.5))
-    starts = [0.0] + totals[:-1]
-    colours = ["tab:blue"] + ["tab:green" if t < s - 0.005 else "tab:red" if t > s + 0.005 else "tab:gray"
-                              for s, t in zip(starts[1:], totals[1:])]
+    needs = [reports[k].total_bytes / GIB for k in labels]
+    fig, axes = _bar_axes([max(p, n) for p, n in zip(peaks, needs)], first.usable_bytes / GIB,
+                          max(7.0, 0.95 * len(labels) + 3.5))
+    kinds = [_verdict_kind(reports[k]) for k in labels]
     for ax in axes:
-        for i, (start, total, colour) in enumerate(zip(starts, totals, colours)):
-            low, high = sorted((start, total))
-            ax.bar(i, max(high - low, 0.05), bottom=low if i else 0, color=colour, alpha=0.75,
-                   label={"tab:blue": "the baseline's total", "tab:green": "a step down",
-                          "tab:red": "a step up", "tab:gray": "unchanged"}[colour])
-        ax.scatter(range(len(labels)), peaks, color="black", marker="o", s=18, zorder=5,
-                   label="peak allocated (predicted)")
+        for i, (peak, kind) in enumerate(zip(peaks, kinds)):
+            ax.bar(i, peak, color=VERDICT_COLOURS[kind], alpha=0.75, label=f"peak allocated; {kind}")
+        ax.scatter(range(len(labels)), needs, color="black", marker="_", s=300, zorder=5,
+                   label="what the step needs of the card (with the allocator's gaps and the CUDA context)")
         _usable_line(ax, first.usable_bytes)
-    for i, total in enumerate(totals):
-        axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
-            f"{total:.2f}", (i, total), ha="center", va="bottom", fontsize=8)
-    # one legend entry per kind of bar
+    for i, peak in enumerate(peaks):
+        change = "" if i == 0 else f"\n{peak - peaks[i - 1]:+.2f}"
+        axes[0 if len(axes) > 1 and peak > axes[-1].get_ylim()[1] else -1].annotate(
+            f"{peak:.2f}{change}", (i, peak), ha="center", va="bottom", fontsize=7)
     handles, names = axes[-1].get_legend_handles_labels()
     unique = dict(zip(names, handles))
     axes[0].legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -188,9 +196,50 @@ def ledger(reports: dict, path: str | Path | None = None,
     axes[-1].set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
-    ylabel = "peak + allocator cache + CUDA context (GiB)"
+    ylabel = "GPU memory (GiB)"
     fig.supylabel(ylabel, fontsize=10) if len(axes) > 1 else axes[0].set_ylabel(ylabel)
     axes[0].set_title(f"{title}\n({provenance})")
+    return _save(fig, path)
+
+
+def evidence(rows: list, path: str | Path | None = None,
+             title: str = "Predicted against measured, every GPU run"):
+    """Each measured run (``m3lab.evidence.Evidence``) as points: predicted against measured peak
+    allocated (filled) and reserved (hollow), on log axes with the line where they would be equal;
+    a run under a T4's limit is ringed in its outcome's colour (ran, or out of memory: then its
+    bytes in use when it failed)."""
+    fig, ax = plt.subplots(figsize=(6.8, 5.2))
+    points = []
+    for row in rows:
+        run, report = row.run, row.report
+        if run.ran:
+            points += [(run.peak_allocated_bytes, report.peak_allocated_bytes, "o", "tab:blue", "peak allocated"),
+                       (run.peak_reserved_bytes, report.predicted_reserved_bytes, "o", "none", "reserved")]
+        else:
+            oom = report.out_of_memory
+            points.append((run.oom_allocated_bytes, oom.allocated_bytes if oom else report.peak_allocated_bytes,
+                           "X", "tab:red", "in use at the out-of-memory (under a T4's limit)"))
+        if run.limit_bytes and run.ran:
+            ax.scatter(run.peak_allocated_bytes / GIB, report.peak_allocated_bytes / GIB, s=220, facecolors="none",
+                       edgecolors=VERDICT_COLOURS["fits" if report.fits else "out of memory"], linewidths=1.5,
+                       label="ran under a T4's limit; ring: the predicted verdict")
+    for measured, predicted, marker, colour, label in points:
+        ax.scatter(measured / GIB, predicted / GIB, marker=marker, s=40, label=label,
+                   facecolors=colour, edgecolors="tab:red" if marker == "X" else "tab:blue")
+    values = [v / GIB for p in points for v in p[:2]]
+    low, high = min(values) * 0.8, max(values) * 1.25
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="predicted = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel(f"measured (GiB), {rows[0].run.provenance.split(' (')[0]}")
+    ax.set_ylabel(f"predicted (GiB), {rows[0].report.provenance}")
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
@@ -224,7 +273,7 @@ def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None =
         ax.plot(xs, [r.peak_allocated_bytes / GIB for r in other_reports], marker="s", linestyle="--",
                 label=f"{other}: peak allocated, {other_reports[0].provenance}")
     ax.plot(xs, [r.total_bytes / GIB for r in reports], marker=".", linestyle=":",
-            label=f"{name}+ allocator cache + CUDA context (estimated)")
+            label=f"{name}what the step needs of the card (allocator simulated, CUDA context estimated)")
     if measured:
         ax.scatter(measured[0], [b / GIB for b in measured[1]], color="black", marker="D", zorder=5,
                    label=f"peak allocated, {measured[2]}")

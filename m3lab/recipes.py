@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from m3lab import steptime
 from m3lab.fit import FitResult, fit
-from m3lab.gpus import GIB
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.platforms import GB, PLATFORMS
 
 
@@ -40,7 +40,7 @@ class Recipe:
             f"passage_max_len {config.passage_max_len}, per GPU batch {config.per_device_train_batch_size}, "
             f"{config.num_processes} GPU(s); every parameter trained",
             f"GPU, {report.provenance}: peak {report.peak_allocated_bytes / GIB:.2f} GiB, "
-            f"total {report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
+            f"needs {report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
             f"host, predicted: {report.host.total_bytes / GIB:.2f} GiB" + (
                 f" of the {platform.host_ram_bytes / GB:.1f} GB ({platform.host_ram_bytes / GIB:.2f} GiB) "
                 f"{platform.name} has" if platform.host_ram_bytes else " (the host's RAM was not given: not checked)"),
@@ -59,7 +59,7 @@ class Recipe:
         return "\n".join(lines)
 
 
-def recipe(platform: str, stock: bool, data=None, margin_gib: float = 1.0) -> Recipe:
+def recipe(platform: str, stock: bool, data=None, margin_gib: float = CLOSE_CALL_BYTES / GIB) -> Recipe:
     """``m3lab fit --platform PLATFORM [--stock]`` on ``data`` (default: the lessons' training file)."""
     from m3lab.config import DEFAULT_TRAIN_DATA
 

@@ -22,7 +22,7 @@ def test_card_names_the_platform_and_labels_every_figure(kaggle_stock):
 
 def test_card_command_is_the_predicted_configuration(kaggle_stock):
     best = kaggle_stock.fitted.best
-    command = kaggle_stock.card().split("\n\n", 1)[1]
+    command = kaggle_stock.card().split("\n\n")[1]  # the JSON, if any, follows after a blank line
     pasted = parse_command(command).config
     # warmup is written as steps and read back as a ratio (memory does not depend on it)
     assert pasted.replace(train_data=best.config.train_data, warmup_ratio=best.config.warmup_ratio) == best.config

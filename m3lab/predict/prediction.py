@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass
 
 from m3lab.config import ConfigError
 from m3lab.gpus import GIB, GPU, gpu_profile
@@ -51,8 +50,8 @@ def predict(config, gpu: str | GPU | None = "t4", *, model_config=None, record_e
     real CPU run of the same configuration measures, which the tests compare. There, deep models
     are traced at 2 and 3 layers and extrapolated (exact when the peak sits at the same point of
     the step, which the tests check against full traces). On a card the allocator's layout does not
-    extrapolate, so its verdict comes from the full depth unless ``exact=False`` (``screen``: a quick
-    bound for searches); ``exact=True`` traces every layer on a CPU too. ``one_shot``: this process makes one prediction (the command line),
+    extrapolate, so its verdict comes from the full depth unless ``exact=False`` (a quick bound for
+    searches: the live-tensor peak is exact, what the step needs an estimate); ``exact=True`` traces every layer on a CPU too. ``one_shot``: this process makes one prediction (the command line),
     see ``pool.trace_in_parallel``. ``first_update_skipped``: DeepSpeed's fp16 loss scaling skips
     the first step's update, as measured runs on random weights show.
     """
@@ -70,33 +69,6 @@ def predict(config, gpu: str | GPU | None = "t4", *, model_config=None, record_e
             jobs = [TraceJob(spec, profile, rank, first_update_skipped=first_update_skipped) for rank in todo]
             results.update(zip(todo, trace_in_parallel(jobs, one_shot)))
     return _report(spec, profile, results, used, record_events, time.perf_counter() - started)
-
-
-@dataclass(frozen=True)
-class Screening:
-    """A quick bound for searches (``screen``): the live-tensor peak, exact, and what the step needs
-    of the card, estimated from shallow copies (the allocator's layout does not extrapolate exactly:
-    the estimate was up to 1.2 GiB low against full traces of BGE-M3)."""
-
-    peak_allocated_bytes: int
-    needs_estimate_bytes: int  # the allocator's segments, extrapolated, + the CUDA context
-    context_bytes: int
-    usable_bytes: int
-
-    def surely_short(self, margin_bytes: int) -> bool:
-        """Even the live tensors and the context leave less than ``margin_bytes`` to spare."""
-        return self.usable_bytes - self.peak_allocated_bytes - self.context_bytes < margin_bytes
-
-
-# How far below the card a screened estimate must stay to count as fitting without a full trace
-SCREENING_ERROR_BYTES = int(1.5 * GIB)
-
-
-def screen(config, gpu: str | GPU = "t4", *, model_config=None) -> Screening:
-    """A quick bound on ``predict(config, gpu)``: shallow copies extrapolated (about a second), for
-    searches that try many configurations and need the full trace only near the card's limit."""
-    report = predict(config, gpu, model_config=model_config, exact=False)
-    return Screening(report.peak_allocated_bytes, report.total_bytes, report.context_bytes, report.usable_bytes)
 
 
 @contextlib.contextmanager

@@ -10,14 +10,9 @@ import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from m3lab.gpus import GIB
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.predict.allocator import OutOfMemory
 from m3lab.predict.host import HostMemory, host_memory
-
-# Less than this to spare is a close call: the CUDA context is an estimate (no T4 has measured it
-# here), and a real allocator's blocks can land differently from the simulation's.
-CLOSE_CALL_BYTES = int(0.5 * GIB)
-
 
 @dataclass
 class StepPeak:
