@@ -53,7 +53,7 @@ notebooks: $(VENV)/.installed
 DEVICE_PYTHON ?= 3.12
 DEVICE_WHEELS := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 datasets==4.8.5 \
 	FlagEmbedding==1.4.2 peft==0.21.2 fsspec==2026.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 \
-	pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5
+	pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 bitsandbytes==0.50.2
 device-wheels: $(VENV)/.installed
 	rm -rf .whl && mkdir .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) \

@@ -113,6 +113,10 @@ def checks(model: str = "full") -> list[Check]:
         Check("example at passage 512, T4 budget", example, t4_budget=True),
         Check("path after lesson 04, T4 budget", ledger.after("04"), t4_budget=True, steps=AMP_STEPS),
         Check("example at passage 8192", example.replace(passage_max_len=8192), alone=True),
+        # what the lessons now recommend, each under a T4's budget: lesson 07's path (8-bit AdamW, 768-token
+        # passages) and lesson 08's goal (8,192/512 tokens, group 8, m3lab's levers)
+        Check("path after lesson 07, T4 budget", ledger.after("07"), t4_budget=True, steps=AMP_STEPS),
+        Check("lesson 08's goal, T4 budget", ledger.after("08"), t4_budget=True, steps=AMP_STEPS),
     ]
 
 

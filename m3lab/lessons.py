@@ -18,7 +18,7 @@ from dataclasses import dataclass
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 from m3lab.config import Hardware, TrainConfig  # noqa: E402
-from m3lab.gpus import GIB, gpu_profile  # noqa: E402
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB, gpu_profile  # noqa: E402
 from m3lab.predict import MemoryReport, predict  # noqa: E402
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model  # noqa: E402
 
@@ -155,6 +155,21 @@ def prediction_table(reports: dict[str, MemoryReport]) -> str:
     provenances = sorted({r.provenance for r in reports.values()})
     lines.append(f"GiB, {' / '.join(provenances)}; usable {next(iter(reports.values())).usable_bytes / GIB:.2f} GiB")
     return "\n".join(lines)
+
+
+def gpu_measurements(configs: dict[str, TrainConfig]) -> dict:
+    """The GPU measurements under data/measurements/ of the labelled configurations, as the keyword
+    arguments that mark them on a plot (``plots.breakdown_bars``, ``plots.ledger``): ``measured``
+    ({label: peak allocated bytes}) and ``measured_provenance``; empty where none was measured."""
+    from m3lab import evidence
+
+    found = {label: evidence.measured_peaks(config) for label, config in configs.items()}
+    found = {label: runs[0] for label, runs in found.items() if runs}
+    if not found:
+        return {}
+    provenance = next(iter(found.values())).provenance.split(" (")[0]
+    return {"measured": {label: run.peak_allocated_bytes for label, run in found.items()},
+            "measured_provenance": provenance}
 
 
 def print_commands(configs: dict[str, TrainConfig], lesson: str) -> None:

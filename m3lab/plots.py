@@ -166,12 +166,13 @@ def _verdict_kind(report) -> str:
 
 
 def ledger(reports: dict, path: str | Path | None = None,
-           title: str = "The path so far: the predicted peak after each knob"):
+           title: str = "The path so far: the predicted peak after each knob", measured: dict | None = None,
+           measured_provenance: str = "measured"):
     """The series' ledger (``m3lab.ledger``): one bar per step, one knob each, from zero to the
     predicted peak of live tensors after it, coloured by the verdict (fits, close call, out of
     memory), with what the step needs of the card as a marker, the peak written over each bar with
     its change from the step before, and the card's usable memory as a line; a broken axis where a
-    step dwarfs the card."""
+    step dwarfs the card. ``measured`` ({label: bytes}) adds measured peaks as black diamonds."""
     labels = list(reports)
     first = next(iter(reports.values()))
     peaks = [reports[k].peak_allocated_bytes / GIB for k in labels]
@@ -184,6 +185,10 @@ def ledger(reports: dict, path: str | Path | None = None,
             ax.bar(i, peak, color=VERDICT_COLOURS[kind], alpha=0.75, label=f"peak allocated; {kind}")
         ax.scatter(range(len(labels)), needs, color="black", marker="_", s=300, zorder=5,
                    label="what the step needs of the card (with the allocator's gaps and the CUDA context)")
+        if measured:
+            xs = [i for i, k in enumerate(labels) if k in measured]
+            ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=6,
+                       label=f"peak allocated, {measured_provenance}")
         _usable_line(ax, first.usable_bytes)
     for i, peak in enumerate(peaks):
         change = "" if i == 0 else f"\n{peak - peaks[i - 1]:+.2f}"

@@ -137,6 +137,16 @@ class TrainResult:
         return (f"{self.status}: {len(self.steps)} steps, {loss}peak {gib:.3f} GiB per step "
                 f"({self.provenance}), {self.wall_time_s:.0f} s")
 
+    def error(self) -> str | None:
+        """The exception the training process raised, as its log gives it ("RuntimeError: ...")."""
+        import re
+
+        for line in (self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []):
+            found = re.search(r"\b(\w+(?:Error|Exception)): (.+)", line)
+            if found and found.group(1) != "ChildFailedError":
+                return f"{found.group(1)}: {found.group(2).strip()}"
+        return None
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["run_dir"] = str(self.run_dir)

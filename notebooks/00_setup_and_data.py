@@ -23,7 +23,7 @@
 # what machine is this, what does the training data look like, is it valid, and how long are its texts?
 # The last question decides `query_max_len` and `passage_max_len`, the first knobs of lesson 02.
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -110,7 +110,7 @@ for name in ("06-missing-pos.jsonl", "18-score-not-finite.jsonl"):
 # does, so its counts run higher).
 
 # %%
-from m3lab.data import length_covering, token_length_stats, token_lengths
+from m3lab.data import length_covering, length_covering_tokens, token_length_stats, token_lengths
 
 tokenizer, tokenizer_name = lessons.load_tokenizer()
 stats = token_length_stats(train_records, tokenizer, query_max_len=64, passage_max_len=392)
@@ -126,15 +126,23 @@ for s in stats:
 by_field = {s.field: s for s in stats}
 print(f"max lengths that keep 95% of texts whole: query {length_covering(by_field['query'])}, "
       f"passage {length_covering(by_field['passage'])}")
+passages = list(dict.fromkeys(t for r in train_records for t in r["pos"] + r["neg"]))
+print(f"max lengths that keep 95% of tokens (what m3lab fit takes): query "
+      f"{length_covering_tokens(token_lengths([r['query'] for r in train_records], tokenizer))}, "
+      f"passage {length_covering_tokens(token_lengths(passages, tokenizer))}")
 
 # %%
-passages = list(dict.fromkeys(t for r in train_records for t in r["pos"] + r["neg"]))
 plots.token_length_histogram({"query": token_lengths([r["query"] for r in train_records], tokenizer).tolist(),
                               "passage": token_lengths(passages, tokenizer).tolist()},
                              max_lens={"query": 64, "passage": 392}, tokenizer_name=tokenizer_name);
 
 # %% [markdown]
-# **Reading it.** Queries are short: 64 tokens keeps nearly all of them whole. Passages are
+# **Reading it.** Token counts come from the tokenizer printed above: BGE-M3's own where the hub
+# answers (Colab, or Kaggle with its internet on), else the stand-in's, whose counts run higher; the
+# committed outputs were made offline, with the stand-in's. Queries are short: 64 tokens keeps nearly all of them whole. Passages are
 # long-tailed: the common advice's 392 tokens cuts nearly a quarter of the passages and over 40% of
-# passage tokens (with the stand-in's tokenizer), while 95% of passages fit in about 1,400. Lesson 02 shows what each max length costs in
-# memory, so the cut can be a decision rather than a default.
+# passage tokens. Two 95% figures come up in the series, and they differ: the length that keeps 95% of
+# the *texts* whole (printed above), and the longer one that keeps 95% of the *tokens*, which
+# `m3lab fit` takes in lesson 07 (long passages hold most of the tokens, so keeping their tokens
+# needs more length than keeping most passages whole). Lesson 02 shows what each max length costs
+# in memory, so the cut can be a decision rather than a default.

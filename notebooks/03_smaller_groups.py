@@ -21,7 +21,7 @@
 # Next piece of advice: a smaller `train_group_size` (e.g. 6) and per-device batch 1; and
 # `negatives_cross_device` off. What do they change, and what does `same_dataset_within_batch` do?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -188,10 +188,10 @@ for same, instruction in ((False, None), (True, None), (True, "")):
 # ## The path so far
 #
 # The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
-# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
-# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
-# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
-# lesson's steps and the flags they change in the command, then the whole path so far:
+# taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
+# live tensors after the step, coloured by the verdict, and the mark above it what the step needs
+# of the card. This lesson's steps and the flags they change in the command, then the whole path
+# so far:
 
 # %%
 from m3lab import ledger
@@ -205,7 +205,7 @@ print()
 print(lessons.prediction_table(so_far))
 
 # %%
-plots.ledger(so_far);
+plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("03")));
 
 # %% [markdown]
 # **In one line.** Group 6 and batch 1 take the peak to 12.71 GiB, still a close call (1.63 GiB before

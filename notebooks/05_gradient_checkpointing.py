@@ -22,7 +22,7 @@
 # activations shrink from every intermediate of 24 layers to 24 layer inputs, at the cost of one
 # more forward pass. When does that matter for BGE-M3, and what does it cost in time?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -79,7 +79,18 @@ for label, report in reports.items():
     print(f"{label:32} activations at the peak {report.breakdown['activations'] / GIB:5.2f} GiB, peak in {report.peak_phase}")
 
 # %%
-plots.breakdown_bars(reports, title="Gradient checkpointing on and off (the path after lesson 04)");
+# NBVAL_CHECK_OUTPUT
+# what checkpointing costs in compute: the step's floating-point operations, counted in the traces
+from m3lab import steptime
+
+for p in lengths:
+    on, off = (steptime.step_flops(reports[f"passage {p}, {kind}"]) for kind in ("checkpointing", "no checkpointing"))
+    print(f"passage {p}: {on / 1e12:6.1f} TFLOP a step with checkpointing, {off / 1e12:6.1f} without "
+          f"({on / off - 1:+.0%}, counted)")
+
+# %%
+plots.breakdown_bars(reports, title="Gradient checkpointing on and off (the path after lesson 04)",
+                     **lessons.gpu_measurements(configs));
 
 # %%
 # Every configuration above as the flags to change in your copy of the command (--deepspeed
@@ -110,6 +121,24 @@ plots.memory_bars(list(runs), [r.peak_allocated_bytes for r in runs.values()], n
                   title="Peak memory of one step, checkpointing off and on");
 
 # %% [markdown]
+# ## With DeepSpeed ZeRO-2, checkpointing has to go
+#
+# FlagEmbedding's M3 model encodes queries and passages in two passes, and reentrant checkpointing
+# then fires DeepSpeed's gradient hooks twice for the same parameters. ZeRO-2, which partitions the
+# gradients as they arrive, stops at the first step with DeepSpeed 0.19.8's own assertion, "Gradient
+# computed twice for this partition" (a real run of the stand-in fails the same way). m3lab refuses
+# the pair before launch; lesson 04's ZeRO-2 rows run without checkpointing for that reason:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.config import ConfigError
+
+try:
+    start.replace(deepspeed_stage=2, optim="adamw_torch").check()
+except ConfigError as error:
+    print(error)
+
+# %% [markdown]
 # **Verdict.** Keep checkpointing on. Where the path stands, turning it off raises the peak from
 # 10.37 to 11.59 GiB: autograd then keeps every layer's intermediates (3.04 GiB of activations at
 # the peak, against none with it). At 392
@@ -125,10 +154,10 @@ plots.memory_bars(list(runs), [r.peak_allocated_bytes for r in runs.values()], n
 # ## The path so far
 #
 # The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
-# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
-# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
-# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
-# lesson's steps and the flags they change in the command, then the whole path so far:
+# taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
+# live tensors after the step, coloured by the verdict, and the mark above it what the step needs
+# of the card. This lesson's steps and the flags they change in the command, then the whole path
+# so far:
 
 # %%
 so_far = ledger.predict_path("05")
@@ -140,7 +169,7 @@ print()
 print(lessons.prediction_table(so_far))
 
 # %%
-plots.ledger(so_far);
+plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("05")));
 
 # %% [markdown]
 # **In one line.** Keep gradient checkpointing on: where the path stands, off raises the peak from

@@ -21,7 +21,7 @@
 # Everything so far, put together: which configuration fine-tunes **all** of BGE-M3 on one T4 with a
 # margin, a real fine-tuning run, and retrieval quality on the held-out queries before and after.
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -76,42 +76,65 @@ for label, report in reports.items():
 print("free Colab has 12.7 GB = 11.83 GiB; Kaggle 29 GB = 27.01 GiB")
 
 # %%
-plots.breakdown_bars(reports, title="Candidates for one T4");
+plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measurements(candidates));
 
 # %% [markdown]
-# **The recipe.** The common advice with ZeRO-1 is a close call: its live tensors leave little of
-# the card, and the caching allocator's cache (how much depends on fragmentation, which m3lab can
-# only estimate) and the CUDA context must fit in that: expect it to work on some runs and not on
-# others. On one GPU DeepSpeed partitions nothing and costs memory: the same advice **without
-# DeepSpeed** (HF Trainer's own fp16 and torch AdamW) fits with room to spare, and needs no more host
+# **The recipe.** Read the verdicts above, each from the allocator simulated under a T4's limit.
+# On one GPU DeepSpeed partitions nothing and costs memory: the same advice **without DeepSpeed**
+# (HF Trainer's own fp16 and torch AdamW) needs less of the card than with it, and needs no more host
 # RAM than loading the model. `fix_encoder` fits easily but does not fine-tune the encoder (lesson
-# 06). Offloading the optimizer to the CPU keeps every parameter trainable and leaves several GiB
-# free on the GPU, enough to go back to 128/512 tokens and a group of 8, at the price of the host
-# RAM printed above (Kaggle, about 29 GB: fine; free Colab, about 12.7 GB: too little) and slower
-# steps. `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) makes the same search on your
-# own data and never proposes what the platform's host RAM cannot hold.
+# 06). Offloading the optimizer to the CPU keeps every parameter trainable and leaves room on the
+# GPU, enough to go back to 128/512 tokens and a group of 8, at the price of the host RAM printed
+# above (Kaggle's is enough; free Colab's is not) and slower steps. `m3lab fit --platform colab-t4
+# --stock` (or `kaggle-t4x2`) makes the same search on your own data and never proposes what the
+# platform's host RAM cannot hold.
 #
-# So with FlagEmbedding as it is: on free Colab, no DeepSpeed; on Kaggle, offload (or ZeRO-1 over
-# both T4s, lesson 04). The path (`m3lab.ledger`, drawn at the end) then spends free Colab's room on
-# text: 8-bit AdamW (`--optim adamw_bnb_8bit`) and passages of 1,024 tokens instead of 392, every
-# parameter trained; its figures are in the ledger below. Not FlagEmbedding's `--sub_batch_size`:
-# with unified fine-tuning (dense, sparse and ColBERT) FlagEmbedding 1.4.2 concatenates the chunks'
-# ColBERT vectors, which fails as soon as two chunks are padded to different lengths, as real data
-# makes them (this notebook's run found it: "Sizes of tensors must match"). Lesson 08
-# goes further with m3lab's levers (gradient caching, an efficient sparse head): all of BGE-M3 at
-# 8,192 tokens on one T4, without offload. **The command for free Colab today**, with FlagEmbedding
-# as it is:
+# The path (`m3lab.ledger`, drawn at the end) spends free Colab's room on text, with FlagEmbedding
+# as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`) and longer passages than the
+# advice's 392, every parameter trained; its figures are in the ledger below. How long: 1,024-token
+# passages run out of memory in the second step (the sparse head's request finds the allocator's
+# cache cut into gaps too small for it), so the path takes 768. **The command for free Colab today**,
+# with FlagEmbedding as it is:
 
 # %%
+# NBVAL_CHECK_OUTPUT
 from m3lab import ledger
 
 recipe = ledger.after("07")
+lengths = lessons.predict_all({"the path at 1,024-token passages": recipe.replace(passage_max_len=1024),
+                               "the path at 768 (its recipe)": recipe})
+print(lessons.prediction_table(lengths))
+print(f"1,024: {lengths['the path at 1,024-token passages'].verdict}")
+
+# %%
 print(recipe.shell_command())
 
 # %% [markdown]
+# ## FlagEmbedding's `--sub_batch_size` on real data
+#
+# Lesson 02 showed `--sub_batch_size 1` holding the sparse head's tensor down on paper. With unified
+# fine-tuning (dense, sparse and ColBERT) FlagEmbedding 1.4.2 concatenates the chunks' ColBERT
+# vectors, and chunks padded to different lengths cannot be concatenated. A real run of the path's
+# recipe with it, on this series' data (on a CPU the stand-in, at small sizes):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.train import TrainingFailed, train
+
+small = dict(train_group_size=4, query_max_len=64, passage_max_len=256, per_device_train_batch_size=2)
+try:
+    train(env.sized(recipe.replace(max_steps=2, sub_batch_size=1), **small))
+    print("it ran")
+except TrainingFailed as failure:
+    print(failure.result.error().split(". Expected")[0])
+
+# %% [markdown]
+# So the path and the recipes leave `--sub_batch_size` out; lesson 08's efficient sparse head does
+# its job inside one batch, without chunks.
+#
 # ## A recipe per platform, with FlagEmbedding as it is
 #
-# The path above keeps the advice's group of 6 and spends the room on passages of 1,024 tokens. Your
+# The path above keeps the advice's group of 6 and spends the room on passages of 768 tokens. Your
 # data may want something else: `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) takes the
 # lengths that keep 95% of the data's tokens, then the largest group the platform holds, GPU and host
 # RAM both, with FlagEmbedding's own knobs only. On this series' data (`data/train.jsonl`), for both
@@ -143,7 +166,8 @@ for platform_recipe in stock_recipes.values():
 # %% [markdown]
 # ## A real fine-tuning run, and retrieval before and after
 #
-# On a T4 this trains the real BGE-M3 with the recipe (60 steps; drop `max_steps` for a full epoch).
+# On a T4 this trains the real BGE-M3 with the recipe for 60 steps (drop `max_steps` to train the
+# recipe's two epochs).
 # On a CPU the same code trains the stand-in (smaller lengths and group, 40 steps at a higher
 # learning rate, full precision) and measures it. The held-out split (50 queries, 303 passages) is
 # scored with FlagEmbedding's own dense, sparse and ColBERT scores and their weighted sum. Scoring
@@ -151,7 +175,6 @@ for platform_recipe in stock_recipes.values():
 
 # %%
 from m3lab.evaluate import evaluate_retrieval
-from m3lab.train import train
 
 run_config = env.sized(recipe.replace(max_steps=60), train_group_size=4, query_max_len=64, passage_max_len=256,
                        per_device_train_batch_size=2, max_steps=40, learning_rate=2e-4)
@@ -161,6 +184,8 @@ print(run.summary())
 after = evaluate_retrieval(run.run_dir / "model")
 
 # %%
+print(f"retrieval on the held-out split, {env.model}; with the stand-in's random weights these figures say the "
+      "pipeline runs, not how good a model is")
 print(f"{'mode':9} {'MRR@10':>14} {'R@1':>14} {'R@5':>14} {'R@10':>14}   (before -> after)")
 for b, a in zip(before.rows(), after.rows()):
     print(f"{b['mode']:9} " + " ".join(f"{b[k]:6.3f}->{a[k]:6.3f}" for k in ("MRR@10", "R@1", "R@5", "R@10")))
@@ -188,10 +213,10 @@ plots.breakdown_bars({"this run": lessons.predict_run(run_config, env)}, title=f
 # random weights, built here in about a minute: memory depends on shapes, not values) for three
 # steps per configuration and sets `torch.cuda.max_memory_allocated` beside the prediction. The
 # project's tests keep every prediction within 5% of the measurements committed under
-# `data/measurements/`. The first came from an H200 imitating a T4's kernels, and one configuration
-# misses: fused AdamW without DeepSpeed, where the trace counts one word-embedding gradient too many
-# (that file's README says why). A file measured on a real T4 (`results/gpu_check/gpu_check.json`)
-# is the most useful thing you can send back. `python -m m3lab.gpu_check --out DIR` runs all of them.
+# `data/measurements/`, and lesson 01 shows them beside their predictions. A file measured on a real
+# T4 (`results/gpu_check/gpu_check.json`) is the most useful thing you can send back: no T4 has
+# measured the CUDA context the verdicts estimate. `python -m m3lab.gpu_check --out DIR` runs all of
+# the configurations.
 
 # %%
 from pathlib import Path
@@ -208,10 +233,10 @@ check = gpu_check.run(Path("results/gpu_check"), model=env.gpu_check_model,
 # ## The path so far
 #
 # The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
-# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
-# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
-# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
-# lesson's steps and the flags they change in the command, then the whole path so far:
+# taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
+# live tensors after the step, coloured by the verdict, and the mark above it what the step needs
+# of the card. This lesson's steps and the flags they change in the command, then the whole path
+# so far:
 
 # %%
 so_far = ledger.predict_path("07")
@@ -223,7 +248,7 @@ print()
 print(lessons.prediction_table(so_far))
 
 # %%
-plots.ledger(so_far);
+plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("07")));
 
 # %% [markdown]
 # **In one line.** On free Colab today, with FlagEmbedding as it is: no DeepSpeed, 8-bit AdamW,

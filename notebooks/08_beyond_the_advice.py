@@ -35,7 +35,7 @@
 # Training runs with any of the first, second or last go through `torchrun -m m3lab.run_m3`, which is
 # FlagEmbedding's M3 runner and trainer with the model subclassed (same arguments, plus these).
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *+cache+ctx* adds the caching allocator's cache and the CUDA context, both estimates (the cache estimate is capped at the card while the live tensors fit, so a close call reads 14.74); *to spare* is the card's 14.74 GiB minus that total.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -72,7 +72,7 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # ## Each lever alone, from where the path left off
 #
 # Lesson 07 left the run at FlagEmbedding's own knobs: no DeepSpeed, 8-bit AdamW, queries of 64 and
-# passages of 1,024 tokens, groups of 6, batch 1, checkpointing (`m3lab.ledger.before("08")`). Each of
+# passages of 768 tokens, groups of 6, batch 1, checkpointing (`m3lab.ledger.before("08")`). Each of
 # m3lab's levers alone from there. Offload needs DeepSpeed: that bar is ZeRO-1 with its own AdamW
 # offloaded to the CPU, in place of 8-bit AdamW.
 
@@ -96,7 +96,7 @@ for label, report in lever_reports.items():
           f"optimizer states {report.breakdown['optimizer_states'] / GIB:5.2f} GiB, host RAM {report.host.total_bytes / GIB:5.2f} GiB")
 
 # %%
-plots.breakdown_bars(lever_reports, title="Each lever alone, from where lesson 07 left the run (64/1,024, group 6)");
+plots.breakdown_bars(lever_reports, title="Each lever alone, from where lesson 07 left the run (64/768, group 6)");
 
 # %% [markdown]
 # ## Toward the goal: 8,192-token passages, 512-token queries, groups of 8
@@ -172,26 +172,20 @@ for g, result in side_by_side.items():
           f"MiB without the cache, {result.cached.peak_bytes / 2**20:.1f} MiB with it (measured on CPU, live tensors)")
 
 # %% [markdown]
-# ## The goal, traced in full
+# ## The goal
 #
-# The predictions above trace 2 and 3 layers and extrapolate to 24 (tested exact on the stand-in). At
-# full size the goal is traced once more, every layer, and set beside the extrapolation. Then its
-# command, and the same check from the shell: `m3lab predict -- <command>` takes any M3 training
-# command as you would type it (prefix yours the same way).
+# Its prediction in full, what its step costs in compute, then its command, and the same check from
+# the shell: `m3lab predict -- <command>` takes any M3 training command as you would type it (prefix
+# yours the same way).
 
 # %%
 goal = path["+ grad cache (the goal)"]
-goal_report = predict(goal, "t4", exact=True)
+goal_report = path_reports["+ grad cache (the goal)"]
 
 # %%
 # NBVAL_CHECK_OUTPUT
 
 print(goal_report.summary())
-print(f"{goal_report.method}; total with the allocator's cache and the CUDA context: "
-      f"{goal_report.total_bytes / GIB:.2f} GiB (goal: at most 14.0 GiB)")
-extrapolated = path_reports["+ grad cache (the goal)"]
-print(f"the extrapolation said {extrapolated.peak_allocated_bytes / GIB:.2f} GiB: the full trace is "
-      f"{goal_report.peak_allocated_bytes / extrapolated.peak_allocated_bytes - 1:+.1%} from it")
 print("breakdown: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in goal_report.breakdown.items()))
 # what the gradient cache costs in compute: the step's FLOPs, counted in the traces, and the time they take
 from m3lab import steptime
@@ -200,7 +194,7 @@ for label in ("+ efficient sparse head", "+ grad cache (the goal)"):
     print(f"{label:24} {steptime.describe(path_reports[label])}")
 
 # %%
-print("m3lab predict --gpu t4 --exact -- " + goal.shell_command())
+print("m3lab predict --gpu t4 -- " + goal.shell_command())
 
 # %% [markdown]
 # ## A recipe per platform, with m3lab's levers
@@ -297,10 +291,10 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 # ## The path so far
 #
 # The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
-# taken from where the lesson before left the run, all predicted for a T4: the peak of live tensors,
-# and the total with the allocator's cache and the CUDA context (both estimates; the cache estimate
-# is capped at the card while the live tensors fit, which is why a close call reads 14.74). This
-# lesson's steps and the flags they change in the command, then the whole path so far:
+# taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
+# live tensors after the step, coloured by the verdict, and the mark above it what the step needs
+# of the card. This lesson's steps and the flags they change in the command, then the whole path
+# so far:
 
 # %%
 from m3lab import ledger
@@ -314,7 +308,7 @@ print()
 print(lessons.prediction_table(so_far))
 
 # %%
-plots.ledger(so_far);
+plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("08")));
 
 # %% [markdown]
 # **In one line.** With m3lab's efficient sparse head and gradient cache, all of BGE-M3 trains at
