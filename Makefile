@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup clean notebooks device-wheels lock test-colab
+.PHONY: run test test-fast setup clean notebooks device-wheels lock test-colab
 
 # pyproject.toml states the ranges m3lab works with; constraints/ci.txt is the exact set CI tests.
 $(VENV)/.installed: pyproject.toml constraints/ci.txt
@@ -30,6 +30,10 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests $(wildcard notebooks/*.ipynb) --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200 --durations=10
+
+# A contributor's own loop: the tests that launch no training run and execute no notebook (minutes).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --durations=10
 
 # The Colab lane: Colab's package set (.ci/colab/), the notebooks' install cell on top, then the fast
 # tests and the notebooks there (.ci/colab/lane.sh says what stands in for what).

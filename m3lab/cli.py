@@ -53,11 +53,12 @@ def _config_from_options(args):
     elif args.deepspeed in ("0", "1", "2"):
         deepspeed = dict(deepspeed_stage=int(args.deepspeed), torch_adam=args.torch_adam)
     else:
-        from m3lab.predict.paste import deepspeed_fields
+        from m3lab import deepspeed_json
 
-        deepspeed = deepspeed_fields(args.deepspeed)
-        if not deepspeed.pop("json_names_optimizer"):
-            deepspeed["torch_adam"] = args.torch_adam
+        ds = deepspeed_json.read(args.deepspeed)
+        deepspeed = dict(deepspeed_config_file=args.deepspeed, deepspeed_stage=ds.stage,
+                         offload_optimizer=ds.offload_optimizer, reduce_bucket_size=ds.reduce_bucket_size,
+                         torch_adam=ds.torch_adam if ds.names_optimizer else args.torch_adam)
     if deepspeed["deepspeed_stage"] is not None and optim == FLAGEMBEDDING_DEFAULTS["optim"]:
         optim = "adamw_torch"  # unused: HF hands DeepSpeed the JSON's optimizer (--optim stays at its default)
     if args.offload_optimizer:
@@ -86,13 +87,13 @@ def _predict(args) -> int:
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
     if args.command:
-        from m3lab.predict.paste import parse_command
+        from m3lab.command import parse
 
         own = [dest for dest, default in args.defaults.items() if getattr(args, dest) != default]
         if own:
             raise ConfigError([f"{', '.join('--' + d.replace('_', '-') for d in own)} and a pasted command both "
                                "describe the run; put every setting in the command after --."])
-        pasted = parse_command(args.command)
+        pasted = parse(args.command)
         config = pasted.config
         for note in pasted.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -114,7 +115,7 @@ def _predict(args) -> int:
           f"{report.steady_step_peak_bytes / GIB:.2f} GiB; attention kernel: {report.attention_kernel}; "
           f"{report.method}, {report.seconds:.1f} s")
     for rank in report.per_rank if len(report.per_rank) > 1 else []:
-        print(f"  rank {rank.rank}: peak {rank.peak_allocated_bytes / GIB:.2f} GiB, total {rank.total_bytes / GIB:.2f} GiB")
+        print(f"  rank {rank.rank}: peak {rank.peak_allocated_bytes / GIB:.2f} GiB, needs {rank.total_bytes / GIB:.2f} GiB")
     print(f"time: {steptime.describe(report)}")
     return 0
 

@@ -1,11 +1,12 @@
-"""Every patch m3lab's predictor applies to torch, DeepSpeed and transformers internals, in one place.
+"""Every reach of m3lab into torch, DeepSpeed, transformers, FlagEmbedding and bitsandbytes internals,
+in one registry.
 
-Each patch is a named context manager that undoes itself, and each replaces an attribute that must
-exist: ``check_targets()`` (run by the tests, on every supported version) raises ``CompatError``
-naming what moved, so that an upgrade cannot make a patch silently stop applying.
-
-The fake-tensor cache keys themselves are built in ``m3lab.fake_cache_key``; installing them in
-FakeTensorMode is a patch like the others and lives here (``fake_tensor_fast_dispatch``).
+``TARGETS`` lists each attribute m3lab patches, overrides in a subclass, or reads: its module, its
+name, how it is reached, and by which m3lab module. ``check_targets()`` (run by the tests on every
+stack the lanes install) raises ``CompatError`` naming whatever moved, so that an upgrade cannot make
+a patch, an override or a read silently stop applying. Each patch is a named context manager here
+that undoes itself. The fake-tensor cache keys themselves are built in ``m3lab.fake_cache_key``;
+installing them in FakeTensorMode is a patch like the others (``fake_tensor_fast_dispatch``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,76 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import sys
 import types
 import warnings
+from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 
 class CompatError(RuntimeError):
-    """A patched third-party attribute is gone: the installed version is not one m3lab knows."""
+    """A third-party attribute m3lab reaches is gone: the installed version is not one m3lab knows."""
+
+
+class Reach(Enum):
+    PATCHED = "replaced while a prediction runs"
+    OVERRIDDEN = "overridden by m3lab (a subclass's method, or an instance's attribute)"
+    READ = "read or called"
+    ASSIGNED = "an attribute the class's own code assigns to its instances, read by m3lab"
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    attribute: str  # "Class.name" or "name"
+    reach: Reach
+    user: str  # the m3lab module that reaches it
+
+
+_FAKE = "torch._subclasses.fake_tensor"
+_M3 = "FlagEmbedding.finetune.embedder.encoder_only.m3.modeling"
+_ZERO = "deepspeed.runtime.zero.stage_1_and_2"
+TARGETS: tuple[Target, ...] = (
+    Target("transformers.modeling_utils", "PreTrainedModel.warn_if_padding_and_no_attention_mask", Reach.PATCHED,
+           "compat"),
+    Target("torch.nn.functional", "scaled_dot_product_attention", Reach.PATCHED, "predict.simulation"),
+    Target("torch.optim.optimizer", "_default_to_fused_or_foreach", Reach.PATCHED, "predict.simulation"),
+    Target("deepspeed.comm.torch", "build_shm_op", Reach.PATCHED, "predict.simulation"),
+    Target("deepspeed.comm.comm", "cdb", Reach.PATCHED, "predict.simulation"),
+    Target("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref", Reach.PATCHED, "predict.drivers"),
+    Target("transformers.integrations.deepspeed", "HfTrainerDeepSpeedConfig", Reach.READ, "predict.drivers"),
+    Target("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder", Reach.PATCHED, "predict.simulation"),
+    Target("deepspeed.ops.adam.cpu_adam", "CPUAdamBuilder", Reach.PATCHED, "predict.simulation"),
+    Target("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_gradients", Reach.OVERRIDDEN, "predict.drivers"),
+    Target("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE", Reach.READ, "predict.drivers"),
+    Target("deepspeed.runtime.precision_config", "DeepSpeedBF16Config", Reach.READ, "deepspeed_json"),
+    Target("deepspeed.runtime.precision_config", "DeepSpeedFP16Config", Reach.READ, "deepspeed_json"),
+    Target(_ZERO, "DeepSpeedZeroOptimizer.ipg_buckets", Reach.ASSIGNED, "predict.drivers"),
+    Target(_ZERO, "DeepSpeedZeroOptimizer.averaged_gradients", Reach.ASSIGNED, "predict.drivers"),
+    Target(_ZERO, "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups", Reach.ASSIGNED, "measure"),
+    Target("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer.fp32_groups_flat", Reach.ASSIGNED, "measure"),
+    Target("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer.fp32_groups", Reach.ASSIGNED, "measure"),
+    Target("bitsandbytes.functional", "create_dynamic_map", Reach.PATCHED, "predict.optimizers"),
+    Target("bitsandbytes.optim", "GlobalOptimManager", Reach.PATCHED, "predict.step"),
+    Target("torch.utils.flop_counter", "flop_registry", Reach.READ, "predict.trace"),
+    Target("torch._C", "_current_autograd_node", Reach.READ, "predict.trace"),
+    Target("torch._C", "_storage_Use_Count", Reach.READ, "predict.trace"),
+    Target("torch._prims_common", "is_non_overlapping_and_dense_or_false", Reach.READ, "predict.trace"),
+    Target("torch.utils._python_dispatch", "TorchDispatchMode._should_skip_dynamo", Reach.OVERRIDDEN, "predict.trace"),
+    Target("torch.nn.modules.module", "Module.to", Reach.OVERRIDDEN, "predict.drivers"),
+    *(Target(_FAKE, f"FakeTensorMode.{name}", Reach.PATCHED, "fake_cache_key")
+      for name in ("_prep_args_for_hash", "_cache_key", "_get_output_info_for_cache_entry",
+                   "_get_output_tensor_from_cache_entry", "__torch_dispatch__")),
+    Target(_M3, "EncoderOnlyEmbedderM3Model._sparse_embedding", Reach.OVERRIDDEN, "sparse_head"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model._encode", Reach.READ, "grad_cache"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model.encode", Reach.OVERRIDDEN, "grad_cache"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model.forward", Reach.OVERRIDDEN, "grad_cache"),
+)
+
+# What a patch replaced, kept while it is in place (``unpatched``)
+_ORIGINALS: dict[tuple[int, str], object] = {}
 
 
 def _resolve(module_name: str, attribute: str):
@@ -47,11 +110,33 @@ def _replaced(obj, name: str, value):
         raise CompatError(f"{getattr(obj, '__name__', obj)}.{name} no longer exists; m3lab's patch of it "
                           "would not apply. Install a version m3lab supports (see pyproject.toml).")
     old = vars(obj)[name]
+    _ORIGINALS.setdefault((id(obj), name), old)
     setattr(obj, name, value)
     try:
         yield
     finally:
         setattr(obj, name, old)
+        if _ORIGINALS.get((id(obj), name)) is old:
+            del _ORIGINALS[(id(obj), name)]
+
+
+def original(module_name: str, attribute: str):
+    """``module.attribute`` as the library defines it, even while a patch here replaces it;
+    CompatError if it is gone."""
+    obj, name = _resolve(module_name, attribute)
+    return _ORIGINALS.get((id(obj), name), vars(obj)[name])
+
+
+def _assigned(module_name: str, attribute: str) -> None:
+    """That the class's own code still assigns ``self.<name>``, which m3lab reads from its instances."""
+    import re
+
+    class_name, _, name = attribute.rpartition(".")
+    owner, key = _resolve(module_name, class_name)
+    if not re.search(rf"self\.{name}\s*(:[^=\n]*)?=", inspect.getsource(vars(owner)[key])):
+        raise CompatError(f"{module_name}.{class_name} no longer assigns self.{name}, which m3lab reads; its "
+                          "figures would be mislabelled. Report it, or install a version m3lab supports "
+                          "(see pyproject.toml).")
 
 
 def _patch(module_name: str, attribute: str, value):
@@ -266,10 +351,6 @@ def bitsandbytes_overrides_isolated():
 
 
 # ---- torch's fake tensors ----------------------------------------------------------------------
-FAKE_TENSOR_TARGETS = ("_prep_args_for_hash", "_cache_key", "_get_output_info_for_cache_entry",
-                       "_get_output_tensor_from_cache_entry", "__torch_dispatch__")
-
-
 @contextlib.contextmanager
 def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, output_info: Callable | None,
                               output_tensor: Callable | None, keys_agree: bool, unguard: bool = True):
@@ -317,8 +398,7 @@ def flop_formulas() -> dict:
 # dense tensor (torch/csrc/autograd/input_buffer.cpp: accumulate, can_accumulate_inplace), but out of
 # place for tensor subclasses and under any TorchDispatchMode: a fake-tensor trace would hold one more
 # gradient there than a GPU run does (0.95 GiB for the word embeddings; measured on the H200).
-AUTOGRAD_ACCUMULATION = (("torch._C", "_current_autograd_node"), ("torch._C", "_storage_Use_Count"),
-                         ("torch._prims_common", "is_non_overlapping_and_dense_or_false"))
+# (torch._C._current_autograd_node, torch._C._storage_Use_Count, is_non_overlapping_and_dense_or_false: TARGETS)
 
 
 def autograd_adds_in_place(func, args, kwargs) -> bool:
@@ -346,39 +426,35 @@ def autograd_adds_in_place(func, args, kwargs) -> bool:
             and torch._C._storage_Use_Count(first.untyped_storage()._cdata) <= 2)
 
 
+def deepspeed_strict_sections() -> dict[str, frozenset[str]]:
+    """The DeepSpeed JSON sections DeepSpeed validates with a model that forbids unknown keys, and
+    the keys each accepts (names and aliases)."""
+    found = {}
+    for section, name in (("bf16", "DeepSpeedBF16Config"), ("fp16", "DeepSpeedFP16Config")):
+        obj, key = _resolve("deepspeed.runtime.precision_config", name)
+        model = vars(obj)[key]
+        if model.model_config.get("extra") == "forbid":
+            found[section] = frozenset(n for n, f in model.model_fields.items() for n in (n, f.alias) if n)
+    return found
+
+
 def check_targets() -> None:
-    """Raise CompatError if any attribute these patches replace is missing from the installed versions."""
+    """Raise CompatError naming every target in ``TARGETS`` missing from the installed versions."""
     from transformers import XLMRobertaConfig
 
     problems = []
-    for module_name, attribute in [("transformers.modeling_utils",
-                                    "PreTrainedModel.warn_if_padding_and_no_attention_mask"),
-                                   ("torch.nn.functional", "scaled_dot_product_attention"),
-                                   OPTIMIZER_PATH_CHOICE, ("deepspeed.comm.torch", "build_shm_op"),
-                                   ("deepspeed.comm.comm", "cdb"),
-                                   ("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref"),
-                                   ("transformers.integrations.deepspeed", "HfTrainerDeepSpeedConfig"),
-                                   ("deepspeed.ops.adam.fused_adam", "FusedAdamBuilder"),
-                                   ("deepspeed.ops.adam.cpu_adam", "CPUAdamBuilder"),
-                                   ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_gradients"),
-                                   ("deepspeed.runtime.engine", "MEMORY_OPT_ALLREDUCE_SIZE"),
-                                   ("bitsandbytes.functional", "create_dynamic_map"),
-                                   ("bitsandbytes.optim", "GlobalOptimManager"), FLOP_FORMULAS,
-                                   *AUTOGRAD_ACCUMULATION,
-                                   *[("torch._subclasses.fake_tensor", f"FakeTensorMode.{name}")
-                                     for name in FAKE_TENSOR_TARGETS]]:
+    for target in TARGETS:
         try:
-            _resolve(module_name, attribute)
+            if target.reach is Reach.ASSIGNED:
+                _assigned(target.module, target.attribute)
+            else:
+                _resolve(target.module, target.attribute)
         except CompatError as error:
-            problems.append(str(error))
-    try:
+            problems.append(f"{error} (reached by m3lab.{target.user}: {target.reach.value})")
+    try:  # the attention-mask patch picks its target by transformers' major version
         with full_length_attention_masks(XLMRobertaConfig()):
             pass
     except CompatError as error:
         problems.append(str(error))
-    from m3lab.fake_cache_key import builds_torch_keys
-
-    if not builds_torch_keys():
-        problems.append("m3lab.fake_cache_key builds fake-tensor cache keys this PyTorch does not; update it.")
     if problems:
         raise CompatError("\n".join(problems))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m3lab.errors import ConfigError
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
@@ -27,17 +27,6 @@ REDUCE_BUCKET_SIZE = 500_000_000
 # HF Trainer's --optim values m3lab models (m3lab.predict traces each)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
 TRAINERS = ("flagembedding-m3", "hf")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run as asked; the message lists every problem and its fix."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("This training configuration cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
-
-    def __reduce__(self):  # raised in the predictor's worker processes and pickled back whole
-        return type(self), (self.problems,)
 
 
 @dataclass(frozen=True)
@@ -72,7 +61,8 @@ class TrainConfig:
     learning_rate: float = 1e-5
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 1.0
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # of the run's optimizer steps, where warmup_steps is not given
+    warmup_steps: int | None = None  # as given; None: warmup_ratio of the steps the data makes
     fp16: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -83,6 +73,7 @@ class TrainConfig:
     fix_encoder: bool = False
     negatives_cross_device: bool = False
     same_dataset_within_batch: bool = False
+    query_instruction_for_retrieval: str | None = None  # put before every query (None: nothing)
     unified_finetuning: bool = True
     use_self_distill: bool = False
     self_distill_start_step: int = 0
@@ -106,6 +97,9 @@ class TrainConfig:
     seed: int = 42
     logging_steps: int = 1
     dataloader_drop_last: bool = True
+    save_steps: int | None = None  # a checkpoint every this many steps (None: none)
+    save_total_limit: int | None = None  # the checkpoints kept (None: all)
+    resume_from_checkpoint: str | None = None  # a checkpoint folder to go on from
 
     # ---- presets -------------------------------------------------------------------------
     @classmethod
@@ -229,25 +223,25 @@ class TrainConfig:
         return found
 
     def _deepspeed_file_problems(self, path: Path) -> list[str]:
-        if not path.is_file():
-            return [f"deepspeed_config_file {path} does not exist; give the path of a DeepSpeed JSON."]
+        """Where the user's DeepSpeed JSON and this configuration disagree (``m3lab.deepspeed_json``
+        reads the file and says what DeepSpeed itself would refuse)."""
+        from m3lab import deepspeed_json
+
         try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            return [f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file."]
+            ds = deepspeed_json.read(path)
+        except ConfigError as error:
+            return error.problems
         found = []
-        expected = self._batch_figures()
-        for key, value in expected.items():
-            given = ds.get(key, "auto")
+        for key, value in self._batch_figures().items():
+            given = ds.settings.get(key, "auto")
             if given != "auto" and given != value:
                 found.append(f"{path}: {key} is {given} but this configuration gives {value}; write "
                              f'"auto" or {value}.')
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage != self.deepspeed_stage:
-            found.append(f"{path}: zero_optimization.stage is {stage} but deepspeed_stage is "
+        if ds.stage != self.deepspeed_stage:
+            found.append(f"{path}: zero_optimization.stage is {ds.stage} but deepspeed_stage is "
                          f"{self.deepspeed_stage}; make them agree.")
         for precision in ("fp16", "bf16"):
-            enabled = ds.get(precision, {}).get("enabled", False)
+            enabled = (ds.settings.get(precision) or {}).get("enabled", False)
             if enabled not in ("auto", getattr(self, precision)):
                 found.append(f"{path}: {precision}.enabled is {enabled} but {precision}={getattr(self, precision)}; "
                              'write "auto" or make them agree.')
@@ -308,83 +302,32 @@ class TrainConfig:
 
     def flagembedding_args(self, output_dir: str, deepspeed_json_path: str | None = None,
                            model_path: str | None = None) -> list[str]:
-        """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3``."""
-        if self.trainer != "flagembedding-m3" or self.attn_implementation != "sdpa":
-            raise ConfigError([f"trainer={self.trainer!r}, attn_implementation={self.attn_implementation!r} describe a "
-                               "run for the predictor only; FlagEmbedding's runner trains trainer='flagembedding-m3' "
-                               "with attn_implementation='sdpa'."])
-        def flag(value: bool) -> str:
-            return "True" if value else "False"
+        """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3`` (``m3lab.command``)."""
+        from m3lab import command
 
-        args = ["--model_name_or_path", model_path or resolve_model(self.model),
-                "--train_data", *self.train_data,
-                "--train_group_size", str(self.train_group_size),
-                "--query_max_len", str(self.query_max_len),
-                "--passage_max_len", str(self.passage_max_len)]
-        if self.pad_to_multiple_of:
-            args += ["--pad_to_multiple_of", str(self.pad_to_multiple_of)]
-        args += ["--knowledge_distillation", flag(self.knowledge_distillation),
-                 "--same_dataset_within_batch", flag(self.same_dataset_within_batch),
-                 "--output_dir", output_dir,
-                 "--learning_rate", f"{self.learning_rate:g}",
-                 "--per_device_train_batch_size", str(self.per_device_train_batch_size),
-                 "--gradient_accumulation_steps", str(self.gradient_accumulation_steps)]
-        if self.max_steps > 0:
-            args += ["--max_steps", str(self.max_steps)]
-        else:
-            args += ["--num_train_epochs", f"{self.num_train_epochs:g}"]
-        args += ["--warmup_steps", str(self.warmup_steps()),
-                 "--fp16", flag(self.fp16),
-                 "--bf16", flag(self.bf16),
-                 "--gradient_checkpointing", flag(self.gradient_checkpointing),
-                 "--dataloader_drop_last", flag(self.dataloader_drop_last)]
-        if self.deepspeed_stage is None:
-            # always written out: HF Trainer's own default is adamw_torch_fused (transformers >= 4.56)
-            args += ["--optim", self.optim]
-        if self.sub_batch_size is not None:
-            args += ["--sub_batch_size", str(self.sub_batch_size)]
-        if self.deepspeed_stage is not None:
-            args += ["--deepspeed", self.deepspeed_config_file or deepspeed_json_path or self.deepspeed_file_name]
-        args += ["--logging_steps", str(self.logging_steps),
-                 "--save_strategy", "no",
-                 "--seed", str(self.seed),
-                 "--report_to", "none",
-                 "--negatives_cross_device", flag(self.negatives_cross_device),
-                 "--temperature", f"{self.temperature:g}",
-                 "--sentence_pooling_method", "cls",
-                 "--normalize_embeddings", "True",
-                 "--kd_loss_type", "m3_kd_loss",
-                 "--unified_finetuning", flag(self.unified_finetuning),
-                 "--use_self_distill", flag(self.use_self_distill),
-                 "--self_distill_start_step", str(self.self_distill_start_step),
-                 "--fix_encoder", flag(self.fix_encoder)]
-        # m3lab's own arguments: only m3lab.run_m3 knows them
-        if self.efficient_sparse_head:
-            args += ["--efficient_sparse_head", "True"]
-        if self.freeze_word_embeddings:
-            args += ["--freeze_word_embeddings", "True"]
-        if self.grad_cache_chunk_size:
-            args += ["--grad_cache_chunk_size", str(self.grad_cache_chunk_size)]
-        return args
+        return command.arguments(self, command.Rendering(output_dir, deepspeed_json_path, model_path))
 
     def command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
                 model_path: str | None = None, module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
-        """The torchrun command line as a list of arguments (m3lab's runner when an m3lab lever is on)."""
-        if self.uses_m3lab_levers and module == FLAGEMBEDDING_M3_MODULE:
-            module = M3LAB_M3_MODULE
-        return ["torchrun", "--standalone", "--nproc_per_node", str(self.num_processes), "-m", module,
-                *self.flagembedding_args(output_dir, deepspeed_json_path, model_path)]
+        """The torchrun command line as a list of arguments (``m3lab.command.render``)."""
+        from m3lab import command
+
+        return command.render(self, command.Rendering(output_dir, deepspeed_json_path, model_path), module)
 
     def shell_command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
                       model_path: str | None = None) -> str:
         """The command as you would type it: one option per line, quoted where the shell needs it."""
+        from m3lab.command import format_command
+
         return format_command(self.command(output_dir, deepspeed_json_path, model_path))
 
-    def warmup_steps(self) -> int:
-        """``warmup_ratio`` of the run's optimizer steps, as the step count HF Trainer derives from it
-        (rounded up). Commands say ``--warmup_steps N``: transformers 5 dropped ``--warmup_ratio``
-        (there a float ``--warmup_steps`` below 1 is the ratio, which transformers 4 refuses), and
-        a whole number means the same on both."""
+    def warmup_step_count(self) -> int:
+        """``warmup_steps`` as given, else ``warmup_ratio`` of the run's optimizer steps, as the step
+        count HF Trainer derives from it (rounded up). Commands say ``--warmup_steps N``: transformers 5
+        dropped ``--warmup_ratio`` (there a float ``--warmup_steps`` below 1 is the ratio, which
+        transformers 4 refuses), and a whole number means the same on both."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
         if self.warmup_ratio == 0:
             return 0
         if self.max_steps > 0:
@@ -411,20 +354,5 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def format_command(argv: list[str], env: dict[str, str] | None = None) -> str:
-    """``argv`` as a shell command: the launcher on the first line, then one option per line."""
-    lines: list[list[str]] = []
-    current = [f"{key}={shlex.quote(value)}" for key, value in (env or {}).items()]
-    after_module = False
-    for arg in argv:
-        if current and (arg == "-m" or (after_module and arg.startswith("--"))):
-            lines.append(current)
-            current = []
-        after_module = after_module or arg == "-m"
-        current.append(shlex.quote(arg))
-    lines.append(current)
-    return " \\\n    ".join(" ".join(line) for line in lines)
-
-
-__all__ = ["TrainConfig", "ConfigError", "Hardware", "format_command", "FLAGEMBEDDING_M3_MODULE", "STANDIN",
+__all__ = ["TrainConfig", "ConfigError", "Hardware", "FLAGEMBEDDING_M3_MODULE", "STANDIN",
            "REAL_MODEL"]

@@ -47,10 +47,13 @@ import torch
 from torch._prims_common import are_strides_like_channels_last_or_false
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-_TORCH_KEY_ARGS = FakeTensorMode._prep_args_for_hash  # PyTorch's own, kept before m3lab.compat replaces it
-_TORCH_CACHE_KEY = FakeTensorMode._cache_key
-_TORCH_OUTPUT_INFO = FakeTensorMode._get_output_info_for_cache_entry
-_TORCH_OUTPUT_TENSOR = FakeTensorMode._get_output_tensor_from_cache_entry
+from m3lab import compat
+
+# PyTorch's own, which m3lab.compat replaces while a trace runs (a rename is a CompatError here)
+_TORCH_KEY_ARGS = compat.original("torch._subclasses.fake_tensor", "FakeTensorMode._prep_args_for_hash")
+_TORCH_CACHE_KEY = compat.original("torch._subclasses.fake_tensor", "FakeTensorMode._cache_key")
+_TORCH_OUTPUT_INFO = compat.original("torch._subclasses.fake_tensor", "FakeTensorMode._get_output_info_for_cache_entry")
+_TORCH_OUTPUT_TENSOR = compat.original("torch._subclasses.fake_tensor", "FakeTensorMode._get_output_tensor_from_cache_entry")
 UNGUARD_DISPATCH = True  # the tests switch it off to compare with PyTorch's guarded dispatch
 # Argument types whose key is just (type, value), as PyTorch's own code makes it
 _PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format))
@@ -265,7 +268,6 @@ def places_views_right() -> bool:
     cache entry and each lands where it should (checked once per process, before its first trace:
     another PyTorch may build its entries differently, and a view at the wrong offset would not
     raise, only mislead)."""
-    from m3lab import compat
 
     global _relative_views
     _relative_views = True
@@ -285,7 +287,6 @@ def faster_dispatch():
     """While the block runs: ``cache_key`` and ``cache_key_args`` in place of PyTorch's (if they
     agree with it), views' entries relative to their input's offset (if ``places_views_right``),
     and FakeTensorMode's dispatch without the no-compile guard (see m3lab.compat)."""
-    from m3lab import compat
 
     global _relative_views
     keys_agree = builds_torch_keys()

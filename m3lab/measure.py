@@ -142,13 +142,14 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
 
 def fp32_master_tensors(optimizer) -> list[torch.Tensor]:
     """DeepSpeed's fp32 master copies: ZeRO 1/2 partitions, or the stage-0 fp16 optimizers' groups
-    (``fp32_groups_flat`` in FP16_Optimizer, per-parameter ``fp32_groups`` in FP16_UnfusedOptimizer)."""
+    (``fp32_groups_flat`` in FP16_Optimizer, per-parameter ``fp32_groups`` in FP16_UnfusedOptimizer;
+    each attribute is in m3lab.compat's TARGETS, checked to be assigned by its class)."""
     masters = []
     node, seen = optimizer, set()
     while node is not None and id(node) not in seen:
         seen.add(id(node))
         for name in ("single_partition_of_fp32_groups", "fp32_groups_flat", "fp32_groups"):
-            flat, _ = tree_flatten(getattr(node, name, None) or [])
+            flat, _ = tree_flatten(vars(node).get(name) or [] if hasattr(node, "__dict__") else [])
             masters += [t for t in flat if isinstance(t, torch.Tensor)]
         node = getattr(node, "optimizer", None)
     return masters

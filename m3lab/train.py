@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from m3lab.config import ConfigError, Hardware, TrainConfig, format_command
+from m3lab.command import format_command
+from m3lab.config import ConfigError, Hardware, TrainConfig
 from m3lab.data import load_jsonl, resolve_data_path
 from m3lab.io import write_json_atomic, write_text_atomic
 from m3lab.measure import MEMORY_LIMIT_ENV, METRICS_DIR_ENV

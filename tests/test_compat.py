@@ -50,3 +50,46 @@ def test_full_length_inputs_get_no_attention_mask_on_this_transformers_major():
         ids = torch.ones(2, 512, dtype=torch.long)
         model(input_ids=ids, attention_mask=torch.ones(2, 512, dtype=torch.long))
     assert masks == [None]
+
+
+def test_an_attribute_deepspeed_stops_assigning_is_an_error(monkeypatch):
+    """m3lab reads some DeepSpeed optimizers' instance attributes (fp32 masters, gradient buckets): a
+    rename in DeepSpeed's code would quietly mislabel memory, so the registry checks the assignment."""
+    import inspect
+
+    real = inspect.getsource
+
+    def renamed(obj):
+        return real(obj).replace("self.single_partition_of_fp32_groups", "self.fp32_partitions")
+
+    monkeypatch.setattr(inspect, "getsource", renamed)
+    with pytest.raises(compat.CompatError, match="no longer assigns self.single_partition_of_fp32_groups"):
+        compat.check_targets()
+
+
+def _defined_here(cls) -> set[str]:
+    return {name for name, value in vars(cls).items() if callable(value) or isinstance(value, classmethod)}
+
+
+def test_every_override_of_a_third_party_method_is_in_the_registry():
+    """m3lab's subclasses of FlagEmbedding's model and of torch's dispatch modes: each method they
+    override is a registered target, so a rename upstream cannot leave an override silently unused."""
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from m3lab.grad_cache import GradCacheM3Model
+    from m3lab.predict.trace import MemoryTrace
+    from m3lab.sparse_head import EfficientSparseM3Model
+
+    registered = {target.attribute for target in compat.TARGETS if target.reach is compat.Reach.OVERRIDDEN}
+    for ours, theirs in ((EfficientSparseM3Model, EncoderOnlyEmbedderM3Model),
+                         (GradCacheM3Model, EncoderOnlyEmbedderM3Model), (MemoryTrace, TorchDispatchMode)):
+        overridden = {name for name in _defined_here(ours) if hasattr(theirs, name) and not name.startswith("__")}
+        assert {f"{theirs.__name__}.{name}" for name in overridden} <= registered, ours
+
+
+def test_deepspeeds_strict_sections_are_read_from_deepspeed():
+    sections = compat.deepspeed_strict_sections()
+    assert sections["bf16"] == {"enabled", "immediate_grad_update", "check_grad_overflow",
+                                "bf16_master_weights_and_grads", "bf16_optimizer_states"}
+    assert {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"} <= sections["fp16"]

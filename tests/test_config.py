@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from m3lab.config import ConfigError, Hardware, TrainConfig, format_command
+from m3lab.command import format_command
+from m3lab.config import ConfigError, Hardware, TrainConfig
 
 T4 = Hardware("cuda", "Tesla T4", 1, supports_bf16=False)
 CPU = Hardware()
@@ -65,7 +66,8 @@ def test_warmup_is_a_step_count_on_both_transformers_majors(tmp_path):
                          num_train_epochs=3, warmup_ratio=0.1)
     assert "--warmup_ratio" not in config.command()
     assert _args(config.command())["warmup_steps"] == "4"  # ceil(0.1 * (50 // 4) * 3 epochs)
-    assert config.replace(max_steps=60).warmup_steps() == 6 and config.replace(warmup_ratio=0).warmup_steps() == 0
+    assert config.replace(max_steps=60).warmup_step_count() == 6 and config.replace(warmup_ratio=0).warmup_step_count() == 0
+    assert config.replace(warmup_steps=7).warmup_step_count() == 7  # given steps, as they are
     with pytest.raises(ValueError, match="--train_data .*missing.jsonl: not found.*set max_steps"):
         config.replace(train_data=[str(tmp_path / "missing.jsonl")]).command()
 

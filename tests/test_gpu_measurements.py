@@ -260,9 +260,11 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
             if record["status"] == "ok" and record["ranks"][0]["steps"][0]["peak_reserved_bytes"] is not None:
                 reserved[(path.stem, record["name"])] = max(s["peak_reserved_bytes"] for s in record["ranks"][0]["steps"])
     notes = " ".join((MEASUREMENTS / "README.md").read_text().split())
-    h200, amp = "2026-11-30-nvidia-h200", "2026-11-30-nvidia-h200-fp16-amp"
-    for phrase, key in [("({:.2f} GiB with torch's AdamW", (amp, "advice, no DeepSpeed (HF fp16 AMP, adamw_torch)")),
-                        ("{:.2f} with the fused one", (amp, "path after lesson 04 (no DeepSpeed, adamw_torch_fused)")),
-                        ("advice ran with {:.2f} GiB reserved", (h200, "advice (ZeRO-1), T4 budget")),
-                        ("at most ({:.2f} uncapped)", (h200, "advice (ZeRO-1)"))]:
+    h200 = "2026-11-30-nvidia-h200"
+    for phrase, key in [("reserved at most {:.2f} GiB", (h200, "advice (ZeRO-1), T4 budget")),
+                        ("against {:.2f} uncapped", (h200, "advice (ZeRO-1)")),
+                        ("(16.84 against {:.2f} GiB)", (h200, "advice, no gradient checkpointing"))]:
         assert phrase.format(reserved[key] / 2**30) in notes, phrase
+    (oom,) = [run for run in evidence.measured_runs() if not run.ran]
+    assert (f"asking for {oom.oom_requested_bytes / 2**30:.2f} GiB with {oom.oom_allocated_bytes / 2**30:.2f} GiB in use"
+            in notes)

@@ -10,7 +10,7 @@ import pytest
 from m3lab.cli import main as cli_main
 from m3lab.config import FLAGEMBEDDING_M3_MODULE, ConfigError, TrainConfig
 from m3lab.predict import predict
-from m3lab.predict.paste import parse_command
+from m3lab.command import parse as parse_command
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "data" / "upstream"
 
@@ -66,15 +66,47 @@ def test_flagembeddings_example_predicted_for_a_t4(example_dir, capsys):
     assert "torch_adam" not in out["spec"]["deepspeed"]["optimizer"]["params"]  # upstream's file, as given
 
 
-def test_the_common_advice_pasted_with_upstreams_stage1_json(example_dir):
-    """The T4 advice as people run it: upstream's ds_stage1.json (ZeRO-1, torch_adam), 64/392, group 6."""
-    command = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
-               "--train_data ../example_data/retrieval --train_group_size 6 --query_max_len 64 "
-               "--passage_max_len 392 --output_dir ./out --learning_rate 1e-5 --fp16 --num_train_epochs 1 "
-               "--per_device_train_batch_size 1 --gradient_checkpointing --deepspeed ../../ds_stage1.json "
-               "--negatives_cross_device False --unified_finetuning True --use_self_distill True "
-               "--same_dataset_within_batch True --warmup_steps 100")
-    config = parse_command(command).config
+BF16_KEYS = ["hysteresis", "initial_scale_power", "loss_scale", "loss_scale_window", "min_loss_scale"]
+ADVICE = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
+          "--train_data ../example_data/retrieval --train_group_size 6 --query_max_len 64 "
+          "--passage_max_len 392 --output_dir ./out --learning_rate 1e-5 --fp16 --num_train_epochs 1 "
+          "--per_device_train_batch_size 1 --gradient_checkpointing --deepspeed ../../ds_stage1.json "
+          "--negatives_cross_device False --unified_finetuning True --use_self_distill True --warmup_steps 100")
+
+
+def test_upstreams_stage1_json_is_refused_naming_the_keys_to_delete(example_dir):
+    """FlagEmbedding master's ds_stage1.json keeps fp16's loss-scale keys under "bf16", which DeepSpeed
+    0.17.1 and later refuse at launch, in fp16 too (FlagEmbedding issue #1487)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_command(ADVICE)
+    (problem,) = caught.value.problems
+    assert problem.startswith("../../ds_stage1.json: DeepSpeed refuses ") and "under \"bf16\"" in problem
+    assert all(repr(key) in problem for key in BF16_KEYS) and "delete them from \"bf16\"" in problem
+
+
+def test_deepspeed_itself_still_refuses_upstreams_stage1_json():
+    """Holds upstream to the trap: DeepSpeed's own config class refuses master's file as it is (when
+    DeepSpeed or FlagEmbedding changes, this fails and the lesson's warning goes)."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    settings = json.loads((UPSTREAM / "ds_stage1.json").read_text())
+    assert sorted(set(settings["bf16"]) - {"enabled"}) == BF16_KEYS
+    settings.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    settings["fp16"]["enabled"] = True
+    settings["bf16"]["enabled"] = False
+    with pytest.raises(pydantic.ValidationError, match="5 validation errors for DeepSpeedBF16Config"):
+        DeepSpeedConfig(settings)
+
+
+def test_the_common_advice_with_upstreams_stage1_json_mended(example_dir):
+    """The T4 advice as people run it: upstream's ds_stage1.json (ZeRO-1, torch_adam), 64/392, group 6,
+    with the five keys deleted from "bf16": predicted as m3lab renders the same advice."""
+    path = example_dir.parent.parent / "ds_stage1.json"
+    settings = json.loads(path.read_text())
+    settings["bf16"] = {"enabled": settings["bf16"]["enabled"]}
+    path.write_text(json.dumps(settings))
+    config = parse_command(ADVICE).config
     assert config.deepspeed_stage == 1 and config.torch_adam and config.reduce_bucket_size == 500_000_000
     report = predict(config, "t4")
     ours = predict(TrainConfig.common_t4_advice(), "t4")  # m3lab's rendering of the same advice
@@ -85,7 +117,7 @@ def test_upstreams_scheduler_without_warmup_is_refused_as_deepspeed_refuses_it(e
     """Found by pasting: upstream's JSON files name WarmupDecayLR, HF fills its warmup_num_steps
     from the command (0 without --warmup_steps/--warmup_ratio) and DeepSpeed 0.19.8 refuses 0."""
     command = (f"torchrun --nproc_per_node 1 -m {FLAGEMBEDDING_M3_MODULE} --model_name_or_path BAAI/bge-m3 "
-               "--output_dir ./out --fp16 --deepspeed ../../ds_stage1.json")
+               "--output_dir ./out --fp16 --deepspeed ../../ds_stage0.json")
     with pytest.raises(ConfigError, match="WarmupDecayLR scheduler gets warmup_num_steps 0"):
         predict(parse_command(command).config, "t4")
 
@@ -112,7 +144,7 @@ def test_a_rendered_command_reads_back_as_the_same_config(config, tmp_path, monk
     if config.deepspeed_stage is not None:
         (tmp_path / "ds.json").write_text(config.deepspeed_json())
     back = parse_command(config.command(deepspeed_json_path="ds.json")).config
-    expected = config.replace(warmup_ratio=back.warmup_ratio,  # rendered as --warmup_steps
+    expected = config.replace(warmup_ratio=0.0, warmup_steps=config.warmup_step_count(),  # rendered as --warmup_steps
                               num_train_epochs=back.num_train_epochs,  # not rendered: max_steps rules
                               deepspeed_config_file="ds.json" if config.deepspeed_stage is not None else None)
     assert back == expected
@@ -156,3 +188,10 @@ def test_same_dataset_within_batch_without_an_instruction_gets_a_note():
     assert any('prefixed with the text "None"' in note for note in parse_command(base).notes)
     assert not any('"None"' in note for note in parse_command(base + " --query_instruction_for_retrieval ''").notes)
     assert not any('"None"' in note for note in parse_command(base.replace("True", "False")).notes)
+
+
+def test_the_command_line_names_the_keys_in_one_line_with_status_2(example_dir, capsys):
+    assert cli_main(["predict", "--gpu", "t4", "--", *ADVICE.split()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("m3lab predict: ../../ds_stage1.json: DeepSpeed refuses ")
+    assert "'min_loss_scale'" in err[0]

@@ -15,7 +15,7 @@ records storages), ``simulation`` (fake process group, GPU kernels), ``models`` 
 geometry), ``optimizers`` and ``drivers`` (a step as HF Trainer runs it, with or without
 DeepSpeed), ``step`` (two traced steps of one rank), ``extrapolate`` (shallow copies to full
 depth), ``pool`` (worker processes), ``report`` (figures and verdict), ``spec`` (a TrainConfig as
-the trace sees it), ``paste`` (a pasted training command as a TrainConfig), ``prediction``.
+the trace sees it), ``prediction``. A pasted training command is read by ``m3lab.command``.
 """
 
 from m3lab.config import OPTIMIZERS

@@ -15,22 +15,23 @@ from m3lab.predict.spec import TraceSpec
 
 
 def deepspeed_buffers(engine) -> list:
-    """DeepSpeed's own working buffers (the ZeRO gradient bucket), reported under "other"."""
-    optimizer = engine.optimizer
-    found = [t for t in getattr(optimizer, "ipg_buffer", None) or [] if isinstance(t, torch.Tensor)]
-    for bucket in (getattr(optimizer, "ipg_buckets", None) or {}).values():  # DeepSpeed >= 0.17
-        found += [t for t in getattr(bucket, "buffer", None) or [] if isinstance(t, torch.Tensor)]
+    """DeepSpeed's own working buffers (the ZeRO gradient bucket), reported under "other"; only a ZeRO
+    optimizer has them (``ipg_buckets``: m3lab.compat's TARGETS)."""
+    found = []
+    for bucket in (vars(engine.optimizer).get("ipg_buckets") or {}).values():
+        found += [t for t in bucket.buffer or [] if isinstance(t, torch.Tensor)]
     return found
 
 
 def grad_tensors(optimizer, model) -> list:
+    """Every gradient the step holds: the parameters' own, and a ZeRO optimizer's averaged gradients and
+    fp32 partitions' (``averaged_gradients``, ``single_partition_of_fp32_groups``: m3lab.compat's TARGETS)."""
     found = [p.grad for p in model.parameters() if p.grad is not None]
-    for name in ("averaged_gradients",):
-        value = getattr(optimizer, name, None)
-        if isinstance(value, dict):
-            for item in value.values():
-                found += [t for t in (item or []) if isinstance(t, torch.Tensor)]
-    for group in getattr(optimizer, "single_partition_of_fp32_groups", []) or []:
+    averaged = vars(optimizer).get("averaged_gradients")
+    if isinstance(averaged, dict):
+        for item in averaged.values():
+            found += [t for t in (item or []) if isinstance(t, torch.Tensor)]
+    for group in vars(optimizer).get("single_partition_of_fp32_groups") or []:
         if group.grad is not None:
             found.append(group.grad)
     return found
@@ -76,7 +77,8 @@ class DeepSpeedDriver:
     def __init__(self, model, spec: TraceSpec):
         import deepspeed
 
-        model.to = lambda *args, **kwargs: model  # already on the (fake) CPU; DeepSpeed's .to() would swap
+        # already on the (fake) GPU; DeepSpeed's .to() would swap (Module.to: m3lab.compat's TARGETS)
+        model.to = lambda *args, **kwargs: model
         config = deepspeed_config(spec)
         params = [p for p in model.parameters() if p.requires_grad]
         # Without an "optimizer" entry HF Trainer builds its own (--optim) and hands it to DeepSpeed

@@ -75,7 +75,7 @@ def shallow_specs(spec: TraceSpec) -> list[ShallowPair]:
     (shallow_trainable, largest), (deeper_trainable, _) = (trainable_params(copy) for copy in shallow)
     per_layer = deeper_trainable - shallow_trainable
     trainable = shallow_trainable + (layers - EXTRAPOLATE_FROM[0]) * per_layer
-    if zero.get("stage", 0) == 0:
+    if spec.zero_stage == 0:
         chunk = spec.allreduce_bucket_size or DEEPSPEED_ALLREDUCE_BUCKET
         if spec.num_gpus == 1 or trainable <= chunk:
             return [ShallowPair(shallow)]  # one GPU reduces nothing; a model within one chunk reduces in one piece

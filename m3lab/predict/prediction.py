@@ -75,21 +75,31 @@ def predict(config, gpu: str | GPU | None = "t4", *, model_config=None, record_e
 def _failures_as_training_failures():
     """The traced step is the real code: when FlagEmbedding's, DeepSpeed's or transformers' own
     checks fail in it (e.g. ZeRO-2 + gradient checkpointing with the M3 model), a real run fails
-    the same way."""
+    the same way. An error raised in m3lab's own code is m3lab's, and stays what it is."""
     try:
         yield
     except ConfigError:
         raise
     except (AssertionError, ValueError) as error:
+        if _raised_in_m3lab(error):
+            raise
         raise TrainingWouldFail(f"this configuration fails in the training code itself, as a real run "
                                 f"would: {str(error).split(chr(10))[0][:400]}") from error
+
+
+def _raised_in_m3lab(error: BaseException) -> bool:
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(error.__traceback__)
+    package = str(Path(__file__).resolve().parent.parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
 
 
 def traced_ranks(spec: TraceSpec) -> list[int]:
     """The ranks whose steps can differ: ZeRO-1/2 ranks differ only in the last partition's padding;
     without partitioning (ZeRO-0, no DeepSpeed) every rank runs the same step on the same shapes."""
-    stage = ((spec.deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)
-    return sorted({0, spec.num_gpus - 1}) if spec.deepspeed is not None and stage >= 1 else [0]
+    return sorted({0, spec.num_gpus - 1}) if (spec.zero_stage or 0) >= 1 else [0]
 
 
 def _extrapolated(spec: TraceSpec, profile: GPU | None, ranks: list[int],

@@ -133,7 +133,9 @@ class MemoryReport(PeakFigures):
         from m3lab import steptime
 
         data["step_flops"] = steptime.step_flops(self)
-        data["estimated_step_seconds"] = steptime.step_seconds(self)  # None where no throughput is on record
+        estimate = steptime.step_time(self)  # None where no throughput is on record
+        data["estimated_step_seconds"] = None if estimate is None else [estimate.fastest_seconds,
+                                                                          estimate.slowest_seconds]
         return data
 
     def save_snapshot(self, path: str | Path) -> None:

@@ -59,13 +59,13 @@ def simulation(gpu: GPU | None, kernel: str, rank: int, world: int, model_config
         raise RuntimeError("m3lab.predict needs a process without torch.distributed initialised; "
                            "call it from a notebook or script, not inside a training run.")
     saved_env = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(LOCAL_RANK="0", RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT="29400")
     stack = contextlib.ExitStack()
-    # DeepSpeed's "GPU" tensors go to ``device``; what it offloads, to "cpu"
-    stack.enter_context(compat.deepspeed_accelerator_as_gpu(device))
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
+        os.environ.update(LOCAL_RANK="0", RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="29400")
+        # DeepSpeed's "GPU" tensors go to ``device``; what it offloads, to "cpu"
+        stack.enter_context(compat.deepspeed_accelerator_as_gpu(device))
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         # DeepSpeed's offload (pinned buffers) and bitsandbytes (its CUDA stream) read tensors' data
         # pointers, which fake tensors warn about; no data is read, so the warning is noise here
         stack.enter_context(warnings.catch_warnings())
@@ -96,7 +96,8 @@ def simulation(gpu: GPU | None, kernel: str, rank: int, world: int, model_config
             stack.enter_context(compat.optimizer_paths(gpu_default))
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         stack.close()
         for key, value in saved_env.items():
             if value is None:

@@ -72,6 +72,7 @@ class MemoryTrace(TorchDispatchMode):
     def _should_skip_dynamo(cls) -> bool:
         # False: PyTorch then leaves out the no-compile guard it wraps around each mode's
         # __torch_dispatch__ (several Python calls per operation); a traced step compiles nothing.
+        # (TorchDispatchMode._should_skip_dynamo: m3lab.compat's TARGETS)
         return False
 
     def __init__(self, rounding: bool, record_events: bool = False, limit_bytes: int | None = None,
