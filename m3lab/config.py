@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab.errors import ConfigError
-from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
+from m3lab.standin import REAL_MODEL, STANDIN
 
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
 # FlagEmbedding's runner with m3lab's additions (the efficient sparse head); same arguments plus m3lab's

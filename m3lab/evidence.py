@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from m3lab import measurements
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB, gpu_profile
 
@@ -22,7 +23,7 @@ MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
 @dataclass(frozen=True)
 class MeasuredRun:
-    """One run of a measurement file, reduced to what is compared with the prediction."""
+    """One GPU run, reduced to what is compared with the prediction."""
 
     name: str
     source: str  # the file's name, without .json
@@ -50,49 +51,45 @@ def _size(text: str) -> int:
     return int(float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit])
 
 
-def _compared_steps(record: dict) -> tuple[list[dict], bool]:
+def _compared_steps(run: measurements.RunRecord) -> tuple[list[measurements.MeasuredStep], bool]:
     """The two measured steps a prediction's two steps stand for, and whether the first skipped its
     update. DeepSpeed's skipped first step is simulated (the allocator's cache depends on it);
     HF AMP's GradScaler, which skips its first few, is not: its first two updated steps are compared."""
-    steps = record["ranks"][0]["steps"] if record["ranks"] else []
+    steps = run.ranks[0].steps if run.ranks else ()
     if not steps:
         return [], False
-    skipped = [bool(s.get("optimizer_step_skipped")) for s in steps]
-    if record["config"].get("deepspeed_stage") is not None and skipped[0] and not any(skipped[1:2]):
-        return steps[:2], True
-    updated = [s for s, skip in zip(steps, skipped) if not skip]
-    return updated[:2], False
+    skipped = [measurements.skipped(s, steps) for s in steps]
+    if run.config.deepspeed_stage is not None and skipped[0] and not any(skipped[1:2]):
+        return list(steps[:2]), True
+    return [s for s, skip in zip(steps, skipped) if not skip][:2], False
 
 
-def _run(record: dict, report: dict, source: str) -> MeasuredRun:
-    steps, first_skipped = _compared_steps(record)
-    message = record.get("oom_message") or ""
+def _run(run: measurements.RunRecord, file: measurements.MeasurementFile) -> MeasuredRun:
+    steps, first_skipped = _compared_steps(run)
     oom = re.search(r"Tried to allocate ([\d.]+ \w+)\..*?Of the allocated memory ([\d.]+ \w+) is allocated by "
-                    r"PyTorch, and ([\d.]+ \w+) is reserved", message)
+                    r"PyTorch, and ([\d.]+ \w+) is reserved", run.oom_message or "")
     return MeasuredRun(
-        name=record["name"], source=source, provenance=report["provenance"], device=report["device"],
-        config=TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}),
-        limit_bytes=record.get("memory_limit_bytes"), device_total_bytes=report["device_total_bytes"],
-        ran=record["status"] == "ok", oom_requested_bytes=_size(oom.group(1)) if oom else None,
+        name=run.name, source=file.path.stem, provenance=file.provenance, device=file.device, config=run.config,
+        limit_bytes=run.memory_limit_bytes, device_total_bytes=file.device_total_bytes,
+        ran=run.outcome is measurements.Outcome.RAN, oom_requested_bytes=_size(oom.group(1)) if oom else None,
         oom_allocated_bytes=_size(oom.group(2)) if oom else None,
         oom_unallocated_bytes=_size(oom.group(3)) if oom else None, first_update_skipped=first_skipped,
-        peak_allocated_bytes=max((s["peak_allocated_bytes"] for s in steps), default=None),
-        peak_reserved_bytes=max((s["peak_reserved_bytes"] for s in steps if s["peak_reserved_bytes"] is not None),
+        peak_allocated_bytes=max((s.peak_allocated_bytes for s in steps), default=None),
+        peak_reserved_bytes=max((s.peak_reserved_bytes for s in steps if s.peak_reserved_bytes is not None),
                                 default=None))
 
 
 @functools.cache
 def measured_runs(folder: Path = MEASUREMENTS) -> tuple[MeasuredRun, ...]:
     """Every GPU run that ran or ran out of memory, from every file in ``folder`` (CPU files are
-    compared by ``m3lab.gpu_check.compare`` and are not GPU evidence)."""
-    from m3lab import gpu_check
-
+    compared by ``m3lab.measurements.compare`` and are not GPU evidence)."""
     found = []
     for path in sorted(Path(folder).glob("*.json")):
-        report = gpu_check.load(path)
-        if report.get("predict_with_gpu") is None:
+        file = measurements.load(path)
+        if file.predict_with_gpu is None:
             continue
-        found += [_run(record, report, path.stem) for record in report["runs"] if record["status"] in ("ok", "oom")]
+        found += [_run(run, file) for run in file.runs
+                  if run.outcome in (measurements.Outcome.RAN, measurements.Outcome.OUT_OF_MEMORY)]
     return tuple(found)
 
 

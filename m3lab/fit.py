@@ -129,9 +129,19 @@ def base_config(data: list[str], platform: Platform, query_max_len: int, passage
         negatives_cross_device=gpu.count > 1)
 
 
-def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tuple[int, int, int, str, int]:
-    """(query_max_len, passage_max_len, most negatives every line has, tokenizer name, the longest
-    query rounded up to a multiple of 8) for the data."""
+@dataclass(frozen=True)
+class DataLengths:
+    """What the data asks of the lengths and the group, counted with ``tokenizer``."""
+
+    query_max_len: int  # keeps ``coverage`` of the queries' tokens
+    passage_max_len: int  # keeps ``coverage`` of the passages' tokens (each passage counted once)
+    fewest_negatives: int  # the fewest negatives any line has
+    tokenizer: str
+    longest_query: int  # the longest query, rounded up to a multiple of 8
+
+
+def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> DataLengths:
+    """The lengths that keep ``coverage`` of the data's tokens, and what else the data decides."""
     from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
 
     # the data first: bad data is reported before the tokenizer (and the stand-in) is loaded and talks
@@ -144,11 +154,11 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> tup
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     passages = list(dict.fromkeys(t for r in records for t in r["pos"] + r.get("neg", [])))
     query_lengths = token_lengths([r["query"] for r in records], tokenizer)
-    query = length_covering_tokens(query_lengths, coverage)
-    passage = length_covering_tokens(token_lengths(passages, tokenizer), coverage)
-    negatives = min(len(r.get("neg", [])) for r in records)
-    longest = length_covering_tokens(query_lengths, 1.0)
-    return min(query, MODEL_MAX_LEN), min(passage, MODEL_MAX_LEN), negatives, name, min(longest, MODEL_MAX_LEN)
+    return DataLengths(
+        query_max_len=min(length_covering_tokens(query_lengths, coverage), MODEL_MAX_LEN),
+        passage_max_len=min(length_covering_tokens(token_lengths(passages, tokenizer), coverage), MODEL_MAX_LEN),
+        fewest_negatives=min(len(r.get("neg", [])) for r in records), tokenizer=name,
+        longest_query=min(length_covering_tokens(query_lengths, 1.0), MODEL_MAX_LEN))
 
 
 def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE_CALL_BYTES / GIB,
@@ -161,7 +171,9 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE
 
     where = platform_for(platform, gpu, host_ram_gib)
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
-    query_len, passage_len, negatives, tokenizer_name, longest_query = data_lengths(data, coverage, tokenizer)
+    lengths = data_lengths(data, coverage, tokenizer)
+    query_len, passage_len, negatives = lengths.query_max_len, lengths.passage_max_len, lengths.fewest_negatives
+    tokenizer_name, longest_query = lengths.tokenizer, lengths.longest_query
     # a group is one positive and group - 1 negatives; FlagEmbedding repeats negatives when a line has
     # too few, which adds memory and no information, so the data's fewest negatives cap the group
     cap = max(2, min(max_group, negatives + 1))

@@ -14,7 +14,7 @@ settings. A card other than a T4 imitates a T4's kernels: SDPA without its flash
 ``data/measurements/``: ``tests/test_gpu_measurements.py`` then holds the predictor within 5% of it.
 
 ``--model tiny`` runs the tiny stand-in on a CPU, measuring live tensor bytes: how the script
-itself is tested. ``compare`` pairs each measured step with its prediction.
+itself is tested. ``m3lab.measurements`` reads the files and pairs each measured step with its prediction.
 
 ``--model full-cpu`` is full-size truth without a GPU (opt-in, about 15 minutes and 16 GB of RAM):
 the full-size stand-in trained for real on this CPU in a handful of configurations that fit 24 GiB
@@ -26,7 +26,6 @@ Committed under ``data/measurements/``, the normal suite holds fresh CPU predict
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -37,13 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from m3lab import ledger
+from m3lab import ledger, measurements
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB, gpu_profile
 from m3lab.io import write_json_atomic, write_jsonl_atomic
 from m3lab.measure import SDPA_KERNEL_ENV
 
-FORMAT = 1
 STEPS = 3  # a step skipped by fp16 loss scaling (no optimizer states yet) still leaves two to compare
 # HF's fp16 AMP (no DeepSpeed) starts its GradScaler at 2**16 and halves it per overflow: on the H200
 # (2026-11-30) it skipped all of 3 steps, so those runs get more; a step there takes under half a second
@@ -51,7 +49,6 @@ AMP_STEPS = 10
 # A T4's cuBLAS workspace (PyTorch's default below sm90). PyTorch takes it from the caching
 # allocator, so it counts in max_memory_allocated; a Hopper card's default is about four times larger.
 T4_CUBLAS_WORKSPACE_CONFIG = ":4096:2:16:8"
-TOLERANCE = {"cuda": 0.05, "cpu": 0.02}  # issue 3: 5% against a GPU, 2% against live CPU tensors
 
 
 @dataclass(frozen=True)
@@ -244,7 +241,7 @@ def run(out: Path, model: str = "full", only: list[str] | None = None, parallel:
     work = Path(os.environ.get("M3LAB_GPU_CHECK_WORK", Path(tempfile.gettempdir()) / "m3lab-gpu-check"))
     model_dir = full_size_path(work) if model.startswith("full") else standin_path()
     model_name = FULL_SIZE_STANDIN if model.startswith("full") else STANDIN
-    report = {"format": FORMAT, **_environment(cuda), "model": model_name, "steps": STEPS,
+    report = {"format": measurements.FORMAT, **_environment(cuda), "model": model_name, "steps": STEPS,
               "predict_with_gpu": "t4" if cuda else None, "runs": []}
     if cuda:
         report["provenance"] = f"measured on {report['device']}" + (
@@ -280,13 +277,14 @@ def run(out: Path, model: str = "full", only: list[str] | None = None, parallel:
         write_json_atomic(out / "gpu_check.json", report)
 
     if predict:
-        _add_predictions(report, deadline)
+        _add_predictions(report, out / "gpu_check.json", deadline)
     report["wall_time_s"] = round(time.monotonic() - started, 1)
     write_json_atomic(out / "gpu_check.json", report)
     return report
 
 
 def _line(record: dict) -> str:
+    """A run as the log prints it."""
     if record["status"] != "ok":
         why = record.get("reason") or record.get("oom_message") or (record.get("log_tail") or "")[-300:]
         return f"{record['name']:48} {record['status']}: {why}"
@@ -294,124 +292,26 @@ def _line(record: dict) -> str:
     peaks = ", ".join(f"{s['peak_allocated_bytes'] / GIB:.3f}" for s in steps)
     line = (f"{record['name']:48} ok: peak allocated per step {peaks} GiB, measured on "
             f"{record['ranks'][0]['device']} ({record['wall_time_s']} s)")
-    outside = outside_allocator_bytes(record)
+    outside = measurements.outside_allocator_bytes(measurements.parse_run(record))
     if outside is not None:
         line += f"; outside the allocator (CUDA context, workspaces): {outside / GIB:.2f} GiB"
     return line
 
 
-def outside_allocator_bytes(record: dict) -> int | None:
-    """The card's used memory minus the run's reserved memory, after its last step: the CUDA context
-    and library workspaces outside the allocator (an upper bound: the check's own process may hold
-    a CUDA context too). Only for a run alone on the card, where no other run's memory counts."""
-    if not record.get("alone") or record["status"] != "ok":
-        return None
-    last = record["ranks"][0]["steps"][-1]
-    if last.get("device_used_bytes") is None:
-        return None
-    return last["device_used_bytes"] - last["reserved_after_step_bytes"]
-
-
-def _add_predictions(report: dict, deadline: float) -> None:
+def _add_predictions(report: dict, path: Path, deadline: float) -> None:
     """Predictions made beside the measurements (same torch), for the log; the tests predict anew."""
-    for record in report["runs"]:
-        if record["status"] != "ok" or time.monotonic() > deadline:
+    file = measurements.load(path)
+    for record, run in zip(report["runs"], file.runs):
+        if run.outcome is not measurements.Outcome.RAN or time.monotonic() > deadline:
             continue
         try:
-            rows = compare(report, [record])
+            rows = measurements.compare(file, [run])
         except Exception as error:  # a predictor failure must not lose the measurements
             record["predicted_here"] = f"failed: {type(error).__name__}: {str(error)[:300]}"
             continue
         record["predicted_here"] = [row.to_dict() for row in rows]
         for row in rows:
             print(row.describe(), flush=True)
-
-
-# ---- comparing -----------------------------------------------------------------------------------
-@dataclass
-class Comparison:
-    run: str
-    rank: int
-    step: str  # "first" (the first step with an optimizer update) or "steady" (the one after)
-    measured_step: int
-    measured_bytes: int
-    predicted_bytes: int
-    tolerance: float
-    measured_on: str  # the measurement file's provenance
-    predicted_for: str  # the prediction's provenance
-
-    @property
-    def error(self) -> float:
-        return self.predicted_bytes / self.measured_bytes - 1
-
-    @property
-    def within_tolerance(self) -> bool:
-        return abs(self.error) <= self.tolerance
-
-    def describe(self) -> str:
-        return (f"{self.run} (rank {self.rank}, {self.step} step = step {self.measured_step}): "
-                f"{self.measured_bytes / GIB:.3f} GiB {self.measured_on}, {self.predicted_bytes / GIB:.3f} GiB "
-                f"{self.predicted_for} ({self.error:+.1%}, tolerance {self.tolerance:.0%})")
-
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "error": round(self.error, 5)}
-
-
-def load(path: Path) -> dict:
-    """A measurement file, checked: a clear error names the file and what is wrong with it."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}); regenerate it with "
-                         "`python -m m3lab.gpu_check`.") from error
-    missing = [k for k in ("format", "device", "torch", "date", "provenance", "runs") if k not in report]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)}; not a file written by m3lab.gpu_check.")
-    if report["format"] != FORMAT:
-        raise ValueError(f"{path}: format {report['format']}, this m3lab reads format {FORMAT}.")
-    return report
-
-
-def _step_pairs(steps: list[dict]) -> list[tuple[str, dict]]:
-    """The measured (first, steady) steps: the first that updated the weights and the next that did.
-
-    fp16 loss scaling skips the update of a step whose gradients overflowed: such a step has no
-    optimizer-step peak (and, before any update, no optimizer states), so it stands for neither.
-    Where the trainer did not say, a step with no optimizer states yet counts as skipped.
-    """
-    def skipped(step: dict) -> bool:
-        if step.get("optimizer_step_skipped") is not None:
-            return step["optimizer_step_skipped"]
-        return step["optimizer_state_bytes"] == 0 and any(s["optimizer_state_bytes"] for s in steps)
-
-    updated = [step for step in steps if not skipped(step)]
-    return list(zip(("first", "steady"), updated))
-
-
-def compare(report: dict, runs: list[dict] | None = None) -> list[Comparison]:
-    """Each measured step of each finished run beside the predictor's figure for it."""
-    from m3lab.predict import bge_m3_config, predict
-    from m3lab.standin import STANDIN
-
-    gpu = report.get("predict_with_gpu")
-    tolerance = TOLERANCE["cuda" if gpu else "cpu"]
-    rows = []
-    for record in runs if runs is not None else report["runs"]:
-        if record["status"] != "ok":
-            continue
-        config = TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]})
-        # the stand-in's geometry is built in; every other model measured here has BGE-M3's shapes
-        model_config = None if config.model == STANDIN else bge_m3_config()
-        prediction = predict(config, gpu, model_config=model_config, exact=gpu is None)
-        for rank in record["ranks"]:
-            predicted = prediction.per_rank[rank["rank"]]
-            for label, step in _step_pairs(rank["steps"]):
-                figure = predicted.first_step if label == "first" else predicted.steady_step
-                rows.append(Comparison(record["name"], rank["rank"], label, step["step"],
-                                       step["peak_allocated_bytes"], figure.peak_allocated_bytes, tolerance,
-                                       report["provenance"], prediction.provenance))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

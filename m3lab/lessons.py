@@ -18,7 +18,7 @@ from dataclasses import dataclass
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 from m3lab.config import Hardware, TrainConfig  # noqa: E402
-from m3lab.gpus import CLOSE_CALL_BYTES, GIB, gpu_profile  # noqa: E402
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB, gpu_profile  # noqa: E402, F401 (lesson 01 quotes CLOSE_CALL_BYTES)
 from m3lab.predict import MemoryReport, predict  # noqa: E402
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3lab import evidence, gpu_check, predict as predictor, standin
+from m3lab import evidence, gpu_check, measurements, predict as predictor, standin
 from m3lab.config import TrainConfig
 from m3lab.measure import SDPA_KERNEL_ENV, limit_sdpa_kernels
 from m3lab.predict.models import meta_model
@@ -21,15 +21,15 @@ MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
 def _committed_runs():
     for path in sorted(MEASUREMENTS.glob("*.json")):
-        report = gpu_check.load(path)
-        for record in report["runs"]:
-            if record["status"] != "ok":
+        file = measurements.load(path)
+        for run in file.runs:
+            if run.outcome is not measurements.Outcome.RAN:
                 continue
             marks = ()
-            if not any(gpu_check._step_pairs(rank["steps"]) for rank in record["ranks"]):
+            if not any(measurements.step_pairs(rank.steps) for rank in run.ranks):
                 # kept as measured: the H200's first HF fp16 AMP run skipped every update (re-run with more steps)
                 marks = pytest.mark.skip(reason="fp16 loss scaling skipped every step's update: no step to compare")
-            yield pytest.param(report, record, id=f"{path.stem}: {record['name']}", marks=marks)
+            yield pytest.param(file, run, id=f"{path.stem}: {run.name}", marks=marks)
 
 
 COMMITTED = list(_committed_runs()) or [pytest.param(None, None, marks=pytest.mark.skip(
@@ -37,13 +37,13 @@ COMMITTED = list(_committed_runs()) or [pytest.param(None, None, marks=pytest.ma
            "CPU (data/measurements/README.md)"))]
 
 
-@pytest.mark.parametrize("report,record", COMMITTED)
-def test_prediction_within_tolerance_of_measurement(report, record):
+@pytest.mark.parametrize("file,run", COMMITTED)
+def test_prediction_within_tolerance_of_measurement(file, run):
     """5% of a GPU's max_memory_allocated; 2% of a CPU run's live tensor bytes."""
-    rows = gpu_check.compare(report, [record])
-    assert len(rows) == 2 * len(record["ranks"])
+    rows = measurements.compare(file, [run])
+    assert len(rows) == 2 * len(run.ranks)
     failures = [row.describe() for row in rows if not row.within_tolerance]
-    assert not failures, f"{report['provenance']}, torch {report['torch']}:\n" + "\n".join(failures)
+    assert not failures, f"{file.provenance}, torch {file.torch}:\n" + "\n".join(failures)
 
 
 @pytest.mark.slow
@@ -51,21 +51,24 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("M3LAB_GPU_CHECK_WORK", str(tmp_path / "work"))
     name = "tiny: ZeRO-1 + gradient checkpointing"
     assert gpu_check.main(["--model", "tiny", "--out", str(tmp_path / "out"), "--only", name, "--no-predict"]) == 0
-    report = gpu_check.load(tmp_path / "out" / "gpu_check.json")
-    assert report["provenance"] == "measured on CPU (live tensor bytes)" and report["predict_with_gpu"] is None
-    (record,) = report["runs"]
-    assert record["status"] == "ok" and record["config"]["max_steps"] == gpu_check.STEPS
-    assert [s["step"] for s in record["ranks"][0]["steps"]] == [1, 2, 3]
-    assert [s["optimizer_step_skipped"] for s in record["ranks"][0]["steps"]] == [False] * 3  # fp32: no scaling
-    rows = gpu_check.compare(report)
+    path = tmp_path / "out" / "gpu_check.json"
+    file = measurements.load(path)
+    assert file.provenance == "measured on CPU (live tensor bytes)" and file.predict_with_gpu is None
+    (run,) = file.runs
+    assert run.outcome is measurements.Outcome.RAN and run.config.max_steps == gpu_check.STEPS
+    assert [s.step for s in run.ranks[0].steps] == [1, 2, 3]
+    assert [s.optimizer_step_skipped for s in run.ranks[0].steps] == [False] * 3  # fp32: no scaling
+    rows = measurements.compare(file)
     assert [(r.step, r.measured_step) for r in rows] == [("first", 1), ("steady", 2)]
     # the ZeRO-1 step holds optimizer states from its first update on: the steady step is higher
     assert rows[1].measured_bytes > rows[0].measured_bytes
     assert all(row.within_tolerance for row in rows), [row.describe() for row in rows]
     # and the comparison can fail: a measurement 5% higher is outside the CPU's 2%
-    for step in record["ranks"][0]["steps"]:
+    report = json.loads(path.read_text())
+    for step in report["runs"][0]["ranks"][0]["steps"]:
         step["peak_allocated_bytes"] = int(step["peak_allocated_bytes"] * 1.05)
-    assert not any(row.within_tolerance for row in gpu_check.compare(report))
+    path.write_text(json.dumps(report))
+    assert not any(row.within_tolerance for row in measurements.compare(measurements.load(path)))
 
 
 def test_a_refused_configuration_is_recorded_and_costs_no_other_run(tmp_path, standin_dir):
@@ -78,39 +81,48 @@ def test_a_refused_configuration_is_recorded_and_costs_no_other_run(tmp_path, st
     assert "train_group_size is 0" in record["reason"]
 
 
+def _steps(*steps: dict) -> tuple:
+    return tuple(measurements.MeasuredStep(**{"peak_allocated_bytes": 0, "peak_reserved_bytes": None,
+                                              "optimizer_step_skipped": None, **step}) for step in steps)
+
+
 def test_a_step_skipped_by_loss_scaling_is_not_compared():
     def pairs(steps):
-        return [(label, step["step"]) for label, step in gpu_check._step_pairs(steps)]
+        return [(label, step.step) for label, step in measurements.step_pairs(steps)]
 
     # told by the trainer: DeepSpeed holds its Adam states from the start, so only the flag shows it
-    told = [{"step": n, "optimizer_state_bytes": 8, "optimizer_step_skipped": n == 2} for n in (1, 2, 3)]
+    told = _steps(*({"step": n, "optimizer_state_bytes": 8, "optimizer_step_skipped": n == 2} for n in (1, 2, 3)))
     assert pairs(told) == [("first", 1), ("steady", 3)]
     # not told (an older file): no optimizer states yet means no update yet
-    untold = [{"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
-              {"step": 3, "optimizer_state_bytes": 8}]
+    untold = _steps({"step": 1, "optimizer_state_bytes": 0}, {"step": 2, "optimizer_state_bytes": 8},
+                    {"step": 3, "optimizer_state_bytes": 8})
     assert pairs(untold) == [("first", 2), ("steady", 3)]
     # fix_encoder with nothing trainable in the optimizer's eyes: every step counts
-    frozen = [{"step": n, "optimizer_state_bytes": 0} for n in (1, 2, 3)]
+    frozen = _steps(*({"step": n, "optimizer_state_bytes": 0} for n in (1, 2, 3)))
     assert pairs(frozen) == [("first", 1), ("steady", 2)]
 
 
 def test_memory_outside_the_allocator_is_read_only_from_a_run_alone_on_the_card():
-    step = {"device_used_bytes": 10 * 2**30, "reserved_after_step_bytes": 9 * 2**30 + 2**29}
-    record = {"status": "ok", "alone": True, "ranks": [{"steps": [{}, step]}]}
-    assert gpu_check.outside_allocator_bytes(record) == 2**29
-    assert gpu_check.outside_allocator_bytes({**record, "alone": False}) is None
-    cpu_step = {"device_used_bytes": None, "reserved_after_step_bytes": None}
-    assert gpu_check.outside_allocator_bytes({**record, "ranks": [{"steps": [cpu_step]}]}) is None
+    step = {"step": 2, "optimizer_state_bytes": 0, "device_used_bytes": 10 * 2**30,
+            "reserved_after_step_bytes": 9 * 2**30 + 2**29}
+    run = measurements.RunRecord("r", measurements.Outcome.RAN, TrainConfig(), None, True, None,
+                                 (measurements.MeasuredRank(0, "cuda", _steps({"step": 1, "optimizer_state_bytes": 0},
+                                                                              step)),))
+    assert measurements.outside_allocator_bytes(run) == 2**29
+    assert measurements.outside_allocator_bytes(dataclasses.replace(run, alone=False)) is None
+    cpu = dataclasses.replace(run, ranks=(measurements.MeasuredRank(0, "cpu", _steps({"step": 1,
+                                                                                       "optimizer_state_bytes": 0})),))
+    assert measurements.outside_allocator_bytes(cpu) is None
 
 
 def test_a_broken_measurement_file_says_where_and_what(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": 1,\n "device": }')
     with pytest.raises(ValueError, match=r"bad.json, line 2: not valid JSON"):
-        gpu_check.load(bad)
+        measurements.load(bad)
     bad.write_text(json.dumps({"format": 1, "device": "x", "runs": []}))
     with pytest.raises(ValueError, match=r"bad.json: missing torch, date, provenance"):
-        gpu_check.load(bad)
+        measurements.load(bad)
 
 
 def test_the_full_size_checks_are_the_issue_s_configurations():
@@ -162,17 +174,16 @@ def test_a_gpu_adds_the_word_embedding_gradients_in_place(monkeypatch):
     fp32 word-embedding gradient too high, outside the tolerance."""
     from m3lab.predict import trace
 
-    report = gpu_check.load(MEASUREMENTS / "2026-11-30-nvidia-h200-fp16-amp.json")
-    (record,) = [r for r in report["runs"] if r["name"] == "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"]
-    rows = {row.step: row for row in gpu_check.compare(report, [record])}
+    file = measurements.load(MEASUREMENTS / "2026-11-30-nvidia-h200-fp16-amp.json")
+    (run,) = [r for r in file.runs if r.name == "path after lesson 04 (no DeepSpeed, adamw_torch_fused)"]
+    rows = {row.step: row for row in measurements.compare(file, [run])}
     assert trace.GPU_ADDS_GRADIENTS_IN_PLACE and rows["steady"].within_tolerance
     monkeypatch.setattr(trace, "GPU_ADDS_GRADIENTS_IN_PLACE", False)
     config = predictor.bge_m3_config()
-    out_of_place = predictor.predict(TrainConfig(**{**record["config"], "train_data": ["unused.jsonl"]}), "t4",
-                                     model_config=config).per_rank[0].steady_step.peak_allocated_bytes
+    out_of_place = predictor.predict(run.config, "t4", model_config=config).per_rank[0].steady_step.peak_allocated_bytes
     gradient = config.vocab_size * config.hidden_size * 4  # fp32
     assert abs(out_of_place - rows["steady"].predicted_bytes - gradient) < 2**21  # within the allocator's 2 MiB blocks
-    assert abs(out_of_place / rows["steady"].measured_bytes - 1) > gpu_check.TOLERANCE["cuda"]
+    assert abs(out_of_place / rows["steady"].measured_bytes - 1) > measurements.TOLERANCE["cuda"]
 
 
 # ---- the allocator under the card's limit, against the same runs ------------------------------------
@@ -230,10 +241,10 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
     """data/measurements/README.md's table and README.md quote measured peaks: each is the committed file's."""
     runs = {}
     for path in sorted(MEASUREMENTS.glob("*.json")):
-        for record in gpu_check.load(path)["runs"]:
-            pairs = [step for rank in record["ranks"][:1] for _label, step in gpu_check._step_pairs(rank["steps"])]
-            if record["status"] == "ok" and pairs:
-                runs[record["name"]] = " / ".join(f"{s['peak_allocated_bytes'] / 2**30:.3f}" for s in pairs)
+        for run in measurements.load(path).runs:
+            pairs = [step for rank in run.ranks[:1] for _label, step in measurements.step_pairs(rank.steps)]
+            if run.outcome is measurements.Outcome.RAN and pairs:
+                runs[run.name] = " / ".join(f"{s.peak_allocated_bytes / 2**30:.3f}" for s in pairs)
     rows = {"common advice (ZeRO-1, 64/392, group 6)": "advice (ZeRO-1)", "advice, ZeRO-0": "advice, ZeRO-0",
             "advice, fix_encoder on": "advice, fix_encoder on",
             "advice, no gradient checkpointing": "advice, no gradient checkpointing",
@@ -256,9 +267,9 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
     # and the reserved bytes data/measurements/README.md quotes
     reserved = {}
     for path in sorted(MEASUREMENTS.glob("*.json")):
-        for record in gpu_check.load(path)["runs"]:
-            if record["status"] == "ok" and record["ranks"][0]["steps"][0]["peak_reserved_bytes"] is not None:
-                reserved[(path.stem, record["name"])] = max(s["peak_reserved_bytes"] for s in record["ranks"][0]["steps"])
+        for run in measurements.load(path).runs:
+            if run.outcome is measurements.Outcome.RAN and run.ranks[0].steps[0].peak_reserved_bytes is not None:
+                reserved[(path.stem, run.name)] = max(s.peak_reserved_bytes for s in run.ranks[0].steps)
     notes = " ".join((MEASUREMENTS / "README.md").read_text().split())
     h200 = "2026-11-30-nvidia-h200"
     for phrase, key in [("reserved at most {:.2f} GiB", (h200, "advice (ZeRO-1), T4 budget")),

@@ -15,6 +15,7 @@ from m3lab.predict.models import meta_model
 from m3lab.predict.report import StepPeak
 from m3lab.predict.spec import TraceSpec
 from m3lab.predict.step import RankSteps, StepTrace
+from m3lab.predict.trace import Phase
 
 # The shallow copies' depths (the first pair tried; DeepSpeed's buckets may need deeper ones)
 EXTRAPOLATE_FROM = (2, 3)
@@ -185,7 +186,7 @@ def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
     first, steady = extrapolate(shallow.first, deeper.first), extrapolate(shallow.steady, deeper.steady)
     if first is None or steady is None:
         return None
-    if pair.bounded and "backward" in (first.peak_phase, steady.peak_phase):
+    if pair.bounded and Phase.BACKWARD in (first.peak_phase, steady.peak_phase):
         return None
     states = {k: _line(shallow.model_states[k], deeper.model_states[k], steps) for k in shallow.model_states}
     return RankSteps(first, steady, states, shallow.kernel)

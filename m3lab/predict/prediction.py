@@ -11,7 +11,7 @@ import dataclasses
 import time
 
 from m3lab.config import ConfigError
-from m3lab.gpus import GIB, GPU, gpu_profile
+from m3lab.gpus import GPU, gpu_profile
 from m3lab.predict.extrapolate import EXTRAPOLATE_FROM, ShallowPair, extrapolate_rank, shallow_specs
 from m3lab.predict.pool import TraceJob, trace_in_parallel
 from m3lab.predict.report import MemoryReport, PeakFigures, RankPrediction

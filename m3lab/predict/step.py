@@ -23,7 +23,7 @@ from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
 from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
 from m3lab.predict.spec import TraceSpec
-from m3lab.predict.trace import Candidate, MemoryTrace, TracedFakeTensorMode, breakdown_at
+from m3lab.predict.trace import Candidate, Category, MemoryTrace, Phase, TracedFakeTensorMode, breakdown_at
 
 
 @dataclass
@@ -135,25 +135,25 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
         # and HF Trainer or the engine then moves it to the GPU, tensor by tensor
         with trace.unrecorded(), default_dtype(HALF.get(spec.precision) if spec.deepspeed is not None else None):
             model = build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
-        trace.relabel(moved_to_the_gpu(model), "weights")
-        trace.relabel(list(model.buffers()), "other")
+        trace.relabel(moved_to_the_gpu(model), Category.WEIGHTS)
+        trace.relabel(list(model.buffers()), Category.OTHER)
         inputs = m3_inputs(spec) if spec.trainer == "flagembedding-m3" else hf_inputs(spec)
         driver = (DeepSpeedDriver if spec.deepspeed is not None else PlainDriver)(model, spec)
-        trace.relabel(list(model.parameters()), "weights")
+        trace.relabel(list(model.parameters()), Category.WEIGHTS)
 
         def label_states():
             states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
-            trace.relabel(states, "optimizer_states")
+            trace.relabel(states, Category.OPTIMIZER_STATES)
 
         label_states()
-        trace.relabel(tree_flatten(inputs)[0], "other")
+        trace.relabel(tree_flatten(inputs)[0], Category.OTHER)
         handles = module_hooks(model, trace)
 
         def label_gradient(param):
             # A gradient is labelled the moment autograd stores it; DeepSpeed's gradient bucket,
             # created at the first gradient and gone by the step, is labelled as soon as it exists.
-            trace.relabel([param.grad] if param.grad is not None else [], "gradients")
-            trace.relabel(driver.buffers(), "other")
+            trace.relabel([param.grad] if param.grad is not None else [], Category.GRADIENTS)
+            trace.relabel(driver.buffers(), Category.OTHER)
 
         for param in model.parameters():
             if param.requires_grad:
@@ -164,14 +164,14 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                 trace.overflowing = first_update_skipped and step == 1
                 trace.flops = 0
                 for _ in range(spec.gradient_accumulation_steps):
-                    trace.enter("forward")
+                    trace.enter(Phase.FORWARD)
                     loss = driver.loss(inputs)
                     trace.module = ""
-                    trace.enter("backward")
+                    trace.enter(Phase.BACKWARD)
                     driver.backward(loss)
                     del loss
-                    trace.relabel(grad_tensors(driver.optimizer, model), "gradients")
-                trace.enter("optimizer")
+                    trace.relabel(grad_tensors(driver.optimizer, model), Category.GRADIENTS)
+                trace.enter(Phase.OPTIMIZER)
                 driver.step()
                 label_states()
                 allocator = trace.allocator
@@ -180,13 +180,13 @@ def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bo
                         out_of_memory = dataclasses.replace(allocator.out_of_memory, step=len(steps) + 1)
                 reserved, held = (allocator.peak_reserved, allocator.peak_held) if allocator else (trace.peak,) * 2
                 steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved, held, trace.flops))
-                trace.phase = "between steps"
+                trace.phase = Phase.BETWEEN_STEPS
         finally:
             for handle in handles:
                 handle.remove()
-        model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category == "weights"),
+        model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),
                         "optimizer_states": sum(e.nbytes for e in trace.live.values()
-                                                if e.category == "optimizer_states"),
+                                                if e.category is Category.OPTIMIZER_STATES),
                         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                         "params": sum(p.numel() for p in model.parameters()),
                         # offloaded: fp32 masters and Adam states in host memory, and the host's peak

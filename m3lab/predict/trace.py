@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -20,7 +21,31 @@ from m3lab import compat
 from m3lab.measure import tensor_storages
 from m3lab.predict.allocator import Allocator, allocator_round
 
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries", "other")
+class Category(StrEnum):
+    """What a storage holds (the labels of a breakdown; strings, so reports and plots key by name)."""
+
+    WEIGHTS = "weights"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATES = "optimizer_states"  # fp32 master weights included
+    ACTIVATIONS = "activations"  # made in forward
+    TEMPORARIES = "temporaries"  # made in backward or the optimizer's step
+    OTHER = "other"  # inputs, buffers, DeepSpeed's gradient bucket
+
+
+class Phase(StrEnum):
+    """Where in the step the trace is."""
+
+    SETUP = "setup"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+    BETWEEN_STEPS = "between steps"
+
+
+CATEGORIES = tuple(Category)
+# what a new storage is, by the phase that makes it
+_NEW_IN = {Phase.FORWARD: Category.ACTIVATIONS, Phase.BACKWARD: Category.TEMPORARIES,
+           Phase.OPTIMIZER: Category.TEMPORARIES}
 
 
 def breakdown_at(history, at: int) -> dict[str, int]:
@@ -93,7 +118,7 @@ class MemoryTrace(TorchDispatchMode):
         self.refs: dict[int, object] = {}
         self.current = 0
         self.peak = 0
-        self.phase = "setup"
+        self.phase = Phase.SETUP
         self.module = ""
         self.paused = False  # see ``unrecorded``
         self.overflowing = False  # see ``record``
@@ -154,8 +179,7 @@ class MemoryTrace(TorchDispatchMode):
         self.refs.pop(key, None)
 
     def _category_for_new(self) -> str:
-        return {"forward": "activations", "backward": "temporaries", "optimizer": "temporaries",
-                "setup": "other"}.get(self.phase, "other")
+        return _NEW_IN.get(self.phase, Category.OTHER)
 
     def see(self, storage, func_name: str = "") -> None:
         key = storage._cdata
@@ -167,7 +191,7 @@ class MemoryTrace(TorchDispatchMode):
                 entry.nbytes = nbytes
             return
         module = self.module
-        if self.phase == "backward" and not module:
+        if self.phase is Phase.BACKWARD and not module:
             # Backward runs outside module hooks; the autograd node says which forward op it undoes.
             node = torch._C._current_autograd_node()
             module = f"autograd {node.name()}" if node is not None else ""
@@ -188,9 +212,9 @@ class MemoryTrace(TorchDispatchMode):
         if key not in self.candidates or self.current > self.candidates[key].bytes:
             self.candidates[key] = Candidate(self.current, self.clock, self.phase, module, func_name)
 
-    def enter(self, phase: str) -> None:
+    def enter(self, phase: Phase) -> None:
         """Start a phase of the step; its peak is at least what is live as it starts."""
-        self.phase = phase
+        self.phase = phase = Phase(phase)
         key = (phase, "(start)")
         if key not in self.candidates or self.current > self.candidates[key].bytes:
             self.candidates[key] = Candidate(self.current, self.clock, phase, self.module, "(start)")
@@ -202,8 +226,9 @@ class MemoryTrace(TorchDispatchMode):
     def peak_breakdown(self) -> dict[str, int]:
         return self.breakdown_at(self.peak_at)
 
-    def relabel(self, tensors, category: str) -> None:
+    def relabel(self, tensors, category: Category) -> None:
         """Give the storages behind ``tensors`` a category (gradients, optimizer states, ...)."""
+        category = Category(category)
         for storage in tensor_storages(tensors):
             if storage._cdata in self.host_live:
                 continue
@@ -248,8 +273,8 @@ class MemoryTrace(TorchDispatchMode):
             # ``overflowing``: DeepSpeed's fp16 overflow check finds one and skips the update
             if args[0].dtype.is_floating_point:
                 return 1.0
-            return int(self.overflowing and self.phase == "optimizer")
-        if self.gpu_autograd and self.phase == "backward" and compat.autograd_adds_in_place(func, args, kwargs):
+            return int(self.overflowing and self.phase is Phase.OPTIMIZER)
+        if self.gpu_autograd and self.phase is Phase.BACKWARD and compat.autograd_adds_in_place(func, args, kwargs):
             # what autograd does with no dispatch mode about: the second gradient added into the first
             return dispatch(torch.ops.aten.add_.Tensor, types, args, {})
         # Everything the trace touches is created inside it, so only outputs need looking at.
