@@ -9,7 +9,7 @@ import sys
 
 
 def _run(args) -> int:
-    from m3lab.report import run_main_job
+    from m3lab.main_job import run_main_job
 
     run_main_job(args.out, model=args.model)
     return 0

@@ -120,7 +120,7 @@ class TrainConfig:
         return cls(**{**dict(
             train_group_size=6, query_max_len=64, passage_max_len=392, per_device_train_batch_size=1,
             fp16=True, gradient_checkpointing=True, deepspeed_stage=1, negatives_cross_device=False,
-            unified_finetuning=True, use_self_distill=True, same_dataset_within_batch=True,
+            unified_finetuning=True, use_self_distill=True,
         ), **changes})
 
     def replace(self, **changes) -> "TrainConfig":
@@ -128,20 +128,44 @@ class TrainConfig:
 
     # ---- checks --------------------------------------------------------------------------
     def problems(self, hardware: Hardware | None = None) -> list[str]:
-        """Every reason this configuration would fail or silently not do what it says."""
-        found: list[str] = []
-        positive = ["query_max_len", "passage_max_len", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "num_processes", "logging_steps"]
-        for name in positive:
+        """Every reason this configuration would fail or silently not do what it says; with
+        ``hardware``, also what would stop it when launched there."""
+        found = (self._count_problems() + self._training_problems() + self._deepspeed_problems()
+                 + self._lever_problems() + self._predictor_problems())
+        if hardware is not None:
+            found += self._launch_problems() + self._hardware_problems(hardware)
+        return found
+
+    def _count_problems(self) -> list[str]:
+        found = []
+        for name in ("query_max_len", "passage_max_len", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "num_processes", "logging_steps"):
             if getattr(self, name) < 1:
                 found.append(f"{name} is {getattr(self, name)}; it must be at least 1.")
-        if self.train_group_size < 2 and self.trainer == "flagembedding-m3":
+        if self.train_group_size < 1 and self.trainer == "flagembedding-m3":
             found.append(f"train_group_size is {self.train_group_size}; FlagEmbedding trains each query against one "
-                         "positive and train_group_size - 1 negatives, so it must be at least 2.")
+                         "positive and train_group_size - 1 negatives, so it must be at least 1.")
+        elif self.train_group_size == 1 and self.trainer == "flagembedding-m3" and self.texts_contrasted() < 2:
+            found.append("train_group_size is 1 (no negatives of its own) with one query per step on one process: "
+                         "FlagEmbedding would contrast each query's positive with nothing. Raise "
+                         "per_device_train_batch_size (the other queries' passages are then its negatives, as in "
+                         "BGE-M3's unsupervised stage), or give train_group_size 2 or more.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             found.append("Set max_steps > 0 or num_train_epochs > 0: as given, nothing would train.")
         if self.learning_rate <= 0:
             found.append(f"learning_rate is {self.learning_rate}; it must be positive.")
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                found.append(f"{name} is {getattr(self, name)}; give 1 or more, or None.")
+        return found
+
+    def texts_contrasted(self) -> int:
+        """The queries whose passages each query is scored against in a step: its own batch's, and every
+        process's with negatives_cross_device."""
+        return self.per_device_train_batch_size * (self.num_processes if self.negatives_cross_device else 1)
+
+    def _training_problems(self) -> list[str]:
+        found = []
         if self.fp16 and self.bf16:
             found.append("fp16 and bf16 are both on; choose one (a T4 can only do fp16).")
         if self.fix_encoder and not self.unified_finetuning:
@@ -155,6 +179,19 @@ class TrainConfig:
             found.append("negatives_cross_device shares negatives between processes, and with "
                          "num_processes=1 there are none to share: it has no effect. Turn it off, or "
                          "run 2+ processes.")
+        if self.sub_batch_size is not None and self.sub_batch_size < 1:
+            found.append(f"sub_batch_size is {self.sub_batch_size}; give the texts encoded at a time (1 or more), or "
+                         "None to encode each batch at once.")
+        if self.optim not in OPTIMIZERS:
+            found.append(f"optim is {self.optim!r}; m3lab knows {', '.join(OPTIMIZERS)}.")
+        elif self.optim != "adamw_torch" and self.deepspeed_stage is not None:
+            found.append(f"optim={self.optim} is HF Trainer's choice, and with DeepSpeed the optimizer is the one "
+                         "the DeepSpeed JSON names (HF ignores --optim). Set deepspeed_stage=None to use it "
+                         "(fp16 then runs through HF's mixed precision).")
+        return found
+
+    def _deepspeed_problems(self) -> list[str]:
+        found = []
         if self.deepspeed_stage is not None and self.deepspeed_stage not in (0, 1, 2):
             found.append(f"deepspeed_stage is {self.deepspeed_stage}; m3lab renders stages 0, 1 and 2 "
                          "(or None for no DeepSpeed).")
@@ -163,6 +200,18 @@ class TrainConfig:
                          "trainer (\"Gradient computed twice for this partition\"): the model encodes queries "
                          "and passages in two passes, and reentrant checkpointing then fires each gradient "
                          "hook twice. Use deepspeed_stage=1, or turn gradient_checkpointing off.")
+        if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
+            found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
+        if self.deepspeed_config_file is not None:
+            if self.deepspeed_stage is None:
+                found.append("deepspeed_config_file is set but deepspeed_stage is None; set the stage "
+                             "your JSON uses.")
+            else:
+                found += self._deepspeed_file_problems(Path(self.deepspeed_config_file))
+        return found
+
+    def _lever_problems(self) -> list[str]:
+        found = []
         if self.freeze_word_embeddings and self.fix_encoder:
             found.append("freeze_word_embeddings has no effect with fix_encoder, which freezes the whole encoder "
                          "already; turn one of them off.")
@@ -173,32 +222,27 @@ class TrainConfig:
             found.append("grad_cache_chunk_size with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
                          "partition\"): gradient caching back-propagates once per chunk, and ZeRO-2 reduces each "
                          "gradient the first time it arrives. Use deepspeed_stage=1 or 0, or no DeepSpeed.")
-        if self.sub_batch_size is not None and self.sub_batch_size < 1:
-            found.append(f"sub_batch_size is {self.sub_batch_size}; give the texts encoded at a time (1 or more), or "
-                         "None to encode each batch at once.")
         if self.sub_batch_size is not None and self.grad_cache_chunk_size:
             found.append("sub_batch_size and grad_cache_chunk_size both split the batch; gradient caching replaces "
                          "FlagEmbedding's encoding loop, so sub_batch_size would be ignored. Use one of them.")
+        return found
+
+    def _predictor_problems(self) -> list[str]:
+        found = []
         if self.trainer not in TRAINERS:
             found.append(f"trainer is {self.trainer!r}; m3lab knows {', '.join(TRAINERS)}.")
         if self.seq_len < 1:
             found.append(f"seq_len is {self.seq_len}; it must be at least 1.")
-        if self.optim not in OPTIMIZERS:
-            found.append(f"optim is {self.optim!r}; m3lab knows {', '.join(OPTIMIZERS)}.")
-        elif self.optim != "adamw_torch" and self.deepspeed_stage is not None:
-            found.append(f"optim={self.optim} is HF Trainer's choice, and with DeepSpeed the optimizer is the one "
-                         "the DeepSpeed JSON names (HF ignores --optim). Set deepspeed_stage=None to use it "
-                         "(fp16 then runs through HF's mixed precision).")
-        if self.offload_optimizer and (self.deepspeed_stage or 0) < 1:
-            found.append("offload_optimizer needs DeepSpeed ZeRO stage 1 or 2; set deepspeed_stage=1 or 2.")
-        if self.deepspeed_config_file is not None:
-            if self.deepspeed_stage is None:
-                found.append("deepspeed_config_file is set but deepspeed_stage is None; set the stage "
-                             "your JSON uses.")
-            else:
-                found += self._deepspeed_file_problems(Path(self.deepspeed_config_file))
-        if hardware is not None:
-            found += self._hardware_problems(hardware)
+        return found
+
+    def _launch_problems(self) -> list[str]:
+        """What FlagEmbedding would run without a word, but wrongly."""
+        found = []
+        if self.same_dataset_within_batch and self.query_instruction_for_retrieval is None:
+            found.append("same_dataset_within_batch with no query_instruction_for_retrieval: FlagEmbedding 1.4.2's "
+                         "same-dataset path then formats the missing instruction into every query, which trains as "
+                         "\"None\" + query (lesson 03 shows it). Set query_instruction_for_retrieval=\"\" (or your "
+                         "instruction), or turn same_dataset_within_batch off.")
         return found
 
     def check(self, hardware: Hardware | None = None) -> None:

@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import TrainerCallback
 
+from m3lab.gpus import GIB
+
 METRICS_DIR_ENV = "M3LAB_METRICS_DIR"
 MEMORY_LIMIT_ENV = "M3LAB_MEMORY_LIMIT_BYTES"
 SDPA_KERNEL_ENV = "M3LAB_SDPA_KERNEL"  # "efficient": attention as a T4 runs it, on any card
@@ -109,8 +111,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self._see_all(out)
         if self.limit_bytes is not None and self.current > self.limit_bytes:
             raise torch.OutOfMemoryError(
-                f"m3lab CPU memory limit: tried to hold {self.current / 2**30:.3f} GiB of live tensors "
-                f"in {func} with a limit of {self.limit_bytes / 2**30:.3f} GiB (set by {MEMORY_LIMIT_ENV})."
+                f"m3lab CPU memory limit: tried to hold {self.current / GIB:.3f} GiB of live tensors "
+                f"in {func} with a limit of {self.limit_bytes / GIB:.3f} GiB (set by {MEMORY_LIMIT_ENV})."
             )
         return out
 

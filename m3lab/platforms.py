@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3lab.gpus import GPU, gpu_profile
+from m3lab.gpus import GIB, GPU, gpu_profile
 
 GB = 10**9  # the runtimes show host RAM in decimal gigabytes
 
@@ -50,5 +50,5 @@ def platform_for(platform: str | None = None, gpu: str | None = None, host_ram_g
     profile = gpu_profile(gpu or "t4")
     if host_ram_gib is not None and host_ram_gib <= 0:
         raise ConfigError([f"--host-ram-gib {host_ram_gib:g}: the host's RAM must be more than 0 GiB."])
-    host = int(host_ram_gib * 2**30) if host_ram_gib is not None else None
+    host = int(host_ram_gib * GIB) if host_ram_gib is not None else None
     return Platform(profile.key, profile.name, profile, host)

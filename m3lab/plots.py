@@ -11,7 +11,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless machines fall back to Agg on their own
 
-GIB = 2**30
+from m3lab.gpus import GIB
 
 
 def _save(fig, path: str | Path | None):

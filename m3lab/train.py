@@ -22,6 +22,7 @@ from pathlib import Path
 from m3lab.command import format_command
 from m3lab.config import ConfigError, Hardware, TrainConfig
 from m3lab.data import load_jsonl, resolve_data_path
+from m3lab.gpus import GIB
 from m3lab.io import write_json_atomic, write_text_atomic
 from m3lab.measure import MEMORY_LIMIT_ENV, METRICS_DIR_ENV
 from m3lab.run_m3 import OOM_EXIT_CODE
@@ -133,7 +134,7 @@ class TrainResult:
             where = f"at step {self.oom_step}" if self.oom_step else "before the first step (loading the model)"
             return (f"OUT OF MEMORY {where} ({self.provenance}): "
                     f"{(self.oom_message or '').splitlines()[0][:300]}")
-        gib = self.peak_allocated_bytes / 2**30
+        gib = self.peak_allocated_bytes / GIB
         loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, " if self.losses else ""
         return (f"{self.status}: {len(self.steps)} steps, {loss}peak {gib:.3f} GiB per step "
                 f"({self.provenance}), {self.wall_time_s:.0f} s")

@@ -140,8 +140,8 @@ plots.token_length_histogram({"query": token_lengths([r["query"] for r in train_
 # **Reading it.** Token counts come from the tokenizer printed above: BGE-M3's own where the hub
 # answers (Colab, or Kaggle with its internet on), else the stand-in's, whose counts run higher; the
 # committed outputs were made offline, with the stand-in's. Queries are short: 64 tokens keeps nearly all of them whole. Passages are
-# long-tailed: the common advice's 392 tokens cuts nearly a quarter of the passages and over 40% of
-# passage tokens. Two 95% figures come up in the series, and they differ: the length that keeps 95% of
+# long-tailed: the common advice's 392 tokens cuts nearly a quarter of the passages (23.3%) and 42.1%
+# of passage tokens. Two 95% figures come up in the series, and they differ: the length that keeps 95% of
 # the *texts* whole (printed above), and the longer one that keeps 95% of the *tokens*, which
 # `m3lab fit` takes in lesson 07 (long passages hold most of the tokens, so keeping their tokens
 # needs more length than keeping most passages whole). Lesson 02 shows what each max length costs

@@ -150,6 +150,10 @@ for row in rows:
                    f"request {run.oom_requested_bytes / GIB:.2f} {oom.requested_bytes / GIB:.2f}")
     outcome = ("ran" if run.ran else "out of memory") + "; predicted " + report.short_verdict
     print(f"{run.label:52} {figures}  {outcome}")
+peaks = [abs(row.peak_error) for row in rows if row.peak_error is not None]
+reserved = [abs(row.reserved_error) for row in rows if row.reserved_error is not None]
+print(f"peaks: every one within {max(peaks):.1%}; reserved: {sum(e <= 0.02 for e in reserved)} of {len(reserved)} "
+      f"within 2.0%; outcomes: {sum(row.outcome_matches for row in rows)} of {len(rows)} as predicted")
 print(f"context estimate: {report.context_bytes / GIB:.2f} GiB; a close call: under "
       f"{lessons.CLOSE_CALL_BYTES / GIB:.1f} GiB to spare")
 
@@ -157,12 +161,15 @@ print(f"context estimate: {report.context_bytes / GIB:.2f} GiB; a close call: un
 plots.evidence(rows);
 
 # %% [markdown]
-# The peaks of live tensors agree within half a percent, and the allocator's reserved bytes within
-# 2% in all but one run: without gradient checkpointing the simulated cache holds 1.9 GiB more than
-# the card did (the cause is not found; the simulation errs on the safe side there). Under a T4's
-# limit the card ran what the verdicts say fits and ran out of memory where they say it does, on the
-# same request with the same bytes in use. What no measurement here covers: a real T4's CUDA context
-# (the estimate), and two T4s at once.
+# The peaks of live tensors agree within 0.5%, and the allocator's reserved bytes within 2.0% in all
+# runs but one: without gradient checkpointing the simulated cache holds 16.84 GiB where the card
+# reserved 14.93 (the cause is not found; the simulation errs on the safe side there). Under a T4's
+# limit the card ran what the verdicts say fits and ran out of memory where they say it does: on the
+# same 3.82 GiB request, with the same 11.72 GiB in use. The spare a verdict gives depends on the
+# order in which a run's blocks come and go: the advice with ZeRO-1 under a T4's limit has 2.68 GiB
+# to spare here, simulated as the H200 ran it (its first update skipped by fp16 loss scaling), and
+# less with two healthy steps (lesson 04). What no measurement here covers: a real T4's CUDA context
+# (the estimate above), and two T4s at once.
 
 # %% [markdown]
 # ## The real thing
@@ -199,9 +206,10 @@ print(lessons.prediction_table(lean))
 
 # %% [markdown]
 # Without the (passages x tokens x vocabulary) tensor, FlagEmbedding's example at its default 512
-# tokens goes from OOM to a close call (the optimizer step's 12.7 GiB is then the peak), and at
-# 8,192 tokens from 137 to about 20 GiB: still too much for a T4, now in the encoder's activations and
-# the loss's temporaries. The next lessons take the common advice knob by knob.
+# tokens peaks at 12.71 GiB (the optimizer step is then the peak) and is still out of memory, by 0.51
+# GiB once the allocator's gaps are counted; at 8,192 tokens the peak falls from 136.60 to 19.75 GiB:
+# still too much for a T4, now in the encoder's activations and the loss's temporaries. The next
+# lessons take the common advice knob by knob.
 
 
 # %% [markdown]
@@ -227,5 +235,5 @@ plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("01")));
 
 # %% [markdown]
 # **In one line.** FlagEmbedding's example on one T4, passages at BGE-M3's 8,192 tokens: 136.60 GiB
-# peak, OOM by 122.26 GiB, predicted; what fills the card is the sparse head's (passages x tokens x
-# vocabulary) tensor, not the weights.
+# peak, out of memory by 122.89 GiB, predicted; what fills the card is the sparse head's (passages x
+# tokens x vocabulary) tensor, not the weights.

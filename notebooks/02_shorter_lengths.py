@@ -98,17 +98,17 @@ lessons.print_commands({**passage_configs, **query_configs}, "02")
 
 # %% [markdown]
 # **What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x
-# vocabulary) tensor makes the peak: from 8,192 down to 512 tokens the peak falls from 137 to
-# 15.5 GiB, still 1.2 GiB too much. At 392 the live tensors leave 0.7 GiB for the allocator's cache and
-# the CUDA context: a close call. At 256 and below the curve is flat
-# at 12.71 GiB, because the peak is now the optimizer step (ZeRO-0: fp32 master weights and Adam
-# moments, 6.4 GiB, plus their update temporaries), which no length changes. So the advice's 392 is
-# not the knee: 256 peaks at 12.71 GiB against 392's 13.64 GiB, where the floor begins, at the price
-# of more text cut (52% of passage tokens instead of 42% here); below 256 length buys nothing, and
-# longer than 392 does not fit. Query length hardly
-# matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one text per group. The margin
-# left at the floor is the allocator's cache and the CUDA context, both estimates; the next lessons
-# look for real room.
+# vocabulary) tensor makes the peak: from 8,192 down to 512 tokens the peak falls from 136.54 to
+# 15.54 GiB, still out of memory by 5.08 GiB. The advice's 392 peaks at 13.64 GiB and is out of
+# memory too, by 2.40: the sparse head's big requests find the allocator's cache cut into gaps, and the
+# step needs 17.14 GiB of the card. At 256 and below the peak is flat at 12.71 GiB, because it is now
+# the optimizer step (ZeRO-0: fp32 master weights, Adam moments and their update temporaries), which
+# no length changes. There 256 fits, with 0.71 GiB to spare, and 128, whose blocks land worse, does
+# not (short by 0.51): near the card's limit the allocator's gaps decide, which is why every verdict
+# counts them. So the advice's 392 is not the knee; 256 is, at the price of more text cut (52.0% of
+# passage tokens instead of 42.1%, counted with the tokenizer printed above, the stand-in's when
+# offline). Query length hardly matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one
+# text per group.
 
 
 # %% [markdown]
@@ -140,14 +140,14 @@ plots.memory_curve(passage_lengths, list(by_passage.values()), "passage_max_len 
 # %% [markdown]
 # **What it shows.** Where the sparse head's tensor makes the peak, one passage at a time takes it
 # away: from 392 up to 2,048 tokens the peak falls to the optimizer step's floor, 12.71 GiB (at 2,048
-# from 39.74), a close call like 392 without it; at 256 and below it changes nothing; at 4,096 and
-# 8,192 the encoder's own activations are left (15.98 and 23.44 GiB: out of memory). On paper that
-# is five times the text of the advice's 392 for the same peak. Two catches keep it out of the path: with unified
-# fine-tuning (the example's dense + sparse + ColBERT) FlagEmbedding 1.4.2 concatenates the chunks'
-# ColBERT vectors, which fails as soon as two chunks are padded to different lengths, as real data
-# makes them (lesson 07 ran into it: "Sizes of tensors must match"); and these figures assume every
-# chunk padded to the full length. Lesson 08's efficient sparse head does the same job inside one
-# batch, without chunks.
+# from 39.74), but with the allocator's gaps each of them is out of memory by about half a GiB, like
+# the example's own 128; at 4,096 and 8,192 the encoder's own activations are left (15.98 and 23.44
+# GiB). On paper that is five times the text of the advice's 392 for a lower peak. Two catches keep it
+# out of the path: with unified fine-tuning (the example's dense + sparse + ColBERT) FlagEmbedding
+# 1.4.2 concatenates the chunks' ColBERT vectors, which fails as soon as two chunks are padded to
+# different lengths, as real data makes them (lesson 07 runs it and shows the error); and these
+# figures assume every chunk padded to the full length. Lesson 08's efficient sparse head does the
+# same job inside one batch, without chunks.
 
 
 # %% [markdown]
@@ -174,5 +174,5 @@ print(lessons.prediction_table(so_far))
 plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("02")));
 
 # %% [markdown]
-# **In one line.** Cutting to 64/392 tokens takes the peak from 136.60 to 13.64 GiB: a close call
-# (0.70 GiB left before the cache), not a fit, predicted for a T4.
+# **In one line.** Cutting to 64/392 tokens takes the peak from 136.60 to 13.64 GiB, and the run is
+# still out of memory, by 2.40 GiB, predicted for a T4.

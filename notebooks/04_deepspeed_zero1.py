@@ -83,6 +83,10 @@ for label, report in reports.items():
           f"host RAM needed {report.host.total_bytes / GIB:.2f} GiB"
           + (f" (the offloaded optimizer: {report.host_peak_bytes / GIB:.2f} GiB)" if report.host_peak_bytes else ""))
 print("host RAM: fp32 weights as loaded counted, offloaded optimizer traced, processes estimated (m3lab.predict.host)")
+from m3lab.platforms import GB, PLATFORMS
+
+print("; ".join(f"{p.name} has {p.host_ram_bytes / GB:.1f} GB = {p.host_ram_bytes / GIB:.2f} GiB of host RAM"
+                for p in PLATFORMS.values()))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -135,33 +139,62 @@ plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) for r in measured.
 
 # %% [markdown]
 # **Verdict.** On one T4, ZeRO-1 partitions nothing: there is one partition, and the optimizer
-# states are the same 6.36 GiB as ZeRO-0's (measured: the same Adam bytes on one process, to a few
-# bytes of padding). Its step does peak about 1 GiB lower than ZeRO-0's (11.65 against 12.71 GiB),
-# and the table of what is alive at the peak says why: both peak in the optimizer step, at
-# `_foreach_sqrt`, with the same 4.24 GiB of temporaries; the difference is ZeRO-0's 1.06 GiB of fp16
-# gradients, still alive during its step, which ZeRO-1 has already copied into its fp32 partition.
-# Upstream's own ds_stage0.json (DeepSpeed's FusedAdam instead of `torch_adam`) peaks at the same
-# 12.71 GiB. Every DeepSpeed run on one T4 is a close call: the margin left is the allocator's cache
-# and the CUDA context, both estimates.
+# states are the same 6.36 GiB as ZeRO-0's (the real DeepSpeed runs above hold the same Adam bytes on
+# one process, to a few bytes of padding). Its step peaks lower than ZeRO-0's (11.66 against 12.71
+# GiB); both peak in the optimizer step, and the table of what is alive there says where the
+# difference is: the step's temporaries (3.18 against 4.24 GiB). Yet ZeRO-1 needs more of the card
+# (14.18 against 13.20 GiB): its allocator's gaps are wider, and it fits with 0.56 GiB to spare where
+# ZeRO-0 has 1.54. Upstream's own ds_stage0.json (DeepSpeed's FusedAdam instead of `torch_adam`) peaks
+# at the same 12.71 GiB and has 0.52 to spare. Lesson 01's measurements put the advice with ZeRO-1
+# under a T4's limit: it ran.
 #
 # **On one T4, drop DeepSpeed.** HF Trainer's own fp16 (autocast) with torch's AdamW peaks at 10.58
-# GiB and fits with 2.30 GiB to spare; with HF's default `--optim adamw_torch_fused`, 10.37 GiB and 2.70
-# GiB. It keeps fp32 weights (2.12 GiB) and no fp16 copy, where DeepSpeed's fp16 keeps fp16 weights
-# and fp32 masters, and its optimizer temporaries are half DeepSpeed's (2.12 against 4.24 GiB).
+# GiB and fits with 2.57 GiB to spare; with HF's default `--optim adamw_torch_fused`, 9.42 GiB and
+# 3.59 GiB to spare (the plot marks what the H200 measured for both). It keeps fp32 weights (2.12
+# GiB) and no fp16 copy, where DeepSpeed's fp16 keeps fp16 weights and fp32 masters.
 #
-# **On two T4s, ZeRO-1.** On Kaggle's 2 x T4 ZeRO-1 halves the states per GPU (3.18 GiB each;
-# measured: each rank holds exactly half the Adam bytes), which is the saving the advice promises: 7.18
-# GiB peak and 3.89 GiB to spare. Without DeepSpeed each GPU holds everything, as on one (10.37 GiB);
-# ZeRO-2 (which with FlagEmbedding's M3 model needs checkpointing off, lesson 05) partitions the
-# gradients too but, without checkpointing, peaks at 8.46 GiB. One more measured detail: in full
-# precision (the CPU runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0 does not need; with fp16 on
-# a GPU both keep one.
+# **On two T4s, ZeRO-1.** On Kaggle's 2 x T4 ZeRO-1 halves the states per GPU, 3.18 GiB each
+# (predicted; the halving itself is measured above on two processes of the stand-in, each rank
+# holding exactly half the Adam bytes), which is the saving the advice promises: 6.70 GiB peak and
+# 6.86 GiB to spare. Without DeepSpeed each GPU holds everything, as on one (9.42 GiB); ZeRO-2, which
+# with FlagEmbedding's M3 model needs checkpointing off (lesson 05), partitions the gradients too and,
+# without checkpointing, peaks at 8.46 GiB. One more measured detail: in full precision (the CPU
+# runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0 does not need; with fp16 on a GPU both keep one.
 #
-# **Offload** takes states and update off the GPU entirely (4.48 GiB peak), at the price of host RAM.
-# With `torch_adam` (torch's AdamW on the CPU) the run needs 16.75 GiB of it (the offloaded optimizer
-# traced at 14.25 GiB, the process and launcher estimated); with DeepSpeed's own CPU Adam (upstream's
-# JSON, no `torch_adam`) 12.51 GiB (10.01 GiB traced). Both are more than free Colab's 12.7 GB
-# (11.83 GiB); Kaggle's 29 GB hold either.
+# **Offload** takes states and update off the GPU entirely (4.50 GiB peak, 9.61 to spare), at the
+# price of host RAM. With `torch_adam` (torch's AdamW on the CPU) the run needs 16.75 GiB of it (the
+# offloaded optimizer traced at 14.25 GiB, the process and launcher estimated); with DeepSpeed's own
+# CPU Adam (upstream's JSON, no `torch_adam`) 12.51 GiB (10.01 GiB traced). Both are more than free
+# Colab's 11.83 GiB; Kaggle's 27.01 GiB hold either.
+#
+# ## FlagEmbedding's own ds_stage1.json, as master ships it
+#
+# The advice says to switch to `ds_stage1.json`, and the file in FlagEmbedding's repository today
+# (master, 7ed43d6; `data/upstream/`) does not start: it keeps fp16's loss-scale keys under `"bf16"`
+# as well, and DeepSpeed 0.17.1 and later refuse them there, in fp16 too, before the first step
+# (FlagEmbedding issue #1487). m3lab reads the file as DeepSpeed would:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import json
+
+from m3lab import deepspeed_json
+from m3lab.config import ConfigError
+from m3lab.data import REPO_ROOT
+
+upstream_json = REPO_ROOT / "data" / "upstream" / "ds_stage1.json"
+try:
+    deepspeed_json.read(upstream_json)
+except ConfigError as error:
+    print(error.problems[0].replace(str(REPO_ROOT) + os.sep, ""))
+# the fix: keep only what DeepSpeed accepts under "bf16"
+settings = json.loads(upstream_json.read_text())
+settings["bf16"] = {key: value for key, value in settings["bf16"].items() if key == "enabled"}
+print('mended "bf16":', json.dumps(settings["bf16"]), "; fp16 keeps", sorted(settings["fp16"]))
+
+# %% [markdown]
+# Write the mended file beside your command (or use the JSON m3lab prints with it), and `m3lab
+# predict --gpu t4 -- <your command>` names the same keys if a file has them.
 
 
 # %% [markdown]
@@ -188,5 +221,5 @@ print(lessons.prediction_table(so_far))
 plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("04")));
 
 # %% [markdown]
-# **In one line.** On one T4, drop DeepSpeed: 10.37 GiB peak and 2.70 GiB to spare with fused AdamW;
-# on two T4s ZeRO-1 is the one that helps (7.18 GiB per GPU), all predicted.
+# **In one line.** On one T4, drop DeepSpeed: 9.42 GiB peak and 3.59 GiB to spare with fused AdamW;
+# on two T4s ZeRO-1 is the one that helps (6.70 GiB per GPU, 6.86 to spare), all predicted.

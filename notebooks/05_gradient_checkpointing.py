@@ -140,14 +140,13 @@ except ConfigError as error:
 
 # %% [markdown]
 # **Verdict.** Keep checkpointing on. Where the path stands, turning it off raises the peak from
-# 10.37 to 11.59 GiB: autograd then keeps every layer's intermediates (3.04 GiB of activations at
-# the peak, against none with it). At 392
-# tokens that still fits; as texts grow it decides: at 1,024 passage tokens a close call with it
-# (13.29 GiB) and OOM by 4.66 GiB without. It costs one extra forward pass of the encoder per step;
-# on the stand-in, whose layers are tiny, that is lost in the noise of the step times above; on
-# BGE-M3, where the forward is roughly a third of a step's compute, expect up to a third more step
-# time (an estimate, not measured here). The stand-in run above shows the same direction on a CPU,
-# not the full-size figures.
+# 9.42 to 11.59 GiB: autograd then keeps every layer's intermediates (3.04 GiB of activations at the
+# peak, against none with it). At 392 tokens both fit (3.59 and 2.57 GiB to spare); as texts grow it
+# decides how far out of memory a run is: at 1,024 passage tokens short by 0.61 GiB with it and by
+# 6.12 without. It costs one more forward pass of the encoder per step: counted in the traces, +33%
+# FLOPs a step at 392 tokens (6.3 against 4.7 TFLOP). The stand-in's step times above are timed on
+# whatever CPU runs the lesson, where a tiny model's steps are mostly overhead: they show the
+# direction of the memory, not the cost in time.
 
 
 # %% [markdown]
@@ -173,4 +172,5 @@ plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("05")));
 
 # %% [markdown]
 # **In one line.** Keep gradient checkpointing on: where the path stands, off raises the peak from
-# 10.37 to 11.59 GiB, predicted for a T4.
+# 9.42 to 11.59 GiB, predicted for a T4, and on costs one more forward pass (+33% FLOPs a step,
+# counted).

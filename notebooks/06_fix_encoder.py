@@ -121,10 +121,10 @@ for label, report in ckpt.items():
 # %% [markdown]
 # With checkpointing on (as in FlagEmbedding's example) the frozen encoder's saved inputs are most of
 # the activations (7.56 GiB) and the run is out of memory; turned off, they go (0.76 GiB) and the
-# peak falls from 16.80 to 9.98 GiB: with `fix_encoder`, pass `--gradient_checkpointing False`. It is
-# still a close call, because the allocator's cache, an estimate here, is large at this length. (A
-# prediction for full-length batches: with unified fine-tuning FlagEmbedding 1.4.2's `--sub_batch_size`
-# fails on real data whose chunks pad to different lengths, lesson 07.)
+# peak falls from 16.80 to 9.98 GiB, which fits with 1.29 GiB to spare: with `fix_encoder`, pass
+# `--gradient_checkpointing False`. (A prediction for full-length batches: with unified fine-tuning
+# FlagEmbedding 1.4.2's `--sub_batch_size` fails on real data whose chunks pad to different lengths,
+# lesson 07.)
 #
 # ## The second trap: fix_encoder without unified_finetuning
 #
@@ -143,15 +143,14 @@ except ConfigError as error:
     print(error)
 
 # %% [markdown]
-# **Verdict.** `fix_encoder` frees most of the card (where the path stands, 10.37 GiB falls to 4.60:
-# the gradients and optimizer states of 568M parameters go; without DeepSpeed the frozen weights stay in
-# fp32), but it is not fine-tuning BGE-M3: the encoder and therefore the dense embeddings stay as they
-# were, so the path does not take it.
-# Note also what remains at the peak: the sparse head's (passages x tokens x vocabulary) tensor,
-# which is why FlagEmbedding's example at 8,192 tokens is still 116 GiB over with a frozen encoder;
-# with `--sub_batch_size 1` it comes within the card only once gradient checkpointing is off (7.56
-# against 0.76 GiB of activations at the peak; a close call). Use it when only the sparse and ColBERT
-# scores need adapting; otherwise see lesson 07.
+# **Verdict.** `fix_encoder` frees most of the card (where the path stands, the peak falls from 9.42
+# to 4.60 GiB: the gradients and optimizer states of 568M parameters go; without DeepSpeed the frozen
+# weights stay in fp32), but it is not fine-tuning BGE-M3: the encoder and therefore the dense
+# embeddings stay as they were, so the path does not take it. Note also what remains at the peak:
+# the sparse head's (passages x tokens x vocabulary) tensor, which is why FlagEmbedding's example at
+# 8,192 tokens is still 116.86 GiB short with a frozen encoder; with `--sub_batch_size 1` it fits only
+# once gradient checkpointing is off (7.56 against 0.76 GiB of activations at the peak). Use it when
+# only the sparse and ColBERT scores need adapting; otherwise see lesson 07.
 
 
 # %% [markdown]
@@ -176,5 +175,5 @@ print(lessons.prediction_table(so_far))
 plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("06")));
 
 # %% [markdown]
-# **In one line.** fix_encoder takes the peak from 10.37 to 4.60 GiB but leaves the encoder untrained:
+# **In one line.** fix_encoder takes the peak from 9.42 to 4.60 GiB but leaves the encoder untrained:
 # the path does not take it.

@@ -112,3 +112,14 @@ def test_each_lesson_ends_with_its_answer_in_one_line_from_checked_outputs(lesso
     assert last.cell_type == "markdown" and last.source.startswith("**In one line.**"), lesson.stem
     missing = _unchecked_figures(last.source.replace("\n", " "), lesson.with_suffix(".ipynb"))
     assert not missing, f"{lesson.stem}'s answer quotes {missing}, which no checked output of it shows"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_every_figure_a_lesson_states_is_in_its_checked_outputs(lesson):
+    """Figures in prose come from checked cells: every figure in a lesson's text (GiB, percentages,
+    counts) is in one of its NBVAL_CHECK_OUTPUT outputs, so a re-run that moves it fails here."""
+    notebook = lesson.with_suffix(".ipynb")
+    cells = nbformat.read(notebook, as_version=4).cells
+    prose = " ".join(cell.source.replace("\n", " ") for cell in cells[1:] if cell.cell_type == "markdown")
+    missing = _unchecked_figures(prose, notebook)
+    assert not missing, f"{lesson.stem}'s text quotes {missing}, which no checked output of it shows"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 2**30
+from m3lab.gpus import GIB
+
 # Estimates, not measurements: importing torch, DeepSpeed, transformers and FlagEmbedding took
 # 0.55 GiB of resident memory on a CPU machine here (2026-11-29); CUDA's libraries and context add
 # host memory that was not measured: 1.5 GiB is allowed per training process.

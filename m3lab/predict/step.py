@@ -108,91 +108,116 @@ def module_hooks(model, trace: MemoryTrace):
 
 
 
+def _model_on_the_gpu(spec: TraceSpec, trace: MemoryTrace):
+    """The model and its inputs, placed as a real run places them. The runner loads the model in host
+    memory; DeepSpeed's engine casts it to fp16/bf16 there; HF Trainer or the engine then moves it to
+    the GPU, tensor by tensor."""
+    with trace.unrecorded(), default_dtype(HALF.get(spec.precision) if spec.deepspeed is not None else None):
+        model = build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
+    trace.relabel(moved_to_the_gpu(model), Category.WEIGHTS)
+    trace.relabel(list(model.buffers()), Category.OTHER)
+    return model, m3_inputs(spec) if spec.trainer == "flagembedding-m3" else hf_inputs(spec)
+
+
+class _Labels:
+    """Tells the trace what the driver's tensors are: optimizer states after each step, gradients
+    the moment autograd stores them, DeepSpeed's gradient bucket as soon as it exists."""
+
+    def __init__(self, trace: MemoryTrace, driver, model):
+        self.trace, self.driver, self.model = trace, driver, model
+        self.handles = module_hooks(model, trace)
+        for param in model.parameters():
+            if param.requires_grad:
+                self.handles.append(param.register_post_accumulate_grad_hook(self.gradient))
+
+    def states(self) -> None:
+        from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+
+        optimizer = self.driver.optimizer
+        self.trace.relabel(optimizer_state_tensors(optimizer) + fp32_master_tensors(optimizer),
+                           Category.OPTIMIZER_STATES)
+
+    def gradient(self, param) -> None:
+        self.trace.relabel([param.grad] if param.grad is not None else [], Category.GRADIENTS)
+        self.trace.relabel(self.driver.buffers(), Category.OTHER)
+
+    def gradients(self) -> None:
+        self.trace.relabel(grad_tensors(self.driver.optimizer, self.model), Category.GRADIENTS)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _step(trace: MemoryTrace, driver, labels: _Labels, inputs, spec: TraceSpec) -> StepTrace:
+    """One optimizer step (all its micro-batches), traced."""
+    trace.reset_peak()
+    trace.flops = 0
+    for _ in range(spec.gradient_accumulation_steps):
+        trace.enter(Phase.FORWARD)
+        loss = driver.loss(inputs)
+        trace.module = ""
+        trace.enter(Phase.BACKWARD)
+        driver.backward(loss)
+        del loss
+        labels.gradients()
+    trace.enter(Phase.OPTIMIZER)
+    driver.step()
+    labels.states()
+    allocator = trace.allocator
+    reserved, held = (allocator.peak_reserved, allocator.peak_held) if allocator else (trace.peak,) * 2
+    return StepTrace(dict(trace.candidates), list(trace.history), reserved, held, trace.flops)
+
+
+def _model_states(trace: MemoryTrace, model, driver) -> dict[str, int]:
+    """What the model holds after its steps: weights and optimizer states (on the GPU, and what an
+    offloaded optimizer holds in host memory), and its parameters."""
+    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+
+    states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
+    return {"weights": sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),
+            "optimizer_states": sum(e.nbytes for e in trace.live.values() if e.category is Category.OPTIMIZER_STATES),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params": sum(p.numel() for p in model.parameters()),
+            # offloaded: fp32 masters and Adam states in host memory, and the host's peak
+            "offloaded_optimizer_states": sum(
+                storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(states)}.values()
+                if storage._cdata in trace.host_live),
+            "host_peak_bytes": trace.host_peak}
+
+
 def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False,
-                  limited: bool = True, first_update_skipped: bool = False):
+                  limited: bool = True, first_update_skipped: bool = False) -> RankSteps:
     """Two training steps of one rank on fake tensors, the allocator limited to the card's memory
     (``limited=False``: not limited, as for shallow copies, whose figures are extrapolated).
     ``first_update_skipped``: DeepSpeed's fp16 loss scaling finds an overflow in the first step and
     skips its update, as it does on the first steps of many runs (its scale starts at 2**16)."""
-    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
-
-    half = spec.precision in ("fp16", "bf16")
-    kernel = gpu.sdpa_kernel(half) if gpu is not None else "cpu"
+    kernel = gpu.sdpa_kernel(spec.precision in HALF) if gpu is not None else "cpu"
     import_lazy_modules(spec.model_config)
     if spec.optim == "adamw_bnb_8bit":
         bnb_quantization_maps()
-    offload = spec.offloads
     trace = MemoryTrace(rounding=gpu is not None, record_events=record_events,
                         limit_bytes=gpu.allocator_limit_bytes if gpu is not None and limited else None,
-                        separate_host=offload)
-    device = GPU_DEVICE if offload else "cpu"
-    steps: list[StepTrace] = []
-    out_of_memory = None
+                        separate_host=spec.offloads)
+    device = GPU_DEVICE if spec.offloads else "cpu"
     bnb = compat.bitsandbytes_overrides_isolated() if spec.optim == "adamw_bnb_8bit" else contextlib.nullcontext()
     with simulation(gpu, kernel, rank, spec.num_gpus, spec.model_config, device), bnb, \
             TracedFakeTensorMode(trace, allow_non_fake_inputs=True), default_device(device):
-        # The runner loads the model in host memory; DeepSpeed's engine casts it to fp16/bf16 there
-        # and HF Trainer or the engine then moves it to the GPU, tensor by tensor
-        with trace.unrecorded(), default_dtype(HALF.get(spec.precision) if spec.deepspeed is not None else None):
-            model = build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
-        trace.relabel(moved_to_the_gpu(model), Category.WEIGHTS)
-        trace.relabel(list(model.buffers()), Category.OTHER)
-        inputs = m3_inputs(spec) if spec.trainer == "flagembedding-m3" else hf_inputs(spec)
+        model, inputs = _model_on_the_gpu(spec, trace)
         driver = (DeepSpeedDriver if spec.deepspeed is not None else PlainDriver)(model, spec)
         trace.relabel(list(model.parameters()), Category.WEIGHTS)
-
-        def label_states():
-            states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
-            trace.relabel(states, Category.OPTIMIZER_STATES)
-
-        label_states()
+        labels = _Labels(trace, driver, model)
+        labels.states()
         trace.relabel(tree_flatten(inputs)[0], Category.OTHER)
-        handles = module_hooks(model, trace)
-
-        def label_gradient(param):
-            # A gradient is labelled the moment autograd stores it; DeepSpeed's gradient bucket,
-            # created at the first gradient and gone by the step, is labelled as soon as it exists.
-            trace.relabel([param.grad] if param.grad is not None else [], Category.GRADIENTS)
-            trace.relabel(driver.buffers(), Category.OTHER)
-
-        for param in model.parameters():
-            if param.requires_grad:
-                handles.append(param.register_post_accumulate_grad_hook(label_gradient))
+        steps, out_of_memory = [], None
         try:
             for step in (1, 2):
-                trace.reset_peak()
                 trace.overflowing = first_update_skipped and step == 1
-                trace.flops = 0
-                for _ in range(spec.gradient_accumulation_steps):
-                    trace.enter(Phase.FORWARD)
-                    loss = driver.loss(inputs)
-                    trace.module = ""
-                    trace.enter(Phase.BACKWARD)
-                    driver.backward(loss)
-                    del loss
-                    trace.relabel(grad_tensors(driver.optimizer, model), Category.GRADIENTS)
-                trace.enter(Phase.OPTIMIZER)
-                driver.step()
-                label_states()
-                allocator = trace.allocator
-                if allocator is not None:
-                    if allocator.out_of_memory is not None and out_of_memory is None:
-                        out_of_memory = dataclasses.replace(allocator.out_of_memory, step=len(steps) + 1)
-                reserved, held = (allocator.peak_reserved, allocator.peak_held) if allocator else (trace.peak,) * 2
-                steps.append(StepTrace(dict(trace.candidates), list(trace.history), reserved, held, trace.flops))
+                steps.append(_step(trace, driver, labels, inputs, spec))
                 trace.phase = Phase.BETWEEN_STEPS
+                found = trace.allocator.out_of_memory if trace.allocator is not None else None
+                if found is not None and out_of_memory is None:
+                    out_of_memory = dataclasses.replace(found, step=step)
         finally:
-            for handle in handles:
-                handle.remove()
-        model_states = {"weights": sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),
-                        "optimizer_states": sum(e.nbytes for e in trace.live.values()
-                                                if e.category is Category.OPTIMIZER_STATES),
-                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        "params": sum(p.numel() for p in model.parameters()),
-                        # offloaded: fp32 masters and Adam states in host memory, and the host's peak
-                        "offloaded_optimizer_states": sum(
-                            storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(
-                                optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer))
-                            }.values() if storage._cdata in trace.host_live),
-                        "host_peak_bytes": trace.host_peak}
-    return RankSteps(steps[0], steps[1], model_states, kernel, trace, out_of_memory)
+            labels.remove()
+        return RankSteps(steps[0], steps[1], _model_states(trace, model, driver), kernel, trace, out_of_memory)

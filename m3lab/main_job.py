@@ -16,13 +16,11 @@ from pathlib import Path
 from m3lab import plots
 from m3lab.config import Hardware, TrainConfig
 from m3lab.data import load_jsonl, resolve_data_path, token_length_stats, token_lengths
-from m3lab.gpus import gpu_profile
+from m3lab.gpus import GIB, gpu_profile
 from m3lab.io import write_json_atomic, write_text_atomic
 from m3lab.predict import predict
 from m3lab.standin import REAL_MODEL, STANDIN, resolve_model
 from m3lab.train import TrainResult, train
-
-GIB = 2**30
 
 
 @dataclass
@@ -68,7 +66,7 @@ def predict_t4_table() -> list[dict]:
     for label, config in configs:
         report = predict(config, "t4")
         rows.append({"configuration": label, "peak_allocated_gib": round(report.peak_allocated_bytes / GIB, 2),
-                     "total_gib": round(report.total_bytes / GIB, 2), "verdict": report.verdict,
+                     "needs_gib": round(report.total_bytes / GIB, 2), "verdict": report.verdict,
                      "peak_in": f"{report.peak_phase} ({report.peak_op})", "provenance": report.provenance})
     return rows
 
@@ -93,24 +91,20 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print) -> dict:
-    """Everything ``m3lab run`` does; returns what it wrote into report.json."""
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hardware = Hardware.detect()
-    on_gpu = hardware.device == "cuda"
-    if model == "auto":
-        model = REAL_MODEL if on_gpu else STANDIN
-    where = hardware.gpu_name if on_gpu else "CPU"
-    log(f"m3lab main job: model {model} on {where} ({hardware.gpu_count} GPU(s)), Python {platform.python_version()}")
+@dataclass
+class Section:
+    """What one part of the main job found: its rows for report.json and its text for report.md."""
 
-    # 1. data: validation and token lengths with the model's own tokenizer
+    rows: list[dict]
+    markdown: str
+
+
+def _data(out_dir: Path, model: str, log) -> Section:
+    """The data checked, and its token lengths with the model's own tokenizer."""
     from transformers import AutoTokenizer
 
-    train_path, eval_path = resolve_data_path("data/train.jsonl"), resolve_data_path("data/eval.jsonl")
-    records = load_jsonl(train_path)
-    held_out = load_jsonl(eval_path)
+    records = load_jsonl(resolve_data_path("data/train.jsonl"))
+    held_out = load_jsonl(resolve_data_path("data/eval.jsonl"))
     log(f"data: {len(records)} training and {len(held_out)} held-out queries, all lines valid")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     stats = token_length_stats(records, tokenizer, query_max_len=64, passage_max_len=392)
@@ -119,10 +113,12 @@ def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print
         {"query": token_lengths([r["query"] for r in records], tokenizer).tolist(),
          "passage": token_lengths(passages, tokenizer).tolist()},
         out_dir / "token_lengths.png", max_lens={"query": 64, "passage": 392}, tokenizer_name=model)
-    stats_rows = [{k: round(v, 3) if isinstance(v, float) else v for k, v in s.as_row().items()} for s in stats]
+    rows = [{k: round(v, 3) if isinstance(v, float) else v for k, v in s.as_row().items()} for s in stats]
+    return Section(rows, "## Token lengths (training data)\n\n" + _markdown_table(rows))
 
-    # 2. memory of real runs, one configuration at a time
-    runs, finetune_config = experiments(model, on_gpu)
+
+def _measured(out_dir: Path, model: str, runs: list[Experiment], log) -> tuple[Section, str]:
+    """Each configuration trained for real, its peak memory and optimizer state; and their provenance."""
     rows, results = [], []
     for experiment in runs:
         log(f"training: {experiment.label} ...")
@@ -131,48 +127,66 @@ def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print
         rows.append(_row(experiment.label, result))
         log(f"  {result.summary()}")
     provenance = results[0].provenance
-    plots.memory_bars([r["configuration"] for r in rows], [r["peak_allocated_gib"] * GIB for r in rows],
-                      provenance, out_dir / "memory.png",
+    labels = [r["configuration"] for r in rows]
+    plots.memory_bars(labels, [r["peak_allocated_gib"] * GIB for r in rows], provenance, out_dir / "memory.png",
                       title=f"Peak memory of one training step ({model})")
-    plots.memory_bars([r["configuration"] for r in rows],
-                      [r["optimizer_state_bytes_rank0"] or 0 for r in rows], provenance,
+    plots.memory_bars(labels, [r["optimizer_state_bytes_rank0"] or 0 for r in rows], provenance,
                       out_dir / "optimizer_state.png", title="AdamW state held by rank 0 (real DeepSpeed)",
                       ylabel="optimizer state on rank 0 (GiB)")
+    markdown = ("## Memory of one training step\n\n" + _markdown_table(rows)
+                + "\n\n![memory](memory.png)\n\n![optimizer state](optimizer_state.png)")
+    return Section(rows, markdown), provenance
 
-    # 3. a short real fine-tuning run
-    log(f"fine-tuning {model} for {finetune_config.max_steps} steps ...")
-    finetune = train(finetune_config, runs_root=out_dir / "runs")
-    log(f"  {finetune.summary()}")
-    plots.loss_curve(finetune, out_dir / "loss.png", title=f"Fine-tuning {model} with FlagEmbedding's M3 trainer")
 
-    # 4. full-size BGE-M3 on a T4, predicted (no GPU needed)
+def _finetuned(out_dir: Path, model: str, config: TrainConfig, log) -> TrainResult:
+    log(f"fine-tuning {model} for {config.max_steps} steps ...")
+    result = train(config, runs_root=out_dir / "runs")
+    log(f"  {result.summary()}")
+    plots.loss_curve(result, out_dir / "loss.png", title=f"Fine-tuning {model} with FlagEmbedding's M3 trainer")
+    return result
+
+
+def _predicted(out_dir: Path, log) -> Section:
     log("predicting full-size BGE-M3 on a Tesla T4 ...")
-    predicted = predict_t4_table()
-    plots.memory_bars([r["configuration"] for r in predicted], [r["peak_allocated_gib"] * GIB for r in predicted],
+    rows = predict_t4_table()
+    plots.memory_bars([r["configuration"] for r in rows], [r["peak_allocated_gib"] * GIB for r in rows],
                       "predicted for Tesla T4 (Colab): peak allocated", out_dir / "predicted_t4.png",
                       title="Full-size BGE-M3, one training step on a T4 (predicted)",
                       usable_bytes=gpu_profile("t4").usable_bytes, usable_label="T4 usable memory")
+    markdown = ("## Full-size BGE-M3 on a T4, predicted\n\nPredicted by tracing the real training step on fake "
+                "tensors, with PyTorch's caching allocator simulated under the card's limit (`m3lab.predict`); "
+                "the CUDA context is an estimate.\n\n" + _markdown_table(rows) + "\n\n![predicted](predicted_t4.png)")
+    return Section(rows, markdown)
 
+
+def run_main_job(out_dir: str | Path = "results", model: str = "auto", log=print) -> dict:
+    """Everything ``m3lab run`` does; returns what it wrote into report.json."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hardware = Hardware.detect()
+    on_gpu = hardware.device == "cuda"
+    model = (REAL_MODEL if on_gpu else STANDIN) if model == "auto" else model
+    where = hardware.gpu_name if on_gpu else "CPU"
+    log(f"m3lab main job: model {model} on {where} ({hardware.gpu_count} GPU(s)), Python {platform.python_version()}")
+    data = _data(out_dir, model, log)
+    runs, finetune_config = experiments(model, on_gpu)
+    measured, provenance = _measured(out_dir, model, runs, log)
+    finetune = _finetuned(out_dir, model, finetune_config, log)
+    predicted = _predicted(out_dir, log)
     report = {
-        "model": model, "device": where, "provenance": provenance, "token_lengths": stats_rows,
-        "predicted_t4": predicted,
-        "memory": rows, "finetune": {"losses": finetune.losses, "command": finetune.command,
-                                     "summary": finetune.summary()},
-        "copyable_command": finetune_config.shell_command(),
-        "deepspeed_json": finetune_config.deepspeed_json(),
+        "model": model, "device": where, "provenance": provenance, "token_lengths": data.rows,
+        "predicted_t4": predicted.rows, "memory": measured.rows,
+        "finetune": {"losses": finetune.losses, "command": finetune.command, "summary": finetune.summary()},
+        "copyable_command": finetune_config.shell_command(), "deepspeed_json": finetune_config.deepspeed_json(),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out_dir / "report.json", report)
+    peak = "of `torch.cuda.max_memory_allocated`." if on_gpu else "of live tensor bytes in the training process."
     write_text_atomic(out_dir / "report.md", "\n\n".join([
         f"# m3lab report: {model} on {where}",
-        f"All memory figures are {provenance}. Peak = highest per-step peak "
-        + ("of `torch.cuda.max_memory_allocated`." if on_gpu else "of live tensor bytes in the training process."),
-        "## Token lengths (training data)\n\n" + _markdown_table(stats_rows),
-        "## Memory of one training step\n\n" + _markdown_table(rows),
-        "## Full-size BGE-M3 on a T4, predicted\n\nPredicted by tracing the real training step on fake tensors "
-        "(`m3lab.predict`); live tensors are traced, the allocator's cache and the CUDA context are estimates.\n\n"
-        + _markdown_table(predicted) + "\n\n![predicted](predicted_t4.png)",
-        "![memory](memory.png)\n\n![optimizer state](optimizer_state.png)",
+        f"All memory figures are {provenance}. Peak = highest per-step peak " + peak,
+        data.markdown, measured.markdown, predicted.markdown,
         f"## Fine-tuning\n\n{finetune.summary()}\n\n![loss](loss.png)",
         "## The same run, as a command to copy\n\n```bash\n" + finetune_config.shell_command() + "\n```",
         "With the DeepSpeed JSON (`ds_stage1.json`):\n\n```json\n" + (finetune_config.deepspeed_json() or "") + "```",
