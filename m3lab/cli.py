@@ -124,9 +124,10 @@ def _fit(args) -> int:
     import contextlib
 
     from m3lab.config import ConfigError
+    from m3lab.data import load_jsonl
     from m3lab.fit import fit
     from m3lab.platforms import platform_for
-    from m3lab.recipes import Recipe
+    from m3lab.recipes import answer
 
     # an unknown GPU or platform is a mistake to report before the data is read
     platform_for(args.platform, args.gpu, args.host_ram_gib)
@@ -148,7 +149,10 @@ def _fit(args) -> int:
               "the lengths (--coverage), or use a bigger card.")
         return 1
     print(f"(margin asked: {args.margin_gib:g} GiB on the GPU)\n")
-    print(Recipe(result).card())  # last: the command (and its JSON) is what a reader copies
+    run = answer(result, len(load_jsonl(args.data)), output_dir=args.output_dir)
+    if args.write_json and run.config.deepspeed_stage is not None:
+        print(f"wrote {run.write_deepspeed_json()}", file=sys.stderr)
+    print(run.card())  # last: the command (and its JSON) is what a reader copies
     return 0
 
 
@@ -233,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--stock", action="store_true",
                      help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, no gradient cache)")
     fit.add_argument("--json", action="store_true", help="print the chosen configuration and its report as JSON")
-    fit.add_argument("--data", nargs="+", default=["data/train.jsonl"], help="FlagEmbedding JSONL training file(s)")
+    fit.add_argument("--data", nargs="+", default=["data/train.jsonl"],
+                     help="FlagEmbedding JSONL training file(s), as this folder sees them (they go into the command so)")
+    fit.add_argument("--output-dir", help="where the run saves checkpoints and the model (default: the platform's "
+                     "folder that outlives a session, e.g. Google Drive on Colab; ./bge-m3-finetuned with --gpu)")
+    fit.add_argument("--write-json", action="store_true",
+                     help="write the DeepSpeed JSON the command names into this folder")
     from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 
     fit.add_argument("--margin-gib", type=float, default=CLOSE_CALL_BYTES / GIB,

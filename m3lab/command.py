@@ -108,6 +108,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("same_dataset_within_batch", "same_dataset_within_batch"),
     Flag("query_instruction_for_retrieval", "query_instruction_for_retrieval", Memory.NONE),
     Flag("output_dir", memory=Memory.NONE, write=lambda config, rendering: [rendering.output_dir]),
+    # with it FlagEmbedding's runner refuses an output_dir that holds files unless the command resumes
+    # (without it, HF's default, a second run writes over the first without a word)
+    Flag("do_train", memory=Memory.NONE, write=_constant("True")),
     Flag("learning_rate", "learning_rate"),
     Flag("per_device_train_batch_size", "per_device_train_batch_size"),
     Flag("gradient_accumulation_steps", "gradient_accumulation_steps"),
@@ -161,7 +164,7 @@ FLAGS: tuple[Flag, ...] = (
     "logging_nan_inf_filter", "save_safetensors", "save_on_each_node", "save_only_model", "push_to_hub",
     "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
     "ignore_data_skip", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "remove_unused_columns", "do_train", "local_rank", "ddp_timeout",
+    "dataloader_prefetch_factor", "remove_unused_columns", "local_rank", "ddp_timeout",
     "skip_memory_metrics", "include_num_input_tokens_seen", "trackio_space_id"))
 BY_NAME = {flag.name: flag for flag in FLAGS}
 LEVERS = tuple(flag.name for flag in FLAGS if flag.lever)
@@ -188,6 +191,16 @@ def render(config: TrainConfig, rendering: Rendering = Rendering(), module: str 
         module = M3LAB_M3_MODULE
     return ["torchrun", "--standalone", "--nproc_per_node", str(config.num_processes), "-m", module,
             *arguments(config, rendering)]
+
+
+# Where a resumed run goes on from: the newest checkpoint in the output folder, found by the shell
+LATEST_CHECKPOINT = '"$(ls -d {output_dir}/checkpoint-* | sort -V | tail -n 1)"'
+
+
+def resume_command(config: TrainConfig, rendering: Rendering = Rendering()) -> str:
+    """The same command, going on from the newest checkpoint in its output folder (the shell finds it)."""
+    latest = LATEST_CHECKPOINT.format(output_dir=shlex.quote(rendering.output_dir))
+    return format_command(render(config, rendering)) + f" \\\n    --resume_from_checkpoint {latest}"
 
 
 def format_command(argv: list[str], env: dict[str, str] | None = None) -> str:

@@ -161,78 +161,85 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> Dat
         longest_query=min(length_covering_tokens(query_lengths, 1.0), MODEL_MAX_LEN))
 
 
+class _Search:
+    """The trials of one fit: each configuration predicted once, ruled out by its live tensors first
+    where a quick trace of shallow copies shows they leave less than the margin."""
+
+    def __init__(self, base: TrainConfig, result: FitResult, settings, log):
+        self.base, self.result, self.settings, self.log = base, result, dict(settings), log
+        self.tried: dict[tuple[str, int], Trial] = {}
+
+    def trial(self, setting: str, group: int, **lengths) -> Trial:
+        from m3lab.predict import predict
+
+        where, margin = self.result.platform, self.result.margin_bytes
+        config = self.base.replace(**self.settings[setting], train_group_size=group, **lengths)
+        quick = predict(config, where.gpu.key, exact=False)
+        screened = quick.usable_bytes - quick.peak_allocated_bytes - quick.context_bytes < margin
+        report = quick if screened else predict(config, where.gpu.key)
+        host_fits = where.host_ram_bytes is None or report.host.total_bytes <= where.host_ram_bytes
+        gpu_fits = not screened and report.fits and report.spare_bytes >= margin
+        done = Trial(setting, config, report, gpu_fits and host_fits, host_fits, screened)
+        self.result.trials.append(done)
+        host = "" if host_fits else f"; needs {report.host.total_bytes / GIB:.2f} GiB of host RAM, more than the host has"
+        self.log(f"  {setting}, group {group}, query {config.query_max_len}: {done.verdict}{host}")
+        return done
+
+    def at(self, setting: str, group: int) -> Trial:
+        if (setting, group) not in self.tried:
+            self.tried[(setting, group)] = self.trial(setting, group)
+        return self.tried[(setting, group)]
+
+    def largest_group(self, cap: int) -> Trial | None:
+        """The largest group any setting holds (memory grows with the group: bisect), the frugal
+        settings first: they find it soonest, and each later one need only try above it. Which
+        setting is the most frugal depends on the platform (on two GPUs ZeRO-1 halves the optimizer
+        states per GPU; on one it saves nothing), so each one gets its try."""
+        best = None
+        for setting in reversed(self.settings):
+            low, high = (best.config.train_group_size + 1 if best else 2), cap
+            while low <= high:
+                group = (low + high) // 2
+                attempt = self.at(setting, group)
+                if attempt.fits:
+                    best, low = attempt, group + 1
+                else:
+                    high = group - 1
+        return best
+
+    def fastest_at(self, best: Trial) -> Trial:
+        """The fastest setting that holds the same group (the settings are listed fastest first)."""
+        return next(attempt for attempt in (self.at(setting, best.config.train_group_size) for setting in self.settings)
+                    if attempt.fits)
+
+    def with_whole_queries(self, best: Trial, longest_query: int) -> Trial:
+        """Queries kept whole when the run still fits with them (they are short, and the peak is often
+        where their length does not count)."""
+        if longest_query <= best.config.query_max_len:
+            return best
+        whole = self.trial(best.setting, best.config.train_group_size, query_max_len=longest_query)
+        return whole if whole.fits else best
+
+
 def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE_CALL_BYTES / GIB,
-        coverage: float = 0.95,
-        tokenizer=None, max_group: int = 16, log=print, *, platform: str | None = None,
+        coverage: float = 0.95, tokenizer=None, max_group: int = 16, log=print, *, platform: str | None = None,
         host_ram_gib: float | None = None, stock: bool = False) -> FitResult:
     """Search memory settings and group sizes with the predictor; see the module docstring.
     ``platform`` ("colab-t4", "kaggle-t4x2") or ``gpu`` (default "t4") with ``host_ram_gib``."""
-    from m3lab.predict import predict
-
     where = platform_for(platform, gpu, host_ram_gib)
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     lengths = data_lengths(data, coverage, tokenizer)
-    query_len, passage_len, negatives = lengths.query_max_len, lengths.passage_max_len, lengths.fewest_negatives
-    tokenizer_name, longest_query = lengths.tokenizer, lengths.longest_query
     # a group is one positive and group - 1 negatives; FlagEmbedding repeats negatives when a line has
     # too few, which adds memory and no information, so the data's fewest negatives cap the group
-    cap = max(2, min(max_group, negatives + 1))
-    settings = STOCK_SETTINGS if stock else MEMORY_SETTINGS
-    result = FitResult(where, int(margin_gib * GIB), query_len, passage_len, tokenizer_name, coverage, cap, stock,
-                       longest_query)
-    log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({tokenizer_name}): "
-        f"query_max_len {query_len}, passage_max_len {passage_len}; train_group_size up to {cap} (every line "
-        f"has {negatives} negatives)")
-    base = base_config(data, where, query_len, passage_len, stock)
-
-    def trial(setting: str, changes: dict, group: int, **lengths) -> Trial:
-        config = base.replace(**changes, train_group_size=group, **lengths)
-        quick = predict(config, where.gpu.key, exact=False)
-        screened = quick.usable_bytes - quick.peak_allocated_bytes - quick.context_bytes < result.margin_bytes
-        report = quick if screened else predict(config, where.gpu.key)
-        host_fits = where.host_ram_bytes is None or report.host.total_bytes <= where.host_ram_bytes
-        gpu_fits = not screened and report.fits and report.spare_bytes >= result.margin_bytes
-        done = Trial(setting, config, report, gpu_fits and host_fits, host_fits, screened)
-        result.trials.append(done)
-        host = "" if host_fits else f"; needs {report.host.total_bytes / GIB:.2f} GiB of host RAM, more than the host has"
-        log(f"  {setting}, group {group}, query {config.query_max_len}: {done.verdict}{host}")
-        return done
-
-    tried: dict[tuple[str, int], Trial] = {}
-
-    def tried_at(name: str, group: int) -> Trial:
-        if (name, group) not in tried:
-            tried[(name, group)] = trial(name, dict(settings)[name], group)
-        return tried[(name, group)]
-
-    # the largest group any setting holds (memory grows with the group: bisect), the frugal settings
-    # first: they find it soonest, and each later one need only try above it. Which setting is the most
-    # frugal depends on the platform (on two GPUs ZeRO-1 halves the optimizer states per GPU; on one it
-    # saves nothing), so each one gets its try.
-    best = None
-    for name, _ in reversed(settings):
-        low, high = (best.config.train_group_size + 1 if best else 2), cap
-        while low <= high:
-            group = (low + high) // 2
-            attempt = tried_at(name, group)
-            if attempt.fits:
-                best, low = attempt, group + 1
-            else:
-                high = group - 1
-    if best is None:
-        return result
-    # ... the fastest setting that holds the same group is the one to run ...
-    for name, _ in settings:
-        attempt = tried_at(name, best.config.train_group_size)
-        if attempt.fits:
-            best = attempt
-            break
-    # ... and queries are kept whole when the run still fits with them (they are short, and the
-    # peak is often where their length does not count)
-    if longest_query > best.config.query_max_len:
-        changes = dict(settings)[best.setting]
-        whole = trial(best.setting, changes, best.config.train_group_size, query_max_len=longest_query)
-        if whole.fits:
-            best = whole
-    result.best = best
+    cap = max(2, min(max_group, lengths.fewest_negatives + 1))
+    result = FitResult(where, int(margin_gib * GIB), lengths.query_max_len, lengths.passage_max_len, lengths.tokenizer,
+                       coverage, cap, stock, lengths.longest_query)
+    log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({lengths.tokenizer}): "
+        f"query_max_len {lengths.query_max_len}, passage_max_len {lengths.passage_max_len}; train_group_size up to "
+        f"{cap} (every line has {lengths.fewest_negatives} negatives)")
+    base = base_config(data, where, lengths.query_max_len, lengths.passage_max_len, stock)
+    search = _Search(base, result, STOCK_SETTINGS if stock else MEMORY_SETTINGS, log)
+    best = search.largest_group(cap)
+    if best is not None:
+        result.best = search.with_whole_queries(search.fastest_at(best), lengths.longest_query)
     return result

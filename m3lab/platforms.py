@@ -1,8 +1,12 @@
-"""The platforms a learner trains on: which GPUs they give and how much host (CPU) memory.
+"""The platforms a learner trains on: which GPUs they give, how much host (CPU) memory, how long a
+session lasts and where files outlive it.
 
-Free Colab gives one T4 and about 12.7 GB of host RAM; Kaggle two T4s and about 29 GB (the figures
-the runtimes show their users, ../shared/colab/README.md). A recipe has to fit both: the GPU's
-memory (m3lab.predict) and the host's (``m3lab.predict.host``).
+Free Colab gives one T4 and about 12.7 GB of host RAM, sessions of at most about 12 hours (sooner
+when idle), and loses /content when a session ends (Google Drive, mounted, keeps files); Kaggle two
+T4s, about 29 GB, 12-hour sessions and about 30 GPU hours a week, and keeps /kaggle/working as the
+output of a saved version (figures the runtimes show their users; what is known of them is noted in
+the project's shared notes). A recipe has to fit both the GPU's memory (m3lab.predict) and the
+host's (``m3lab.predict.host``), and finish or resume within the sessions (``m3lab.sessions``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ class Platform:
     name: str
     gpu: GPU
     host_ram_bytes: int | None  # None: not known, not checked
+    session_hours: float | None = None  # the longest a session lasts (None: not limited)
+    weekly_gpu_hours: float | None = None  # the GPU time a week allows (None: not limited)
+    output_dir: str = "bge-m3-finetuned"  # where checkpoints and the model outlive a session
+    storage: str = ""  # how to make output_dir outlive the session, in a sentence
 
     def describe(self) -> str:
         host = f"{self.host_ram_bytes / GB:.1f} GB host RAM" if self.host_ram_bytes else "host RAM not given"
@@ -28,8 +36,14 @@ class Platform:
 
 
 PLATFORMS: dict[str, Platform] = {p.key: p for p in [
-    Platform("colab-t4", "free Colab", gpu_profile("t4"), int(12.7 * GB)),
-    Platform("kaggle-t4x2", "Kaggle", gpu_profile("t4x2"), int(29 * GB)),
+    Platform("colab-t4", "free Colab", gpu_profile("t4"), int(12.7 * GB), session_hours=12,
+             output_dir="/content/drive/MyDrive/bge-m3-finetuned",
+             storage="mount Google Drive first (from google.colab import drive; drive.mount('/content/drive')): "
+                     "/content is lost when the session ends"),
+    Platform("kaggle-t4x2", "Kaggle", gpu_profile("t4x2"), int(29 * GB), session_hours=12, weekly_gpu_hours=30,
+             output_dir="/kaggle/working/bge-m3-finetuned",
+             storage="run it as a saved version (Save Version, Save & Run All): /kaggle/working is then kept as "
+                     "the version's output, which the next session adds as input to resume from"),
 ]}
 
 

@@ -24,7 +24,8 @@ def _json_file(tmp_path, name, content) -> str:
 # (arguments, a phrase the message must hold); tmp_path-dependent files are made by _case
 MISTAKES = {
     "unknown GPU": (["predict", "--gpu", "tpu"], "unknown GPU; choose one of t4, t4x2"),
-    "group below 2": (["predict", "--gpu", "t4", "--train-group-size", "1"], "train_group_size is 1"),
+    "group 1 with nothing to contrast": (["predict", "--gpu", "t4", "--train-group-size", "1", "--batch-size", "1"],
+                                         "train_group_size is 1 (no negatives of its own)"),
     "length 0": (["predict", "--gpu", "t4", "--query-max-len", "0"], "query_max_len is 0; it must be at least 1"),
     "length beyond the model": (["predict", "--gpu", "t4", "--passage-max-len", "9000"],
                                 "passage_max_len is 9,000, beyond the model's 8,192 positions"),

@@ -32,7 +32,7 @@ def test_command_is_torchrun_on_flagembeddings_m3_module():
     assert args["fp16"] == "True" and args["gradient_checkpointing"] == "True"
     assert args["deepspeed"] == "ds_stage1.json"
     assert args["negatives_cross_device"] == "False"
-    assert args["same_dataset_within_batch"] == "True"
+    assert args["same_dataset_within_batch"] == "False"  # FlagEmbedding's default: no "None" + query trap
     assert args["model_name_or_path"] == "BAAI/bge-m3"
 
 

@@ -1,0 +1,137 @@
+"""The answer per platform, as a learner uses it: the printed command copied into a shell, run from the
+learner's own folder on their own file, stopped when a session ends, resumed, and run again by mistake.
+
+On this CPU machine a command cannot run exactly as printed, and the tests change only this, each
+visibly (``on_this_cpu``): the model is the offline stand-in (no hub here), fp16 is off (a CPU has no
+fp16 training), and a few steps replace the epochs. Everything else (the data's path, the output
+folder, the DeepSpeed JSON's name, every FlagEmbedding flag) is the printed text.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from m3lab import recipes
+from m3lab.data import REPO_ROOT
+
+TRAIN = REPO_ROOT / "data" / "train.jsonl"
+
+
+@pytest.fixture
+def learners_folder(tmp_path, monkeypatch):
+    """A folder outside the repository holding the learner's own file (the first 24 lines of the series' data)."""
+    folder = tmp_path / "learner"
+    folder.mkdir()
+    (folder / "my_train.jsonl").write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:24]))
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def _printed_command(card: str) -> str:
+    """The command block of a card, as printed: the lines after "# Run it from this folder" up to a blank line."""
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Run it from this folder")) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def on_this_cpu(command: str, standin: Path, steps: int, extra: str = "") -> str:
+    """The printed command with what a CPU machine without the hub cannot run changed, and only that."""
+    assert "--model_name_or_path BAAI/bge-m3 \\" in command and "--fp16 True \\" in command
+    command = command.replace("--model_name_or_path BAAI/bge-m3 \\", f"--model_name_or_path {standin} \\")
+    command = command.replace("--fp16 True \\", "--fp16 False \\")
+    return command + f" \\\n    --max_steps {steps}" + extra
+
+
+def _run(command: str, folder: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(["bash", "-c", command], cwd=folder, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def answers_for_my_file(tmp_path_factory):
+    """Both platforms' answers with FlagEmbedding as it is, fitted on a file outside the repository."""
+    folder = tmp_path_factory.mktemp("fit")
+    (folder / "my_train.jsonl").write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:24]))
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        return {key: recipes.answer_for(key, stock=True, data="my_train.jsonl", output_dir="out")
+                for key in ("colab-t4", "kaggle-t4x2")}
+    finally:
+        os.chdir(here)
+
+
+def test_the_answer_names_the_data_as_the_learners_folder_sees_it(answers_for_my_file):
+    for answer in answers_for_my_file.values():
+        command = _printed_command(answer.card())
+        assert "--train_data my_train.jsonl \\" in command and "--output_dir out \\" in command
+        assert "--save_strategy steps" in command and f"--save_steps {answer.plan.save_steps}" in command
+        assert "--do_train True" in command  # FlagEmbedding then refuses to write over a finished run
+        steps = answer.plan.steps_per_epoch * 2  # 24 lines, two epochs
+        assert answer.plan.steps == steps and f"--warmup_steps {-(-steps // 10)}" in command
+
+
+def test_a_relative_path_given_from_another_folder_is_printed_from_here(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert recipes.as_seen_from_here("data/train.jsonl") == os.path.relpath(TRAIN)
+    assert recipes.as_seen_from_here("/kaggle/input/mine/train.jsonl") == "/kaggle/input/mine/train.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["colab-t4", "kaggle-t4x2"])
+def test_the_printed_command_runs_as_copied(platform, answers_for_my_file, learners_folder, standin_dir):
+    """Kaggle's card runs for real on two CPU processes (gloo), as its two T4s would."""
+    answer = answers_for_my_file[platform]
+    card = answer.card()
+    if answer.config.deepspeed_stage is not None:
+        answer.write_deepspeed_json(learners_folder)
+    done = _run(on_this_cpu(_printed_command(card), standin_dir, steps=2), learners_folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = learners_folder / "out"
+    assert (saved / "model.safetensors").exists() or any(saved.glob("*.safetensors"))
+    assert (saved / "colbert_linear.pt").exists() and (saved / "sparse_linear.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_a_checkpoint_resumes_from_it_and_ends_at_the_same_step(answers_for_my_file,
+                                                                                    learners_folder, standin_dir):
+    answer = answers_for_my_file["colab-t4"]
+    cpu = dict(standin=standin_dir, steps=4, extra="")
+    first = on_this_cpu(_printed_command(answer.card()), **cpu).replace(
+        f"--save_steps {answer.plan.save_steps} \\", "--save_steps 2 \\")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the session ends: the run is stopped once its first checkpoint is whole
+    child = subprocess.Popen(["bash", "-c", first], cwd=learners_folder, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    state = learners_folder / "out" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert state.exists(), "the run ended before its first checkpoint"
+    shutil.rmtree(learners_folder / "out" / "checkpoint-4", ignore_errors=True)  # had it got further: not any more
+    # run again by mistake, as printed: FlagEmbedding refuses to write over it and says what to do
+    again = _run(first, learners_folder)
+    assert again.returncode != 0
+    assert "already exists and is not empty. Please use a new output directory or set --resume_from_checkpoint" in (
+        again.stdout + again.stderr)
+    # the resume command, as printed (with the same changes for this CPU)
+    resume = answer.resume_command()
+    assert resume.startswith(_printed_command(answer.card()))
+    resumed = on_this_cpu(resume.rsplit(" \\\n", 1)[0], **cpu).replace(
+        f"--save_steps {answer.plan.save_steps} \\", "--save_steps 2 \\") + " \\\n" + resume.rsplit(" \\\n", 1)[1]
+    done = _run(resumed, learners_folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Continuing training from global step 2" in done.stdout + done.stderr
+    final = json.loads((learners_folder / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert final["global_step"] == 4 == final["max_steps"]
