@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast setup clean notebooks device-wheels lock test-colab
+.PHONY: run test test-fast setup clean notebooks device-wheels lock test-colab test-kaggle
 
 # pyproject.toml states the ranges m3lab works with; constraints/ci.txt is the exact set CI tests.
 $(VENV)/.installed: pyproject.toml constraints/ci.txt
@@ -35,10 +35,14 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --durations=10
 
-# The Colab lane: Colab's package set (.ci/colab/), the notebooks' install cell on top, then the fast
-# tests and the notebooks there (.ci/colab/lane.sh says what stands in for what).
+# The platform lanes: Colab's package set (.ci/colab/), or what is known of Kaggle's (.ci/kaggle/), the
+# notebooks' install cell on top, then the fast tests and the notebooks there (.ci/lane.sh says what
+# stands in for what).
 test-colab:
-	bash .ci/colab/lane.sh
+	bash .ci/lane.sh colab
+
+test-kaggle:
+	bash .ci/lane.sh kaggle
 
 # Maintainers: the lessons' sources are notebooks/NN_*.py (jupytext percent files). This writes their
 # cells into the paired .ipynb and executes it top to bottom, so that the committed outputs (which

@@ -198,9 +198,11 @@ LATEST_CHECKPOINT = '"$(ls -d {output_dir}/checkpoint-* | sort -V | tail -n 1)"'
 
 
 def resume_command(config: TrainConfig, rendering: Rendering = Rendering()) -> str:
-    """The same command, going on from the newest checkpoint in its output folder (the shell finds it)."""
+    """The same command, going on from the newest checkpoint in its output folder (the shell finds it),
+    with m3lab's runner: FlagEmbedding 1.4.2's own cannot resume its M3 checkpoints without DeepSpeed
+    (m3lab.run_m3.resuming says why)."""
     latest = LATEST_CHECKPOINT.format(output_dir=shlex.quote(rendering.output_dir))
-    return format_command(render(config, rendering)) + f" \\\n    --resume_from_checkpoint {latest}"
+    return format_command(render(config, rendering, M3LAB_M3_MODULE)) + f" \\\n    --resume_from_checkpoint {latest}"
 
 
 def format_command(argv: list[str], env: dict[str, str] | None = None) -> str:

@@ -76,6 +76,7 @@ TARGETS: tuple[Target, ...] = (
     *(Target(_FAKE, f"FakeTensorMode.{name}", Reach.PATCHED, "fake_cache_key")
       for name in ("_prep_args_for_hash", "_cache_key", "_get_output_info_for_cache_entry",
                    "_get_output_tensor_from_cache_entry", "__torch_dispatch__")),
+    Target("transformers.trainer", "Trainer._load_from_checkpoint", Reach.OVERRIDDEN, "run_m3"),
     Target(_M3, "EncoderOnlyEmbedderM3Model._sparse_embedding", Reach.OVERRIDDEN, "sparse_head"),
     Target(_M3, "EncoderOnlyEmbedderM3Model._encode", Reach.READ, "grad_cache"),
     Target(_M3, "EncoderOnlyEmbedderM3Model.encode", Reach.OVERRIDDEN, "grad_cache"),

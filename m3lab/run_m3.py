@@ -3,8 +3,9 @@
 ``torchrun -m m3lab.run_m3 ARGS`` takes the arguments of
 ``torchrun -m FlagEmbedding.finetune.embedder.encoder_only.m3 ARGS`` and runs the same runner,
 model and trainer; it adds ``measure.StepRecorder`` (when M3LAB_METRICS_DIR is set), turns a CUDA
-out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, and
-takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
+out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, resumes
+from FlagEmbedding's own M3 checkpoints (``resuming``: FlagEmbedding 1.4.2's runner cannot, without
+DeepSpeed), and takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
 ``--grad_cache_chunk_size 1``).
 """
 
@@ -39,6 +40,40 @@ def apply_levers(model, m3lab_args: M3LabArguments):
     if m3lab_args.freeze_word_embeddings:
         model.model.get_input_embeddings().weight.requires_grad_(False)
     return model
+
+
+def load_m3_checkpoint(model, folder: str) -> None:
+    """A checkpoint of FlagEmbedding's M3 model, loaded where FlagEmbedding saved each part: the encoder
+    as a transformers model (``save_pretrained``), the ColBERT and sparse heads as .pt files beside it."""
+    import os
+
+    import torch
+    from transformers.modeling_utils import load_sharded_checkpoint
+
+    encoder_file = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(encoder_file):
+        from safetensors.torch import load_file
+
+        model.model.load_state_dict(load_file(encoder_file))
+    else:  # a sharded checkpoint (an index beside its shards), or the older pytorch_model.bin
+        load_sharded_checkpoint(model.model, folder)
+    for head in ("colbert_linear", "sparse_linear"):
+        path = os.path.join(folder, f"{head}.pt")
+        if getattr(model, head, None) is not None and os.path.isfile(path):
+            getattr(model, head).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def resuming(trainer_class):
+    """FlagEmbedding's trainer, able to resume from its own checkpoints. HF Trainer loads a checkpoint's
+    weights into the model it trains by their names; FlagEmbedding's M3 model wraps the encoder and
+    saves it apart, so HF finds none of its names and stops in its warning about them ("...has no
+    attribute '_keys_to_ignore_on_save'": the wrapper is a plain module). With DeepSpeed, DeepSpeed
+    loads its own checkpoint and this is not called. (Trainer._load_from_checkpoint: m3lab.compat's TARGETS)"""
+    class ResumingTrainer(trainer_class):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            load_m3_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+
+    return ResumingTrainer
 
 
 def _runner_class(m3lab_args: M3LabArguments):
@@ -77,6 +112,7 @@ def main() -> int:
         recorder.apply_cuda_limit()
     try:
         runner = _runner_class(m3lab_args)(model_args=model_args, data_args=data_args, training_args=training_args)
+        runner.trainer.__class__ = resuming(type(runner.trainer))
         if recorder is not None:
             runner.trainer.add_callback(recorder)
         runner.run()

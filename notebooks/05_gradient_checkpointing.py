@@ -26,9 +26,10 @@
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
-# ranges that hold the versions Colab ships (torch, transformers, numpy, protobuf, ...), so pip only
-# adds what is missing (FlagEmbedding, DeepSpeed, bitsandbytes and a few small packages) and changes
-# nothing already installed: no restart needed. Where m3lab is installed (make test), this does nothing.
+# ranges that hold the versions Colab and Kaggle ship (torch, transformers, numpy, protobuf, ...), so
+# pip only adds what is missing (FlagEmbedding, without its [finetune] extra, which builds flash-attn
+# and fails there; DeepSpeed, bitsandbytes and a few small packages) and changes nothing already
+# installed: no restart needed. Where m3lab is installed (make test), this does nothing.
 import importlib.util, os, socket, subprocess, sys
 REPOSITORY = "https://github.com/m3lab/m3lab"
 if importlib.util.find_spec("m3lab") is None:

@@ -18,16 +18,20 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/m3lab/m3lab/blob/main/notebooks/07_t4_recipe.ipynb)
 #
-# Everything so far, put together: which configuration fine-tunes **all** of BGE-M3 on one T4 with a
-# margin, a real fine-tuning run, and retrieval quality on the held-out queries before and after.
+# Everything so far, put together, ending with **one command per platform** (free Colab's one T4,
+# Kaggle's two) for **your** data, with FlagEmbedding as it is: what it needs of the card and the
+# host, how long it takes, how many sessions, how to resume, and the model you get at the end. The
+# sections before the answer are context: the candidates for one T4, the path's own recipe, a trap,
+# and a real run with its model used.
 #
 # *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
-# ranges that hold the versions Colab ships (torch, transformers, numpy, protobuf, ...), so pip only
-# adds what is missing (FlagEmbedding, DeepSpeed, bitsandbytes and a few small packages) and changes
-# nothing already installed: no restart needed. Where m3lab is installed (make test), this does nothing.
+# ranges that hold the versions Colab and Kaggle ship (torch, transformers, numpy, protobuf, ...), so
+# pip only adds what is missing (FlagEmbedding, without its [finetune] extra, which builds flash-attn
+# and fails there; DeepSpeed, bitsandbytes and a few small packages) and changes nothing already
+# installed: no restart needed. Where m3lab is installed (make test), this does nothing.
 import importlib.util, os, socket, subprocess, sys
 REPOSITORY = "https://github.com/m3lab/m3lab"
 if importlib.util.find_spec("m3lab") is None:
@@ -53,6 +57,9 @@ from m3lab.gpus import GIB
 env = lessons.environment()
 print(env.describe())
 print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
+
+# %% [markdown]
+# ## Context: the candidates for one T4
 
 # %%
 advice = TrainConfig.common_t4_advice()
@@ -93,8 +100,8 @@ plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measu
 # as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`) and longer passages than the
 # advice's 392, every parameter trained; its figures are in the ledger below. How long: 1,024-token
 # passages run out of memory in the second step (the sparse head's request finds the allocator's
-# cache cut into gaps too small for it), so the path takes 768. **The command for free Colab today**,
-# with FlagEmbedding as it is:
+# cache cut into gaps too small for it), so the path takes 768. The path's own command (the series'
+# thread; the answer for your data, per platform, comes at the end):
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -110,7 +117,7 @@ print(f"1,024: {lengths['the path at 1,024-token passages'].verdict}")
 print(recipe.shell_command())
 
 # %% [markdown]
-# ## FlagEmbedding's `--sub_batch_size` on real data
+# ## Context: FlagEmbedding's `--sub_batch_size` on real data
 #
 # Lesson 02 showed `--sub_batch_size 1` holding the sparse head's tensor down on paper. With unified
 # fine-tuning (dense, sparse and ColBERT) FlagEmbedding 1.4.2 concatenates the chunks' ColBERT
@@ -129,49 +136,16 @@ except TrainingFailed as failure:
     print(failure.result.error().split(". Expected")[0])
 
 # %% [markdown]
-# So the path and the recipes leave `--sub_batch_size` out; lesson 08's efficient sparse head does
-# its job inside one batch, without chunks.
-#
-# ## A recipe per platform, with FlagEmbedding as it is
-#
-# The path above keeps the advice's group of 6 and spends the room on passages of 768 tokens. Your
-# data may want something else: `m3lab fit --platform colab-t4 --stock` (or `kaggle-t4x2`) takes the
-# lengths that keep 95% of the data's tokens, then the largest group the platform holds, GPU and host
-# RAM both, with FlagEmbedding's own knobs only. On this series' data (`data/train.jsonl`), for both
-# platforms: the command, the JSON it names (if any), the GPU figures and the host RAM (predicted),
-# and the time of one step, **estimated**: the step's FLOPs, counted in the trace with PyTorch's own
-# formulas (forward, checkpointing's recompute and backward), over a T4's datasheet peak (65 TFLOPS in
-# fp16) at an assumed 30% of it (`m3lab.steptime` says why; nothing here ran on a T4).
-
-# %%
-from m3lab import recipes
-
-stock_recipes = recipes.recipes(stock=True)
-
-# %%
-# NBVAL_CHECK_OUTPUT
-for platform_recipe in stock_recipes.values():
-    print(platform_recipe.card(), end="\n\n")
+# So the path and the answers below leave `--sub_batch_size` out; lesson 08's efficient sparse head
+# does its job inside one batch, without chunks.
 
 # %% [markdown]
-# At this data's lengths (95% of its tokens: 2,704-token passages) FlagEmbedding as it is holds a
-# group of 2 on either platform, one negative per query: its sparse head's (passages x tokens x
-# vocabulary) tensor, not the optimizer, is what fills the card, so no DeepSpeed stage buys a bigger
-# group (on two T4s ZeRO-1 halves the optimizer states, and the group is still 2). Kaggle's second T4
-# doubles the queries per step, not the group. That is the trade with FlagEmbedding as it is: the
-# path's recipe above keeps groups of 6 and cuts passages at 1,024 tokens; this one keeps the
-# passages and trains one negative per query. Lesson 08's levers remove that trade (groups of 11
-# at the same lengths, on both platforms).
-
-# %% [markdown]
-# ## A real fine-tuning run, and retrieval before and after
+# ## Context: a real fine-tuning run, and the model it leaves
 #
-# On a T4 this trains the real BGE-M3 with the recipe for 60 steps (drop `max_steps` to train the
-# recipe's two epochs).
-# On a CPU the same code trains the stand-in (smaller lengths and group, 40 steps at a higher
-# learning rate, full precision) and measures it. The held-out split (50 queries, 303 passages) is
-# scored with FlagEmbedding's own dense, sparse and ColBERT scores and their weighted sum. Scoring
-# runs in a child process, as training does, so no model stays on the GPU in this kernel.
+# On a T4 this trains the real BGE-M3 with the path's recipe for 60 steps (drop `max_steps` to train
+# the recipe's two epochs). On a CPU the same code trains the stand-in (smaller lengths and group, 40
+# steps at a higher learning rate, full precision) and measures it. Training runs in a child process,
+# as scoring does, so no model stays on the GPU in this kernel.
 
 # %%
 from m3lab.evaluate import evaluate_retrieval
@@ -182,6 +156,40 @@ before = evaluate_retrieval(run_config.model)
 run = train(run_config)
 print(run.summary())
 after = evaluate_retrieval(run.run_dir / "model")
+plots.loss_curve(run, title=f"Fine-tuning {env.model} with FlagEmbedding's M3 trainer");
+
+# %% [markdown]
+# **The model at the end.** FlagEmbedding's runner saves the fine-tuned encoder with its tokenizer,
+# and the two heads it adds beside it: `colbert_linear.pt` (ColBERT's projection) and
+# `sparse_linear.pt` (the weight of each token). FlagEmbedding's `BGEM3FlagModel` loads the folder as
+# it loads BGE-M3 itself. A query and two passages, scored with each head and with the weighted sum
+# BGE-M3's authors use (dense 0.4, sparse 0.2, ColBERT 0.4):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab import use
+
+model_dir = run.run_dir / "model"
+print("the run's folder:", ", ".join(f.name for f in use.model_files(model_dir)))
+
+# %%
+query = "How does Python bind a name to an object?"
+passages = ["Assignment statements bind names to objects; the name refers to the object, it does not hold it.",
+            "A decorator wraps a function and returns another function."]
+for row in use.score(model_dir, query, passages):
+    print(f"dense {row.dense:6.3f}  sparse {row.sparse:6.3f}  ColBERT {row.colbert:6.3f}  "
+          f"combined {row.combined:6.3f}  {row.passage[:60]}")
+print(f"(scored by {run_config.model} after {len(run.steps)} steps; with the stand-in's random weights these say "
+      "the model loads and scores, not how well)")
+# To share it: log in once (`hf auth login`, a token with write access), name your repository, upload
+repository = "your-name/bge-m3-finetuned"
+print(use.push_command(model_dir, repository))
+if os.environ.get("HF_TOKEN") and not repository.startswith("your-name/"):
+    subprocess.run(use.push_command(model_dir, repository), shell=True, check=True)
+
+# %% [markdown]
+# Retrieval on the 50 held-out queries (over the 303 passages), before and after, with FlagEmbedding's
+# own scoring:
 
 # %%
 print(f"retrieval on the held-out split, {env.model}; with the stand-in's random weights these figures say the "
@@ -189,7 +197,6 @@ print(f"retrieval on the held-out split, {env.model}; with the stand-in's random
 print(f"{'mode':9} {'MRR@10':>14} {'R@1':>14} {'R@5':>14} {'R@10':>14}   (before -> after)")
 for b, a in zip(before.rows(), after.rows()):
     print(f"{b['mode']:9} " + " ".join(f"{b[k]:6.3f}->{a[k]:6.3f}" for k in ("MRR@10", "R@1", "R@5", "R@10")))
-plots.loss_curve(run, title=f"Fine-tuning {env.model} with FlagEmbedding's M3 trainer");
 
 # %%
 # the measured peak of the run, drawn over the prediction of the same configuration on this machine
@@ -197,16 +204,16 @@ plots.breakdown_bars({"this run": lessons.predict_run(run_config, env)}, title=f
                      measured={"this run": run.peak_allocated_bytes}, measured_provenance=run.provenance);
 
 # %% [markdown]
-# On the CPU the stand-in is a randomly initialised toy, and 40 steps at a high learning rate on
-# 251 queries move its scores either way: that says nothing about BGE-M3's quality. What the run
-# shows is the whole path working end to end: the data, the real trainer, the saved model with its
-# sparse and ColBERT heads, and FlagEmbedding's own scoring. On a T4 the same cells train and score
-# the real BGE-M3. Either way the measured peak is drawn over the prediction for this machine (on a
-# CPU: live tensor bytes, no GPU emulation). On a T4 expect the measurement below the prediction:
-# FlagEmbedding pads each batch to its longest text, while the prediction assumes every text is full
-# length (the tests hold CPU predictions within 2% of measurements on full-length batches).
+# On the CPU the stand-in is a randomly initialised toy, and 40 steps at a high learning rate on 251
+# queries move its scores either way: that says nothing about BGE-M3's quality. What the run shows is
+# the whole path working end to end: the data, the real trainer, the saved model with its sparse and
+# ColBERT heads, loaded and used, and FlagEmbedding's own scoring. On a T4 the same cells train and
+# score the real BGE-M3. Either way the measured peak is drawn over the prediction for this machine
+# (on a CPU: live tensor bytes, no GPU emulation). On a T4 expect the measurement below the
+# prediction: FlagEmbedding pads each batch to its longest text, while the prediction assumes every
+# text is full length.
 #
-# ## Check the predictor on your GPU
+# ## Context: check the predictor on your GPU
 #
 # Every T4 figure in this series is predicted. On a GPU, `m3lab.gpu_check` holds the predictor to
 # account with batches that are full length: it trains a BGE-M3-shaped model (the real shapes,
@@ -251,6 +258,53 @@ print(lessons.prediction_table(so_far))
 plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("07")));
 
 # %% [markdown]
-# **In one line.** On free Colab today, with FlagEmbedding as it is: no DeepSpeed, 8-bit AdamW,
-# 64/1,024 tokens, group 6 (the command above): 11.61 GiB peak, 1.71 GiB to spare, every parameter
-# trained, predicted for a T4.
+# ## Your data
+#
+# Name your training file (FlagEmbedding's JSONL: `query`, `pos`, `neg`, lesson 00) as this notebook's
+# folder sees it. On Colab, upload it (the folder icon, then upload: it lands in `/content`) or mount
+# Google Drive (`/content/drive/MyDrive/...`); on Kaggle, add it as a dataset
+# (`/kaggle/input/<dataset>/<file>.jsonl`). Left as it is, the series' sample is used.
+
+# %%
+MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my_train.jsonl"
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.data import load_jsonl
+
+my_records = load_jsonl(MY_DATA)  # every bad line, as file:line: what is wrong; what to do
+print(f"{len(my_records)} training lines, all valid; the fewest negatives on a line: "
+      f"{min(len(r['neg']) for r in my_records)}")
+
+# %% [markdown]
+# ## The answer, with FlagEmbedding as it is
+#
+# `m3lab fit` on your data for each platform (from a shell: `m3lab fit --platform colab-t4 --stock
+# --data FILE`): the lengths that keep 95% of the data's tokens, the largest group the platform holds
+# (GPU and host RAM), the fastest memory setting that holds it, never a close call; then the run: two
+# epochs, the warm-up counted on your data, a checkpoint at least every half hour of training, in the
+# folder that outlives the session. Every figure is labelled: the GPU's and the host's are predicted,
+# the times estimated from the step's counted FLOPs over what published BERT-large runs reached on a
+# T4 (`m3lab.steptime`; nothing here ran on a T4), as a range.
+
+# %%
+from m3lab import recipes
+
+stock_answers = {platform: recipes.answer_for(platform, stock=True, data=MY_DATA)
+                 for platform in ("colab-t4", "kaggle-t4x2")}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for answer in stock_answers.values():
+    print(f"## {answer.title}")
+    print("\n".join(answer.figures()), end="\n\n")
+
+# %%
+# The commands to copy: run each from this notebook's folder (in a cell, after !, or in a terminal).
+# The DeepSpeed JSON a command names, if any, is written here, beside it.
+for answer in stock_answers.values():
+    answer.write_deepspeed_json(".")
+    print(answer.card().split("\n\n", 1)[1], end="\n\n")
+
+# %% [markdown]
+# **In one line.** ANSWER_LINE

@@ -39,9 +39,10 @@
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
-# ranges that hold the versions Colab ships (torch, transformers, numpy, protobuf, ...), so pip only
-# adds what is missing (FlagEmbedding, DeepSpeed, bitsandbytes and a few small packages) and changes
-# nothing already installed: no restart needed. Where m3lab is installed (make test), this does nothing.
+# ranges that hold the versions Colab and Kaggle ship (torch, transformers, numpy, protobuf, ...), so
+# pip only adds what is missing (FlagEmbedding, without its [finetune] extra, which builds flash-attn
+# and fails there; DeepSpeed, bitsandbytes and a few small packages) and changes nothing already
+# installed: no restart needed. Where m3lab is installed (make test), this does nothing.
 import importlib.util, os, socket, subprocess, sys
 REPOSITORY = "https://github.com/m3lab/m3lab"
 if importlib.util.find_spec("m3lab") is None:
@@ -69,7 +70,7 @@ print(env.describe())
 print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
 
 # %% [markdown]
-# ## Each lever alone, from where the path left off
+# ## Context: each lever alone, from where the path left off
 #
 # Lesson 07 left the run at FlagEmbedding's own knobs: no DeepSpeed, 8-bit AdamW, queries of 64 and
 # passages of 768 tokens, groups of 6, batch 1, checkpointing (`m3lab.ledger.before("08")`). Each of
@@ -99,7 +100,7 @@ for label, report in lever_reports.items():
 plots.breakdown_bars(lever_reports, title="Each lever alone, from where lesson 07 left the run (64/768, group 6)");
 
 # %% [markdown]
-# ## Toward the goal: 8,192-token passages, 512-token queries, groups of 8
+# ## Context: toward the goal, 8,192-token passages, 512-token queries, groups of 8
 #
 # The same run at the goal's lengths, then the levers added one after the other; the last bar is the
 # path's last step (`ledger.after("08")`). Each lever removes what the previous bar's peak is made of.
@@ -123,7 +124,7 @@ for label, report in path_reports.items():
 plots.breakdown_bars(path_reports, title="From 07's run to the goal (8,192/512 tokens, group 8, all trained)");
 
 # %% [markdown]
-# ## The gradient cache: memory that does not grow with the group
+# ## Context: the gradient cache, memory that does not grow with the group
 #
 # Without the cache, every passage of the group keeps its activations until backward. With it, the
 # encoder sees one chunk at a time; only the representations themselves grow with the group (for
@@ -172,7 +173,7 @@ for g, result in side_by_side.items():
           f"MiB without the cache, {result.cached.peak_bytes / 2**20:.1f} MiB with it (measured on CPU, live tensors)")
 
 # %% [markdown]
-# ## The goal
+# ## Context: the goal
 #
 # Its prediction in full, what its step costs in compute, then its command, and the same check from
 # the shell: `m3lab predict -- <command>` takes any M3 training command as you would type it (prefix
@@ -197,27 +198,7 @@ for label in ("+ efficient sparse head", "+ grad cache (the goal)"):
 print("m3lab predict --gpu t4 -- " + goal.shell_command())
 
 # %% [markdown]
-# ## A recipe per platform, with m3lab's levers
-#
-# Lesson 07 gave each platform's recipe with FlagEmbedding as it is. The same search with m3lab's
-# levers joining in (`m3lab fit --platform colab-t4`, without `--stock`): the lengths that keep 95% of
-# the data's tokens, the largest group the most frugal setting holds (bisecting), then the fastest
-# setting that holds the same group. The encoder always trains. GPU and host figures are predicted;
-# the step time is estimated (the step's counted FLOPs at an assumed 30% of a T4's datasheet peak,
-# `m3lab.steptime`).
-
-# %%
-from m3lab import recipes
-
-lever_recipes = recipes.recipes(stock=False)
-
-# %%
-# NBVAL_CHECK_OUTPUT
-for platform_recipe in lever_recipes.values():
-    print(platform_recipe.card(), end="\n\n")
-
-# %% [markdown]
-# ## A real run with the levers
+# ## Context: a real run with the levers
 #
 # Four runs of a few steps, one lever added per run: FlagEmbedding's own step without DeepSpeed (torch
 # AdamW), then the efficient sparse head, then the gradient cache, then 8-bit AdamW (the goal). On a T4 that is the
@@ -311,6 +292,50 @@ print(lessons.prediction_table(so_far))
 plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("08")));
 
 # %% [markdown]
-# **In one line.** With m3lab's efficient sparse head and gradient cache, all of BGE-M3 trains at
-# 8,192/512 tokens, group 8, on one T4: 8.59 GiB peak, 10.03 GiB with cache and context (full trace,
-# predicted), about 25.2 s a step (estimated).
+# ## Your data
+#
+# As in lesson 07: name your training file as this notebook's folder sees it (Colab: `/content/...` or
+# `/content/drive/MyDrive/...`; Kaggle: `/kaggle/input/<dataset>/<file>.jsonl`). Left as it is, the
+# series' sample is used.
+
+# %%
+MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my_train.jsonl"
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.data import load_jsonl
+
+my_records = load_jsonl(MY_DATA)  # every bad line, as file:line: what is wrong; what to do
+print(f"{len(my_records)} training lines, all valid; the fewest negatives on a line: "
+      f"{min(len(r['neg']) for r in my_records)}")
+
+# %% [markdown]
+# ## The answer, with m3lab's levers
+#
+# Lesson 07's answer with m3lab's levers joining FlagEmbedding's knobs (`m3lab fit --platform colab-t4
+# --data FILE`, without `--stock`): the lengths that keep 95% of your data's tokens, the largest group
+# the most frugal setting holds, then the fastest setting that holds the same group; the encoder
+# always trains. The commands run `-m m3lab.run_m3`, FlagEmbedding's own runner with the levers
+# added. GPU and host figures are predicted; the times are estimated, as a range.
+
+# %%
+from m3lab import recipes
+
+lever_answers = {platform: recipes.answer_for(platform, stock=False, data=MY_DATA)
+                 for platform in ("colab-t4", "kaggle-t4x2")}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for answer in lever_answers.values():
+    print(f"## {answer.title}")
+    print("\n".join(answer.figures()), end="\n\n")
+
+# %%
+# The commands to copy: run each from this notebook's folder (in a cell, after !, or in a terminal).
+# The DeepSpeed JSON a command names, if any, is written here, beside it.
+for answer in lever_answers.values():
+    answer.write_deepspeed_json(".")
+    print(answer.card().split("\n\n", 1)[1], end="\n\n")
+
+# %% [markdown]
+# **In one line.** ANSWER_LINE

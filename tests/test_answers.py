@@ -3,7 +3,7 @@ learner's own folder on their own file, stopped when a session ends, resumed, an
 
 On this CPU machine a command cannot run exactly as printed, and the tests change only this, each
 visibly (``on_this_cpu``): the model is the offline stand-in (no hub here), fp16 is off (a CPU has no
-fp16 training), and a few steps replace the epochs. Everything else (the data's path, the output
+fp16 training; in the DeepSpeed JSON too, where there is one), and a few steps replace the epochs. Everything else (the data's path, the output
 folder, the DeepSpeed JSON's name, every FlagEmbedding flag) is the printed text.
 """
 
@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +50,14 @@ def on_this_cpu(command: str, standin: Path, steps: int, extra: str = "") -> str
     return command + f" \\\n    --max_steps {steps}" + extra
 
 
+def _shell_environment() -> dict:
+    """A learner's shell after the install: torchrun (installed with torch) on the PATH; no hub here."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _run(command: str, folder: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = _shell_environment()
     return subprocess.run(["bash", "-c", command], cwd=folder, capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -93,7 +100,10 @@ def test_the_printed_command_runs_as_copied(platform, answers_for_my_file, learn
     answer = answers_for_my_file[platform]
     card = answer.card()
     if answer.config.deepspeed_stage is not None:
-        answer.write_deepspeed_json(learners_folder)
+        written = answer.write_deepspeed_json(learners_folder)
+        settings = json.loads(written.read_text())
+        settings["fp16"]["enabled"] = False  # as the command's --fp16 on this CPU (HF checks the two agree)
+        written.write_text(json.dumps(settings))
     done = _run(on_this_cpu(_printed_command(card), standin_dir, steps=2), learners_folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = learners_folder / "out"
@@ -108,7 +118,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_from_it_and_ends_at_the_same_s
     cpu = dict(standin=standin_dir, steps=4, extra="")
     first = on_this_cpu(_printed_command(answer.card()), **cpu).replace(
         f"--save_steps {answer.plan.save_steps} \\", "--save_steps 2 \\")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = _shell_environment()
     # the session ends: the run is stopped once its first checkpoint is whole
     child = subprocess.Popen(["bash", "-c", first], cwd=learners_folder, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -125,12 +135,23 @@ def test_a_run_stopped_after_a_checkpoint_resumes_from_it_and_ends_at_the_same_s
     assert again.returncode != 0
     assert "already exists and is not empty. Please use a new output directory or set --resume_from_checkpoint" in (
         again.stdout + again.stderr)
-    # the resume command, as printed (with the same changes for this CPU)
+    # the resume command, as printed: the same command, on m3lab's runner, from the newest checkpoint
     resume = answer.resume_command()
-    assert resume.startswith(_printed_command(answer.card()))
-    resumed = on_this_cpu(resume.rsplit(" \\\n", 1)[0], **cpu).replace(
-        f"--save_steps {answer.plan.save_steps} \\", "--save_steps 2 \\") + " \\\n" + resume.rsplit(" \\\n", 1)[1]
-    done = _run(resumed, learners_folder)
+    printed = _printed_command(answer.card())
+    assert resume.rsplit(" \\\n", 1)[0] == printed.replace("-m FlagEmbedding.finetune.embedder.encoder_only.m3",
+                                                              "-m m3lab.run_m3")
+    last_line = resume.rsplit(" \\\n", 1)[1]
+
+    def resumed_with(command: str) -> str:
+        return on_this_cpu(command, **cpu).replace(f"--save_steps {answer.plan.save_steps} \\",
+                                                   "--save_steps 2 \\") + " \\\n" + last_line
+
+    # FlagEmbedding 1.4.2's own runner cannot resume its M3 checkpoints (without DeepSpeed): held here, so
+    # that an upstream fix shows (and the lesson's warning goes)
+    stock = _run(resumed_with(printed), learners_folder)
+    assert stock.returncode != 0
+    assert "object has no attribute '_keys_to_ignore_on_save'" in stock.stdout + stock.stderr
+    done = _run(resumed_with(resume.rsplit(" \\\n", 1)[0]), learners_folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Continuing training from global step 2" in done.stdout + done.stderr
     final = json.loads((learners_folder / "out" / "checkpoint-4" / "trainer_state.json").read_text())

@@ -22,9 +22,9 @@ from m3lab.config import OPTIMIZERS
 from m3lab.gpus import GIB
 from m3lab.predict.allocator import allocator_round, segment_size
 from m3lab.predict.models import bge_m3_config, load_model_config, model_for, model_geometry
-from m3lab.predict.prediction import TrainingWouldFail, predict
+from m3lab.predict.prediction import TrainingWouldFail, predict, predict_many
 from m3lab.predict.report import MemoryReport
 from m3lab.predict.trace import CATEGORIES, MemoryTrace
 
-__all__ = ["predict", "MemoryReport", "TrainingWouldFail", "load_model_config", "bge_m3_config", "model_geometry", "model_for",
+__all__ = ["predict", "predict_many", "MemoryReport", "TrainingWouldFail", "load_model_config", "bge_m3_config", "model_geometry", "model_for",
            "allocator_round", "segment_size", "MemoryTrace", "CATEGORIES", "GIB", "OPTIMIZERS"]

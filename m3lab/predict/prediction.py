@@ -96,6 +96,22 @@ def _raised_in_m3lab(error: BaseException) -> bool:
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
 
 
+def predict_many(configs: list, gpu: str | GPU = "t4", *, model_config=None) -> list[MemoryReport]:
+    """``predict(config, gpu)`` of each configuration, full depth, their traces side by side in the
+    worker pool: how a search confirms several candidates at once."""
+    started = time.perf_counter()
+    profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
+    specs = [spec_for(config, model_config) for config in configs]
+    owners = [(index, rank) for index, spec in enumerate(specs) for rank in traced_ranks(spec)]
+    with _failures_as_training_failures():
+        traced = trace_in_parallel([TraceJob(specs[index], profile, rank) for index, rank in owners])
+    results: list[dict[int, RankSteps]] = [{} for _ in specs]
+    for (index, rank), steps in zip(owners, traced):
+        results[index][rank] = steps
+    seconds = time.perf_counter() - started
+    return [_report(spec, profile, found, None, False, seconds) for spec, found in zip(specs, results)]
+
+
 def traced_ranks(spec: TraceSpec) -> list[int]:
     """The ranks whose steps can differ: ZeRO-1/2 ranks differ only in the last partition's padding;
     without partitioning (ZeRO-0, no DeepSpeed) every rank runs the same step on the same shapes."""
