@@ -144,7 +144,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_from_it_and_ends_at_the_same_s
 
     def resumed_with(command: str) -> str:
         return on_this_cpu(command, **cpu).replace(f"--save_steps {answer.plan.save_steps} \\",
-                                                   "--save_steps 2 \\") + " \\\n" + last_line
+                                                   "--save_steps 2 \\") + " \\\n" + last_line + (
+            " \\\n    --log_level info")  # HF says where it continues from at info level
 
     # FlagEmbedding 1.4.2's own runner cannot resume its M3 checkpoints (without DeepSpeed): held here, so
     # that an upstream fix shows (and the lesson's warning goes)

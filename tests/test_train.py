@@ -23,7 +23,8 @@ def runs(tmp_path_factory, standin_dir):
         "stage0": train(TINY.replace(deepspeed_stage=0), runs_root=root),
         "stage1": train(TINY.replace(max_steps=36, learning_rate=3e-4), runs_root=root),
         "stage1x2": train(TINY.replace(num_processes=2, negatives_cross_device=True,
-                                       same_dataset_within_batch=True), runs_root=root),
+                                       same_dataset_within_batch=True,
+                                       query_instruction_for_retrieval=""), runs_root=root),
     }
 
 
