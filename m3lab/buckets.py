@@ -26,9 +26,9 @@ from m3lab.platforms import Platform, platform_for
 # the batch; finer buckets would pad less but split the data into files too small for a batch.
 BOUNDS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 MODEL_MAX_LEN = 8192
-MAX_BATCH = 512
+MAX_BATCH = 512  # per process: where the search stops
 LENGTH_STEP = 256  # the resolution of a cut, where the card holds no bucket's passages
-SEARCH_ROUNDS = 5
+SEARCH_ROUNDS = 4  # full-depth rounds; the quick traces' candidate is usually the answer
 
 
 @dataclass
@@ -64,6 +64,7 @@ class BucketPlan:
     tokenizer: str
     buckets: list[Bucket] = field(default_factory=list)
     cut: int | None = None  # the longest passage the card holds, where below 8,192; None: nothing cut
+    lengths: dict[str, int] = field(default_factory=dict, repr=False)  # every passage's tokens
 
     @property
     def processes(self) -> int:
@@ -87,16 +88,30 @@ class BucketPlan:
         lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated "
                      f"(m3lab.steptime); tokens counted with {self.tokenizer}")
         if self.cut:
-            lines.append(f"{'FlagEmbedding as it is' if self.stock else 'the levers'} hold no passage beyond "
+            lines.append(f"{'FlagEmbedding as it is holds' if self.stock else 'The levers hold'} no passage beyond "
                          f"{self.cut:,} tokens even one query at a time: longer ones are cut there")
         return "\n".join(lines)
 
     def config(self, folder: str) -> TrainConfig:
-        """The run: the bucket files in ``folder`` (as this folder sees it), each batched at its size."""
+        """The run: the bucket files in ``folder`` (as the working folder sees it), each batched at its
+        size; a checkpoint at least every half hour of the slowest bucket's steps (estimated)."""
+        from m3lab import sessions, steptime
+
+        held = [b for b in self.buckets if b.batch]
+        slowest = max((steptime.step_time(b.report) for b in held), key=lambda t: t.slowest_seconds, default=None)
+        save_steps = max(1, int(sessions.CHECKPOINT_EVERY_S // slowest.slowest_seconds)) if slowest else 500
         return self.base.replace(train_data=[folder], same_dataset_within_batch=True, query_instruction_for_retrieval="",
                                  passage_max_len=self.cut or MODEL_MAX_LEN,
-                                 per_device_train_batch_size=min(b.batch for b in self.buckets if b.batch),
-                                 warmup_steps=math.ceil(0.1 * self.epoch_steps() * self.base.num_train_epochs))
+                                 per_device_train_batch_size=min(b.batch for b in held),
+                                 warmup_steps=math.ceil(0.1 * self.epoch_steps() * self.base.num_train_epochs),
+                                 save_steps=save_steps, save_total_limit=sessions.KEEP_CHECKPOINTS)
+
+    def command(self, folder: str, output_dir: str | None = None) -> str:
+        """The command that trains on the files in ``folder``, as it is to be copied."""
+        from m3lab import command as commands
+
+        rendering = commands.Rendering(output_dir=output_dir or self.platform.output_dir)
+        return commands.format_command(commands.render(self.config(folder), rendering))
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """One JSONL file per bucket, FlagEmbedding's format with each record's ``batch_size``."""
@@ -151,40 +166,92 @@ def _fits(report, margin: int) -> bool:
     return report.fits and report.spare_bytes >= margin
 
 
-def _largest_batches(buckets: list[Bucket], base: TrainConfig, gpu, margin: int, log) -> None:
-    """Each bucket's largest batch (to within a tenth), confirmed by full-depth traces run side by side:
-    a quick trace of shallow copies at batches 1 and 2 draws the line the live tensors follow, and the
-    first candidate is where it meets the card; then a round at a time, for every bucket at once, the
-    batch doubles while it fits, or the interval left between a fit and a failure is halved."""
-    from m3lab.predict import predict, predict_many
+def _live_room(report, margin: int) -> int:
+    """What a quick trace's live tensors leave of the card, the CUDA context and the margin taken."""
+    return report.usable_bytes - margin - report.context_bytes - report.peak_allocated_bytes
+
+
+def _largest_group(longest: TrainConfig, most: int, gpu, margin: int) -> int | None:
+    """The largest train_group_size (at most ``most``, at least 2) with which the longest bucket
+    holds one query at a time (one run takes one group); None if even group 2 does not. ``most`` and
+    2 are traced first, side by side; then the groups between, largest first, two at a time."""
+    from m3lab.predict import predict_many
+
+    def fitting(groups: list[int]) -> list[bool]:
+        reports = predict_many([longest.replace(per_device_train_batch_size=1, train_group_size=g) for g in groups],
+                               gpu)
+        return [_fits(report, margin) for report in reports]
+
+    ends = sorted({most, 2}, reverse=True)
+    held = dict(zip(ends, fitting(ends)))
+    if held[most] or not held[2]:
+        return most if held[most] else None
+    between = list(range(most - 1, 2, -1))
+    for start in range(0, len(between), 2):
+        tried = between[start:start + 2]
+        for group, fits in zip(tried, fitting(tried)):
+            if fits:
+                return group
+    return 2
+
+
+def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int, int]:
+    """The largest batch (0 if none) whose live tensors, from quick traces of shallow copies, leave
+    the margin and the CUDA context; and the bytes a line adds there. Bisection: the peak is the
+    larger of a fixed cost (the embeddings' backward) and one that grows with the batch, so no line
+    through two small batches finds it."""
+    from m3lab.predict import predict
+
+    peaks: dict[int, int] = {}
+
+    def holds(batch: int) -> bool:
+        report = predict(at(bucket, batch), gpu, exact=False)
+        peaks[batch] = report.peak_allocated_bytes
+        if batch == 1:
+            bucket.single = report
+        return _live_room(report, margin) >= 0
+
+    low, high = 0, cap + 1
+    if holds(1):
+        low = 1
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if holds(middle) else (low, middle)
+    else:
+        high = 1
+    per_line = ((peaks[high] - peaks[low]) // (high - low) if high in peaks and low in peaks
+                else peaks[low] // max(low, 1) if low else peaks[1])
+    return low, max(per_line, 1)
+
+
+def _largest_batches(buckets: list[Bucket], base: TrainConfig, gpu, margin: int, max_batch: int, log) -> None:
+    """Each bucket's largest batch: found on quick traces, then confirmed by full-depth traces (the
+    allocator's gaps counted), every bucket's candidate traced side by side; a candidate the full
+    trace refuses steps down by what it lacks, a line's worth at a time."""
+    from m3lab.predict import predict_many
 
     def at(bucket: Bucket, batch: int) -> TrainConfig:
         return base.replace(passage_max_len=bucket.bound, per_device_train_batch_size=batch)
 
-    low, high, next_try = {}, {}, {}
+    todo, per_line = {}, {}
     for index, bucket in enumerate(buckets):
-        cap = max(1, min(MAX_BATCH, bucket.lines // base.num_processes))
-        one, two = (predict(at(bucket, b), gpu, exact=False) for b in (1, 2))
-        bucket.single = one
-        room = one.usable_bytes - margin - one.total_bytes  # what batch 1 leaves, its allocator's gaps counted
-        slope = max(two.peak_allocated_bytes - one.peak_allocated_bytes, 1)
-        low[index], high[index] = 0, cap + 1
-        next_try[index] = max(1, min(cap, 1 + int(room // slope)))
+        cap = max(1, min(max_batch, bucket.lines // base.num_processes))
+        found, per_line[index] = _quick_largest(bucket, at, cap, gpu, margin)
+        if found:
+            todo[index] = found
     for _ in range(SEARCH_ROUNDS):
-        todo = {i: next_try[i] for i in low if high[i] - low[i] > max(1, low[i] // 10)}
         if not todo:
             break
         reports = predict_many([at(buckets[i], batch) for i, batch in todo.items()], gpu)
+        following = {}
         for (index, batch), report in zip(todo.items(), reports):
             if _fits(report, margin):
-                low[index], buckets[index].batch, buckets[index].report = batch, batch, report
-            else:
-                high[index] = batch
-            unbounded = high[index] == max(1, min(MAX_BATCH, buckets[index].lines // base.num_processes)) + 1
-            next_try[index] = (min(high[index] - 1, 2 * batch) if unbounded and low[index] == batch
-                               else (low[index] + high[index]) // 2)
-        log("  batches found so far: " + ", ".join(f"{buckets[i].bound} tokens {low[i]} (below {high[i]})"
-                                                  for i in low))
+                buckets[index].batch, buckets[index].report = batch, report
+            elif batch > 1:
+                lacking = margin - report.spare_bytes
+                following[index] = max(1, batch - max(1, -(-lacking // per_line[index])))
+        todo = following
+    log("  largest batches: " + ", ".join(f"{b.bound} tokens {b.batch}" for b in buckets))
 
 
 def _longest_that_fits(base: TrainConfig, gpu, margin: int, low: int, high: int) -> tuple[int, object] | None:
@@ -206,10 +273,11 @@ def _longest_that_fits(base: TrainConfig, gpu, margin: int, low: int, high: int)
 
 
 def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | None = None, epochs: float = 2,
-         tokenizer=None, margin_gib: float = CLOSE_CALL_BYTES / GIB, log=print) -> BucketPlan:
+         tokenizer=None, margin_gib: float = CLOSE_CALL_BYTES / GIB, max_batch: int = MAX_BATCH,
+         log=print) -> BucketPlan:
     """Per-length batches for ``data`` on ``platform``: see the module's docstring. ``group``: the
     train_group_size of every batch (default: the data's fewest negatives plus one, at most 8, as
-    BGE-M3's authors fine-tuned)."""
+    BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take."""
     from m3lab.data import load_jsonl, token_lengths
     from m3lab.fit import DataLengths, base_config, data_lengths
 
@@ -227,17 +295,22 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     lengths = dict(zip(texts, token_lengths(texts, tokenizer).tolist()))
     group = group or max(2, min(8, lengths_of.fewest_negatives + 1))
     # 8-bit AdamW, no DeepSpeed (FlagEmbedding's same-dataset path sets the micro-batch itself, which a
-    # DeepSpeed JSON fixes); with the levers, lesson 08's: the efficient sparse head and the gradient cache
+    # DeepSpeed JSON fixes); with the levers, m3lab's sparse head. Not the gradient cache: one run takes
+    # one chunk size, and the short buckets' large batches would then pass through the encoder a few
+    # texts at a time (a slower step, and a trace too slow to search with)
     base = base_config(data, where, lengths_of.longest_query, MODEL_MAX_LEN, stock).replace(
-        train_group_size=group, num_train_epochs=epochs, deepspeed_stage=None, optim="adamw_bnb_8bit",
-        grad_cache_chunk_size=0 if stock else 1)
-    result = BucketPlan(where, stock, base, name)
-    result.buckets = split(records, lengths, min_lines=2 * where.gpu.count)
-    log(f"{where.describe()}: {len(records)} lines in {len(result.buckets)} buckets "
-        f"({', '.join(f'{b.bound}: {b.lines}' for b in result.buckets)}); group {group}; queries whole "
-        f"({lengths_of.longest_query} tokens); tokens counted with {name}")
+        train_group_size=group, num_train_epochs=epochs, deepspeed_stage=None, optim="adamw_bnb_8bit")
+    buckets = split(records, lengths, min_lines=2 * where.gpu.count)
     margin = int(margin_gib * GIB)
-    _largest_batches(result.buckets, base, where.gpu, margin, log)
+    held_group = _largest_group(base.replace(passage_max_len=buckets[-1].bound), group, where.gpu, margin)
+    base = base.replace(train_group_size=held_group or group)
+    result = BucketPlan(where, stock, base, name, buckets, lengths=lengths)
+    log(f"{where.describe()}: {len(records)} lines in {len(buckets)} buckets "
+        f"({', '.join(f'{b.bound}: {b.lines}' for b in buckets)}); group {base.train_group_size}; queries whole "
+        f"({lengths_of.longest_query} tokens); tokens counted with {name}"
+        + ("" if held_group == group else f"; the longest bucket holds group {held_group}, not {group}"
+           if held_group else f"; not even group 2 holds the longest bucket one query at a time"))
+    _largest_batches(result.buckets, base, where.gpu, margin, max_batch, log)
     held = [b for b in result.buckets if b.batch]
     if len(held) < len(result.buckets):
         _cut(result, base, where.gpu, margin, lengths)
@@ -262,3 +335,67 @@ def _cut(result: BucketPlan, base: TrainConfig, gpu, margin: int, lengths: dict[
     result.cut, report = found
     last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report)
     result.buckets = held + [last]
+
+
+@dataclass(frozen=True)
+class EpochCost:
+    """One way to train an epoch on the data: how much of the passages' text it sees, and how long
+    it takes (estimated, a range; None where the card cannot run it)."""
+
+    name: str
+    passage_max_len: int
+    tokens_kept: float  # of the passages' tokens (each passage counted once), the share trained on
+    steps: int
+    seconds: tuple[float, float] | None
+    verdict: str  # the predictor's, for the run's largest step
+
+
+def _kept(lengths: dict[str, int], cut: int) -> float:
+    return sum(min(n, cut) for n in lengths.values()) / max(1, sum(lengths.values()))
+
+
+def epoch_costs(result: BucketPlan) -> list[EpochCost]:
+    """The bucketed epoch beside the seed's truncating recipe (FlagEmbedding's T4 advice: 64/392 tokens,
+    group 6, ZeRO-1, batch 1) and one fixed batch at full length (the batch the longest bucket holds,
+    for every line; its time counts each line at its bucket's length, a lower bound, as a random batch
+    pads to its longest line). Figures predicted for the platform's card; times estimated."""
+    from m3lab import steptime
+    from m3lab.predict import predict
+
+    processes, lines = result.processes, sum(b.lines for b in result.buckets)
+    held = [b for b in result.buckets if b.batch]
+
+    def seconds(parts: list[tuple[int, object]]) -> tuple[float, float] | None:
+        times = [(steps, steptime.step_time(report)) for steps, report in parts]
+        if any(time is None for _, time in times):
+            return None
+        return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
+
+    cut = result.cut or MODEL_MAX_LEN
+    bucketed = EpochCost("per-length batches", cut, _kept(result.lengths, cut), result.epoch_steps(),
+                         seconds([(b.steps(processes), b.report) for b in held]),
+                         max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
+    seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
+                                        negatives_cross_device=processes > 1)
+    seed_report = predict(seed, result.platform.gpu)
+    seed_steps = lines // processes
+    truncating = EpochCost("the seed's T4 advice (64/392 tokens, group 6, ZeRO-1)", seed.passage_max_len,
+                           _kept(result.lengths, seed.passage_max_len), seed_steps,
+                           seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
+    fixed_batch = held[-1].batch if held else 0
+    fixed = EpochCost(f"one batch ({fixed_batch} a process) at full length", cut, bucketed.tokens_kept,
+                      lines // max(1, fixed_batch * processes),
+                      seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
+                      if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")
+    return [truncating, fixed, bucketed]
+
+
+def cost_table(costs: list[EpochCost]) -> str:
+    """The epoch's costs, one line each."""
+    header = f"{'':55} {'passages to':>11} {'tokens kept':>11} {'steps':>6}  estimated epoch"
+    rows = [header, "-" * len(header)]
+    for cost in costs:
+        time = (f"{cost.seconds[0] / 60:.0f} to {cost.seconds[1] / 60:.0f} min" if cost.seconds
+                else f"cannot run: {cost.verdict}")
+        rows.append(f"{cost.name:55} {cost.passage_max_len:>11,} {cost.tokens_kept:>10.0%} {cost.steps:>6}  {time}")
+    return "\n".join(rows)

@@ -135,6 +135,8 @@ def _fit(args) -> int:
         raise ConfigError(["--margin-gib must be 0 or more, --coverage between 0 and 1 (e.g. 0.95), --max-group 2 or "
                        f"more; got {args.margin_gib:g}, {args.coverage:g}, {args.max_group}."])
 
+    if args.buckets:
+        return _fit_buckets(args)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
         result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
                      max_group=args.max_group, log=lambda line: print(line, file=sys.stderr),
@@ -153,6 +155,30 @@ def _fit(args) -> int:
     if args.write_json and run.config.deepspeed_stage is not None:
         print(f"wrote {run.write_deepspeed_json()}", file=sys.stderr)
     print(run.card())  # last: the command (and its JSON) is what a reader copies
+    return 0
+
+
+def _fit_buckets(args) -> int:
+    """``m3lab fit --buckets DIR``: the per-length batches, their files in DIR and the command."""
+    import contextlib
+
+    from m3lab import buckets
+    from m3lab.recipes import as_seen_from_here
+
+    if args.gpu or args.json or args.write_json:
+        raise ConfigError(["--buckets plans for a platform (--platform colab-t4 or kaggle-t4x2) and prints a table "
+                           "and a command; leave out --gpu, --json and --write-json."])
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = buckets.plan(args.data, args.platform or "colab-t4", stock=args.stock, margin_gib=args.margin_gib,
+                            log=lambda line: print(line, file=sys.stderr))
+        costs = buckets.epoch_costs(plan)
+    written = plan.write(args.buckets)
+    print(plan.table())
+    print()
+    print(buckets.cost_table(costs))
+    print(f"\n# {len(written)} files in {args.buckets}, one per bucket, each line carrying its batch_size. "
+          "Run it from this folder:")
+    print(plan.command(as_seen_from_here(args.buckets), args.output_dir))
     return 0
 
 
@@ -247,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
     fit.add_argument("--margin-gib", type=float, default=CLOSE_CALL_BYTES / GIB,
                      help=f"GiB to leave free on the card (default {CLOSE_CALL_BYTES / GIB:g}: no close call)")
+    fit.add_argument("--buckets", metavar="DIR",
+                     help="per-length batches instead: split the data by length into files in DIR, each batched at "
+                          "the largest size the platform holds, nothing cut; print the table and the command")
     fit.add_argument("--coverage", type=float, default=0.95,
                      help="share of the data's tokens the max lengths keep (default 0.95)")
     fit.add_argument("--max-group", type=int, default=16, help="largest train_group_size to consider (default 16)")

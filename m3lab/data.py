@@ -163,11 +163,19 @@ def validate_jsonl(path: str | Path, *, need_negatives: bool = True,
 
 
 def load_jsonl(paths, *, need_negatives: bool = True, knowledge_distillation: bool = False) -> list[dict]:
-    """Records of one or more JSONL files; raises DataError listing every problem in all of them."""
+    """Records of one or more JSONL files (a folder: its .json and .jsonl files, as FlagEmbedding reads
+    one); raises DataError listing every problem in all of them."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     records, problems = [], []
-    for path in paths:
-        found, bad = validate_jsonl(resolve_data_path(path), need_negatives=need_negatives,
+    files = []
+    for path in map(resolve_data_path, paths):
+        inside = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+        if path.is_dir() and not inside:
+            problems.append(DataProblem(str(path), 0, "the folder holds no .jsonl or .json files; give a file, or "
+                                                      "a folder of them"))
+        files += inside
+    for path in files:
+        found, bad = validate_jsonl(path, need_negatives=need_negatives,
                                     knowledge_distillation=knowledge_distillation)
         records += found
         problems += bad

@@ -9,6 +9,8 @@ and step time, to a JSONL file per rank.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import gc
 import json
 import os
@@ -174,6 +176,7 @@ class StepRecorder(TrainerCallback):
         self.meter: LiveTensorBytes | None = None
         self._step_started = 0.0
         self._pending: dict | None = None
+        self._batch: dict = {}
         self.current_step = 0
 
     @classmethod
@@ -210,9 +213,21 @@ class StepRecorder(TrainerCallback):
         if not self.cuda:
             self.meter = LiveTensorBytes(roots=params, limit_bytes=self.memory_limit_bytes)
             self.meter.__enter__()
+        if model is not None:
+            model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
+
+    def _see_batch(self, module, args, kwargs) -> None:
+        """The batch of the step's first forward (FlagEmbedding's model takes queries and passages)."""
+        queries, passages = kwargs.get("queries"), kwargs.get("passages")
+        if self._batch or not isinstance(queries, Mapping) or not isinstance(passages, Mapping):  # BatchEncoding
+            return
+        shape = passages["input_ids"].shape
+        self._batch = {"queries": int(queries["input_ids"].shape[0]), "passages": int(shape[0]),
+                       "passage_tokens": int(shape[1])}
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.current_step = state.global_step + 1
+        self._batch = {}
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -241,6 +256,7 @@ class StepRecorder(TrainerCallback):
             "fp32_master_bytes": tensor_bytes(fp32_master_tensors(optimizer)),
             # accelerate's optimizer wrappers (HF AMP and DeepSpeed alike) know it
             "optimizer_step_skipped": _bool_or_none(getattr(optimizer, "step_was_skipped", None)),
+            **self._batch,
         }
         # The loss arrives in on_log right after a step that logs; other steps are written now.
         if not (args.logging_steps and state.global_step % args.logging_steps == 0):

@@ -60,6 +60,10 @@ class StepRecord:
     device_used_bytes: int | None = None
     # fp16 loss scaling skips the update of a step whose gradients overflowed (None: not known)
     optimizer_step_skipped: bool | None = None
+    # the step's batch as the model received it (this rank's): queries, and passages x their padded tokens
+    queries: int | None = None
+    passages: int | None = None
+    passage_tokens: int | None = None
 
 
 @dataclass
