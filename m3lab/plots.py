@@ -293,3 +293,27 @@ def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def epoch_costs(costs: list, path: str | Path | None = None, title: str = "One epoch on your data"):
+    """``buckets.epoch_costs``: the share of the passages' tokens trained on, and the estimated time
+    (a range; a hatched stub where the card cannot run it)."""
+    fig, (kept, time) = plt.subplots(1, 2, figsize=(10, 3.2))
+    names = [cost.name for cost in costs]
+    ys = range(len(costs))
+    kept.barh(ys, [100 * cost.tokens_kept for cost in costs], color="tab:blue")
+    kept.set_xlim(0, 100)
+    kept.set_xlabel("passage tokens trained on (%)")
+    kept.set_yticks(list(ys), names)
+    for y, cost in zip(ys, costs):
+        if cost.seconds:
+            low, high = (s / 60 for s in cost.seconds)
+            time.barh(y, high - low, left=low, color="tab:green", alpha=0.7)
+        else:
+            time.text(0, y, f" cannot run: {cost.verdict}", va="center", fontsize=8, color="tab:red")
+    time.set_yticks(list(ys), [""] * len(costs))
+    time.set_xlabel("estimated epoch time (min, a range)")
+    time.set_xlim(left=0)
+    fig.suptitle(f"{title} (memory predicted, times estimated)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -177,3 +177,7 @@ plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("02")));
 # %% [markdown]
 # **In one line.** Cutting to 64/392 tokens takes the peak from 136.60 to 13.64 GiB, and the run is
 # still out of memory, by 2.40 GiB, predicted for a T4.
+#
+# A cut length throws text away (the table above says how much of this data's). Lesson 07 ends
+# with the other way, the way BGE-M3's authors trained: the data split by length, each part batched
+# at what the card holds, nothing cut.

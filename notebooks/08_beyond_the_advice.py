@@ -339,3 +339,40 @@ for answer in lever_answers.values():
 
 # %% [markdown]
 # **In one line.** ANSWER_LINE
+
+# %% [markdown]
+# ## Every text at its full length, per-length batches
+#
+# Lesson 07 ended with per-length batches, the way BGE-M3's authors trained: the data split by length
+# into files, each batched at the largest size the card holds (`--same_dataset_within_batch True`,
+# each line carrying its `batch_size`). With m3lab's sparse head the card holds much longer passages.
+# For each platform (`m3lab fit --buckets DIR --platform PLATFORM --data FILE`): the buckets and their
+# batches (per process), one epoch against the seed's truncating advice and against one batch at full
+# length, the files written into this folder, and the command that trains on them. Memory predicted,
+# times estimated.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab import buckets
+
+bucket_plans = {platform: buckets.plan(MY_DATA, platform) for platform in ("colab-t4", "kaggle-t4x2")}
+bucket_costs = {platform: buckets.epoch_costs(plan) for platform, plan in bucket_plans.items()}
+for platform, plan in bucket_plans.items():
+    print(plan.table())
+    print()
+    print(buckets.cost_table(bucket_costs[platform]), end="\n\n")
+
+# %%
+plots.epoch_costs(bucket_costs["colab-t4"], title="One epoch on your data, free Colab");
+
+# %%
+# The files and the commands to copy: each platform's files go to their own folder here
+# (the batches differ), and each command runs from this notebook's folder.
+for platform, plan in bucket_plans.items():
+    plan.write(f"buckets-{platform}")
+    print(f"## {plan.platform.describe()}")
+    print(plan.command(f"buckets-{platform}"), end="\n\n")
+
+# %% [markdown]
+# BUCKETS_08
+
