@@ -44,19 +44,15 @@ def apply_levers(model, m3lab_args: M3LabArguments):
 
 def load_m3_checkpoint(model, folder: str) -> None:
     """A checkpoint of FlagEmbedding's M3 model, loaded where FlagEmbedding saved each part: the encoder
-    as a transformers model (``save_pretrained``), the ColBERT and sparse heads as .pt files beside it."""
+    as a transformers model (``save_pretrained``, read back with ``from_pretrained``, which knows how
+    the installed transformers names what it saved, sharded or not), the ColBERT and sparse heads as
+    .pt files beside it."""
     import os
 
     import torch
-    from transformers.modeling_utils import load_sharded_checkpoint
 
-    encoder_file = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(encoder_file):
-        from safetensors.torch import load_file
-
-        model.model.load_state_dict(load_file(encoder_file))
-    else:  # a sharded checkpoint (an index beside its shards), or the older pytorch_model.bin
-        load_sharded_checkpoint(model.model, folder)
+    encoder = model.model
+    encoder.load_state_dict(type(encoder).from_pretrained(folder).state_dict())
     for head in ("colbert_linear", "sparse_linear"):
         path = os.path.join(folder, f"{head}.pt")
         if getattr(model, head, None) is not None and os.path.isfile(path):
