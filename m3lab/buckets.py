@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab.config import TrainConfig
+from m3lab.errors import ConfigError
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.platforms import Platform, platform_for
 
@@ -303,17 +304,23 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     buckets = split(records, lengths, min_lines=2 * where.gpu.count)
     margin = int(margin_gib * GIB)
     held_group = _largest_group(base.replace(passage_max_len=buckets[-1].bound), group, where.gpu, margin)
-    base = base.replace(train_group_size=held_group or group)
+    # where no group holds the longest bucket, group 2: the most text the card holds, the rest cut
+    base = base.replace(train_group_size=held_group or 2)
     result = BucketPlan(where, stock, base, name, buckets, lengths=lengths)
     log(f"{where.describe()}: {len(records)} lines in {len(buckets)} buckets "
         f"({', '.join(f'{b.bound}: {b.lines}' for b in buckets)}); group {base.train_group_size}; queries whole "
         f"({lengths_of.longest_query} tokens); tokens counted with {name}"
         + ("" if held_group == group else f"; the longest bucket holds group {held_group}, not {group}"
-           if held_group else f"; not even group 2 holds the longest bucket one query at a time"))
+           if held_group else "; not even group 2 holds the longest bucket one query at a time, so group 2 and "
+                              "the longest passages cut"))
     _largest_batches(result.buckets, base, where.gpu, margin, max_batch, log)
     held = [b for b in result.buckets if b.batch]
     if len(held) < len(result.buckets):
         _cut(result, base, where.gpu, margin, lengths)
+    if not result.buckets:
+        raise ConfigError([f"{where.describe()} holds none of this data's passages, even {LENGTH_STEP} tokens at "
+                           f"group {base.train_group_size} and one query at a time, with {margin_gib:g} GiB to spare "
+                           "(predicted); use a bigger card, or a smaller --margin-gib."])
     for bucket in result.buckets:
         bucket.passage_tokens = _passage_tokens(bucket.records, lengths, result.cut or MODEL_MAX_LEN)
     return result
@@ -383,7 +390,8 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
                            _kept(result.lengths, seed.passage_max_len), seed_steps,
                            seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
     fixed_batch = held[-1].batch if held else 0
-    fixed = EpochCost(f"one batch ({fixed_batch} a process) at full length", cut, bucketed.tokens_kept,
+    fixed = EpochCost(f"one batch ({fixed_batch} a process) at " + ("full length" if cut == MODEL_MAX_LEN else
+                                                                   f"{cut:,} tokens"), cut, bucketed.tokens_kept,
                       lines // max(1, fixed_batch * processes),
                       seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
                       if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")

@@ -163,6 +163,7 @@ def _fit_buckets(args) -> int:
     import contextlib
 
     from m3lab import buckets
+    from m3lab.config import ConfigError
     from m3lab.recipes import as_seen_from_here
 
     if args.gpu or args.json or args.write_json:

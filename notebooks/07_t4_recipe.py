@@ -307,9 +307,6 @@ for answer in stock_answers.values():
     print(answer.card().split("\n\n", 1)[1], end="\n\n")
 
 # %% [markdown]
-# **In one line.** ANSWER_LINE
-
-# %% [markdown]
 # ## Context: every text at its full length, per-length batches
 #
 # The answer above cuts passages at the length that keeps 95% of your data's tokens. BGE-M3's authors
@@ -333,3 +330,5 @@ print(buckets.cost_table(buckets.epoch_costs(stock_buckets)))
 # %% [markdown]
 # BUCKETS_07
 
+# %% [markdown]
+# **In one line.** ANSWER_LINE

@@ -338,9 +338,6 @@ for answer in lever_answers.values():
     print(answer.card().split("\n\n", 1)[1], end="\n\n")
 
 # %% [markdown]
-# **In one line.** ANSWER_LINE
-
-# %% [markdown]
 # ## Every text at its full length, per-length batches
 #
 # Lesson 07 ended with per-length batches, the way BGE-M3's authors trained: the data split by length
@@ -376,3 +373,5 @@ for platform, plan in bucket_plans.items():
 # %% [markdown]
 # BUCKETS_08
 
+# %% [markdown]
+# **In one line.** ANSWER_LINE

@@ -84,3 +84,29 @@ def test_the_stand_ins_epoch_over_the_files_takes_the_planned_batches(small_plan
     group = config.train_group_size
     assert all(step.passages == step.queries * group for step in result.steps)
     assert max(step.passage_tokens for step in result.steps) <= small_plan.buckets[-1].bound
+
+
+def _m3lab(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "m3lab", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_the_command_line_writes_the_files_and_a_command_for_two_processes(outside, tmp_path):
+    run = _m3lab("fit", "--buckets", "my-buckets", "--platform", "kaggle-t4x2", "--data", str(outside), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    files = sorted((tmp_path / "my-buckets").glob("len-*.jsonl"))
+    assert files and sum(len(load_jsonl(f)) for f in files) == len(load_jsonl(outside))
+    assert "--nproc_per_node 2" in run.stdout and "--train_data my-buckets" in run.stdout
+    assert "per-length batches" in run.stdout and "the seed's T4 advice" in run.stdout
+
+
+def test_what_the_command_line_cannot_do_is_one_sentence_and_status_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "pos": []}\n')
+    for args in (["--buckets", "b", "--gpu", "t4"], ["--buckets", "b", "--data", str(bad)]):
+        run = _m3lab("fit", *args, cwd=tmp_path)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert not (tmp_path / "b").exists()
