@@ -340,7 +340,7 @@ def _cut(result: BucketPlan, base: TrainConfig, gpu, margin: int, lengths: dict[
         result.buckets = held
         return
     result.cut, report = found
-    last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report)
+    last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report, single=report)
     result.buckets = held + [last]
 
 
@@ -403,7 +403,8 @@ def cost_table(costs: list[EpochCost]) -> str:
     header = f"{'':55} {'passages to':>11} {'tokens kept':>11} {'steps':>6}  estimated epoch"
     rows = [header, "-" * len(header)]
     for cost in costs:
-        time = (f"{cost.seconds[0] / 60:.0f} to {cost.seconds[1] / 60:.0f} min" if cost.seconds
-                else f"cannot run: {cost.verdict}")
+        low, high = (round(s / 60) for s in cost.seconds) if cost.seconds else (0, 0)
+        time = (f"cannot run: {cost.verdict}" if not cost.seconds else f"about {low} min" if low == high
+                else f"{low} to {high} min")
         rows.append(f"{cost.name:55} {cost.passage_max_len:>11,} {cost.tokens_kept:>10.0%} {cost.steps:>6}  {time}")
     return "\n".join(rows)

@@ -280,7 +280,7 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # ## The answer, with FlagEmbedding as it is
 #
 # `m3lab fit` on your data for each platform (from a shell: `m3lab fit --platform colab-t4 --stock
-# --data FILE`): the lengths that keep 95% of the data's tokens, the largest group the platform holds
+# --data FILE`): the lengths that keep most of the data's tokens (`--coverage 0.95`), the largest group the platform holds
 # (GPU and host RAM), the fastest memory setting that holds it, never a close call; then the run: two
 # epochs, the warm-up counted on your data, a checkpoint at least every half hour of training, in the
 # folder that outlives the session. Every figure is labelled: the GPU's and the host's are predicted,
@@ -309,7 +309,7 @@ for answer in stock_answers.values():
 # %% [markdown]
 # ## Context: every text at its full length, per-length batches
 #
-# The answer above cuts passages at the length that keeps 95% of your data's tokens. BGE-M3's authors
+# The answer above cuts passages at the length that keeps most of your data's tokens (`--coverage 0.95`). BGE-M3's authors
 # cut nothing: they split their data by length into files and gave each file the largest batch their
 # card held (FlagEmbedding's `research/BGE_M3`; the BGE-M3 paper's Table 9). FlagEmbedding still runs
 # that way: with `--same_dataset_within_batch True` every batch comes from one file, at the

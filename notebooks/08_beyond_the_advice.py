@@ -21,7 +21,7 @@
 # The common advice stops at 392-token passages, groups of 6 and, often, a frozen encoder. BGE-M3 reads
 # 8,192 tokens. This lesson reaches for the whole thing on one T4: **every parameter trained** (word
 # embeddings included; dense, sparse and ColBERT heads; self-distillation on), passages of 8,192 tokens,
-# queries of 512, groups of 8, with a predicted total (CUDA context included) of at most 14.0 GiB.
+# queries of 512, groups of 8, and not a close call (the series' margin, lesson 01).
 # m3lab adds five levers, each one flag, each traced by the predictor:
 #
 # | lever | flag (`m3lab predict`) | TrainConfig field |
@@ -232,40 +232,44 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 # %% [markdown]
 # **Verdict.**
 #
-# - **From where lesson 07 left the run** (no DeepSpeed, 8-bit AdamW, 64/1,024 tokens, group 6) the
-#   peak is in the forward pass: 6.94 GiB of activations, most of them FlagEmbedding's (passages x
-#   tokens x vocabulary) sparse-head tensor. The efficient sparse head alone takes the peak from 11.61
-#   to 8.69 GiB, the gradient cache alone to 8.44. Frozen word embeddings shrink the optimizer states
-#   (2.55 to 0.64 GiB) but not the activations (9.72 GiB), and the embeddings stop training. Offload
-#   (ZeRO-1 with DeepSpeed's CPU Adam) leaves 7.61 GiB on the GPU and needs 12.51 GiB of host RAM,
+# - **From where lesson 07 left the run** (no DeepSpeed, 8-bit AdamW, 64/768 tokens, group 6) the
+#   peak is in the forward pass: 5.35 GiB of activations, most of them FlagEmbedding's (passages x
+#   tokens x vocabulary) sparse-head tensor. The efficient sparse head alone takes the peak from 10.02
+#   to 7.73 GiB, the gradient cache alone to 8.16. Frozen word embeddings shrink the optimizer states
+#   (2.55 to 0.64 GiB) but not the activations (5.37 GiB), and the embeddings stop training. Offload
+#   (ZeRO-1 with DeepSpeed's CPU Adam) leaves 6.10 GiB on the GPU and needs 12.51 GiB of host RAM,
 #   more than free Colab's 11.83 GiB.
-# - **At BGE-M3's real lengths** (8,192-token passages, 512-token queries, group 8) the same run needs
-#   73.20 GiB. The efficient sparse head takes the sparse tensor away (14.77 GiB: OOM by 0.43), the
-#   gradient cache takes the activations away, and the optimizer step is the peak again. **The goal**,
-#   every parameter trained: 8.59 GiB peak and 10.03 GiB with the allocator's cache and the CUDA
-#   context, full trace (the extrapolation said 8.52, +0.8%), predicted for a T4 (at most 14.0 asked).
+# - **At BGE-M3's real lengths** (8,192-token passages, 512-token queries, group 8) the same run's
+#   peak is 73.20 GiB. The efficient sparse head takes the sparse tensor away (14.77 GiB: out of
+#   memory, short by 1.34 GiB), the gradient cache takes the activations away, and the backward pass
+#   through the last layer is the peak. **The goal**, every parameter trained: 8.59 GiB peak, and
+#   9.05 GiB needed of the card with the allocator's gaps and the CUDA context: 5.69 GiB to spare,
+#   predicted for a T4 from a full trace.
 #   No shorter lengths, no smaller group, no frozen encoder, no offload. The common advice to cut
 #   lengths and groups works around two things FlagEmbedding's trainer does, not a limit of the card.
 # - **The gradient cache** keeps the encoder's memory flat: from group 2 to 16 the peak grows from
-#   8.32 to 8.77 GiB (the cached representations); without it group 8 is OOM by 0.43 GiB and group 16
-#   by 10.43. In the CPU runs above, one lever added at a time, the cut in the stand-in's measured peak
-#   comes with the gradient cache. The efficient sparse head alone changes nothing there, because the
-#   stand-in's vocabulary is 4,002 entries, not BGE-M3's 250,002, so its sparse tensor is small (the
-#   full-size effect is the prediction above). In those runs the losses differ from the plain run's
-#   because chunks draw their dropout masks in another order, exactly as FlagEmbedding's own
-#   `sub_batch_size` does; with dropout off, side by side on one batch, the cached step gives
-#   FlagEmbedding's loss and gradients, and what the stand-in's step adds to the weights stays at
-#   8.8 to 9.4 MiB from group 2 to 8 where FlagEmbedding's grows from 21.2 to 82.6 MiB (measured).
+#   8.39 to 8.85 GiB (the cached representations); without it group 8 is out of memory, short by 1.34
+#   GiB, and group 16 by 11.73. In the CPU runs above, one lever added at a time, the cut in the
+#   stand-in's measured peak comes with the gradient cache. The efficient sparse head alone changes
+#   nothing there, because the stand-in's vocabulary is a few thousand entries, not BGE-M3's quarter of a million, so its
+#   sparse tensor is small (the full-size effect is the prediction above). In those runs the losses
+#   differ from the plain run's because chunks draw their dropout masks in another order, exactly as
+#   FlagEmbedding's own `sub_batch_size` does; with dropout off, side by side on one batch, the cached
+#   step gives FlagEmbedding's loss and gradients, and what the stand-in's step adds to the weights
+#   stays at 8.8 to 9.4 MiB from group 2 to 8 where FlagEmbedding's grows from 21.2 to 82.6 MiB
+#   (measured).
 # - **What they cost**, counted: the cache encodes every text twice (once without a graph, once
 #   with it) on top of checkpointing's recompute, so the goal's step is 490.6 TFLOP against 397.8
-#   without the cache, about 25.2 s against 20.4 s per step on a T4 (estimated: 30% of the
-#   datasheet's 65 TFLOPS, `m3lab.steptime`). 8-bit AdamW keeps Adam's moments block-quantised to 8
-#   bits (HF keeps the word embeddings' in 32 bits); Dettmers et al. (2022, "8-bit Optimizers via
-#   Block-wise Quantization") report fine-tuning results on par with 32-bit Adam.
-# - **The recipes with the levers**: on this series' data, at its 2,704-token passages, groups of 11
-#   (the data's ten negatives per line) on free Colab and on Kaggle, with no DeepSpeed and fused
-#   AdamW (the efficient sparse head on; no cache needed at that length): 10.93 GiB peak, 1.43 GiB to
-#   spare, about 5.5 s a step (estimated). FlagEmbedding as it is holds groups of 2 there (lesson 07).
+#   without the cache: 31.6 to 51.2 s against 25.6 to 41.5 s a step on a T4 (estimated at 15% to 24%
+#   of the datasheet's peak, as published BERT-large runs on a T4 reached). 8-bit AdamW keeps Adam's
+#   moments block-quantised to 8 bits (HF keeps the word embeddings' in 32 bits); Dettmers et al.
+#   (2022, "8-bit Optimizers via Block-wise Quantization") report fine-tuning results on par with
+#   32-bit Adam.
+# - **The answer with the levers**, at the end of this lesson, for your data: on this series' sample,
+#   2,704-token passages (the length `m3lab fit` takes: `--coverage 0.95` of its tokens) and groups of 11 (the data's ten negatives per line) on
+#   both platforms, no DeepSpeed and fused AdamW, m3lab's sparse head on, no cache needed at that
+#   length: 10.93 GiB peak, 2.98 GiB to spare. FlagEmbedding as it is holds groups of 2 there
+#   (lesson 07).
 
 
 # %% [markdown]
@@ -313,7 +317,7 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # ## The answer, with m3lab's levers
 #
 # Lesson 07's answer with m3lab's levers joining FlagEmbedding's knobs (`m3lab fit --platform colab-t4
-# --data FILE`, without `--stock`): the lengths that keep 95% of your data's tokens, the largest group
+# --data FILE`, without `--stock`): the lengths that keep most of your data's tokens (`--coverage 0.95`), the largest group
 # the most frugal setting holds, then the fastest setting that holds the same group; the encoder
 # always trains. The commands run `-m m3lab.run_m3`, FlagEmbedding's own runner with the levers
 # added. GPU and host figures are predicted; the times are estimated, as a range.
@@ -371,7 +375,19 @@ for platform, plan in bucket_plans.items():
     print(plan.command(f"buckets-{platform}"), end="\n\n")
 
 # %% [markdown]
-# BUCKETS_08
+# **What per-length batches buy.** With m3lab's sparse head a T4 holds every passage of this data
+# whole: six buckets, groups of 6 (group 8 does not hold the 4,097 to 8,192-token bucket one query at
+# a time), batches per process from 32 for the shortest passages down to 1 for the longest on free
+# Colab (16 down to 1 on each of Kaggle's two T4s). One epoch trains on 100% of the passages' tokens
+# in 92 steps on free Colab, where the seed's advice (64/392 tokens) trains on 58% of them. The
+# estimated time of the epoch is the same as one batch for every line at full length: the estimate
+# counts FLOPs, and the texts are the same; what the batches change is how busy the card is, which a
+# count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice
+# is a larger group or every text whole. FlagEmbedding as it is cannot make it (lesson 07). Run the
+# command for your platform from this folder, with its bucket files beside it.
 
 # %% [markdown]
-# **In one line.** ANSWER_LINE
+# **In one line.** With m3lab's levers, on your data: groups of 11 at 2,704-token passages, no
+# DeepSpeed, fused AdamW: 10.93 GiB peak and 2.98 GiB to spare on a T4 (predicted); two epochs in 58
+# min to 1.6 h on free Colab, 29 to 47 min on Kaggle (estimated). Or every text whole, in per-length
+# batches with groups of 6.

@@ -106,6 +106,15 @@ def test_the_readmes_notebook_table_quotes_the_checked_outputs(lesson):
     assert not missing, f"README's row for {lesson.stem} quotes {missing}, which no checked output of it shows"
 
 
+def test_the_readmes_short_answer_quotes_lessons_07_and_08():
+    """The README's opening answer: every figure in lesson 07's or 08's checked outputs."""
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    section = readme.split("## The answer, in short", 1)[1].split("\n## ", 1)[0].replace("\n", " ")
+    answers = sorted(NOTEBOOKS.glob("0[78]_*.ipynb"))
+    missing = set(_unchecked_figures(section, answers[0])) & set(_unchecked_figures(section, answers[1]))
+    assert len(answers) == 2 and "12.53" in section and not missing, f"README's answer quotes {missing}"
+
+
 @pytest.mark.parametrize("lesson", [p for p in LESSONS if p.stem[:2] != "00"], ids=lambda p: p.stem)
 def test_each_lesson_ends_with_its_answer_in_one_line_from_checked_outputs(lesson):
     last = nbformat.read(lesson.with_suffix(".ipynb"), as_version=4).cells[-1]
