@@ -78,8 +78,14 @@ def _score_here(model_path: str, query: str, passages: list[str], max_length: in
 
 
 def push_command(folder: str | Path, repo_id: str) -> str:
-    """The shell command that uploads the model folder to the hub (needs a write token: `hf auth login`)."""
-    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} . --repo-type model"
+    """The shell command that uploads the model folder to the hub (needs a write token: `hf auth login`),
+    the folder as this working directory sees it (relative where it lies below it)."""
+    import os
+
+    path = os.path.abspath(folder)
+    if path.startswith(os.getcwd() + os.sep):
+        path = os.path.relpath(path)
+    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(path)} . --repo-type model"
 
 
 def main(argv: list[str] | None = None) -> int:
