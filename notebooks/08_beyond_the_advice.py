@@ -342,7 +342,7 @@ for answer in lever_answers.values():
     print(answer.card().split("\n\n", 1)[1], end="\n\n")
 
 # %% [markdown]
-# ## Every text at its full length, per-length batches
+# ## Context: every text at its full length, per-length batches
 #
 # Lesson 07 ended with per-length batches, the way BGE-M3's authors trained: the data split by length
 # into files, each batched at the largest size the card holds (`--same_dataset_within_batch True`,
