@@ -279,8 +279,8 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     """Per-length batches for ``data`` on ``platform``: see the module's docstring. ``group``: the
     train_group_size of every batch (default: the data's fewest negatives plus one, at most 8, as
     BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take."""
-    from m3lab.data import load_jsonl, token_lengths
-    from m3lab.fit import DataLengths, base_config, data_lengths
+    from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
+    from m3lab.fit import base_config
 
     where = platform_for(platform)
     data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
@@ -291,15 +291,17 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
         tokenizer, name = load_tokenizer()
     else:
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-    lengths_of: DataLengths = data_lengths(data, 1.0, tokenizer)
+    # one read of the data, each text tokenized once (queries kept whole: the longest, rounded as fit rounds it)
     texts = sorted({t for r in records for t in r["pos"] + r.get("neg", [])})
     lengths = dict(zip(texts, token_lengths(texts, tokenizer).tolist()))
-    group = group or max(2, min(8, lengths_of.fewest_negatives + 1))
+    longest_query = min(length_covering_tokens(token_lengths([r["query"] for r in records], tokenizer), 1.0),
+                        MODEL_MAX_LEN)
+    group = group or max(2, min(8, min(len(r.get("neg", [])) for r in records) + 1))
     # 8-bit AdamW, no DeepSpeed (FlagEmbedding's same-dataset path sets the micro-batch itself, which a
     # DeepSpeed JSON fixes); with the levers, m3lab's sparse head. Not the gradient cache: one run takes
     # one chunk size, and the short buckets' large batches would then pass through the encoder a few
     # texts at a time (a slower step, and a trace too slow to search with)
-    base = base_config(data, where, lengths_of.longest_query, MODEL_MAX_LEN, stock).replace(
+    base = base_config(data, where, longest_query, MODEL_MAX_LEN, stock).replace(
         train_group_size=group, num_train_epochs=epochs, deepspeed_stage=None, optim="adamw_bnb_8bit")
     buckets = split(records, lengths, min_lines=2 * where.gpu.count)
     margin = int(margin_gib * GIB)
@@ -309,7 +311,7 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     result = BucketPlan(where, stock, base, name, buckets, lengths=lengths)
     log(f"{where.describe()}: {len(records)} lines in {len(buckets)} buckets "
         f"({', '.join(f'{b.bound}: {b.lines}' for b in buckets)}); group {base.train_group_size}; queries whole "
-        f"({lengths_of.longest_query} tokens); tokens counted with {name}"
+        f"({longest_query} tokens); tokens counted with {name}"
         + ("" if held_group == group else f"; the longest bucket holds group {held_group}, not {group}"
            if held_group else "; not even group 2 holds the longest bucket one query at a time, so group 2 and "
                               "the longest passages cut"))
