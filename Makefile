@@ -56,7 +56,7 @@ notebooks: $(VENV)/.installed
 	done
 
 # Maintainers with a GPU machine that has only PyTorch (no network): the wheels of the training
-# stack at this project's pins, for its Python, to carry there for `python -m m3lab.gpu_check`
+# stack at this project's pins, for its Python, to carry there for `python -m m3lab.evidence.gpu_check`
 # (data/measurements/README.md). DeepSpeed has no wheel on PyPI: it is built here, without its ops.
 DEVICE_PYTHON ?= 3.12
 DEVICE_WHEELS := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 datasets==4.8.5 \

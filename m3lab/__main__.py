@@ -1,3 +1,5 @@
+"""``python -m m3lab``: the ``m3lab`` command line (``m3lab.cli``)."""
+
 from m3lab.cli import entry
 
 entry()

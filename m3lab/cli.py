@@ -7,16 +7,18 @@ import json
 import os
 import sys
 
+from m3lab.gpus import PROFILES
+
 
 def _run(args) -> int:
-    from m3lab.main_job import run_main_job
+    from m3lab.lessons.main_job import run_main_job
 
     run_main_job(args.out, model=args.model)
     return 0
 
 
 def _validate(args) -> int:
-    from m3lab.data import load_jsonl
+    from m3lab.data.jsonl import load_jsonl
 
     records = load_jsonl(args.files)
     print(f"{len(records)} valid records in {len(args.files)} file(s)")
@@ -24,11 +26,12 @@ def _validate(args) -> int:
 
 
 def _command(args) -> int:
+    from m3lab.command import shell_command
     from m3lab.config import TrainConfig
 
     presets = {"upstream-example": TrainConfig.upstream_example, "t4-advice": TrainConfig.common_t4_advice}
     config = presets[args.preset](model=args.model)
-    print(config.shell_command())
+    print(shell_command(config))
     if config.deepspeed_stage is not None:
         print(f"\n# {config.deepspeed_file_name}\n{config.deepspeed_json()}", end="")
     return 0
@@ -80,9 +83,8 @@ def _config_from_options(args):
 def _predict(args) -> int:
     import contextlib
 
-    from m3lab import steptime
-    from m3lab.config import ConfigError
-    from m3lab.predict import GIB, predict
+    from m3lab.errors import ConfigError
+    from m3lab.predict import GIB, predict, steptime
 
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
@@ -123,11 +125,11 @@ def _predict(args) -> int:
 def _fit(args) -> int:
     import contextlib
 
-    from m3lab.config import ConfigError
-    from m3lab.data import load_jsonl
-    from m3lab.fit import fit
-    from m3lab.platforms import platform_for
-    from m3lab.recipes import answer
+    from m3lab.data.jsonl import load_jsonl
+    from m3lab.errors import ConfigError
+    from m3lab.plan.fit import fit
+    from m3lab.plan.platforms import platform_for
+    from m3lab.plan.recipes import answer
 
     # an unknown GPU or platform is a mistake to report before the data is read
     platform_for(args.platform, args.gpu, args.host_ram_gib)
@@ -162,9 +164,9 @@ def _fit_buckets(args) -> int:
     """``m3lab fit --buckets DIR``: the per-length batches, their files in DIR and the command."""
     import contextlib
 
-    from m3lab import buckets
-    from m3lab.config import ConfigError
-    from m3lab.recipes import as_seen_from_here
+    from m3lab.errors import ConfigError
+    from m3lab.plan import buckets
+    from m3lab.plan.recipes import as_seen_from_here
 
     if args.gpu or args.json or args.write_json:
         raise ConfigError(["--buckets plans for a platform (--platform colab-t4 or kaggle-t4x2) and prints a table "
@@ -187,7 +189,7 @@ def _add_predict_options(parser) -> None:
     from m3lab.config import OPTIMIZERS
 
     d = FLAGEMBEDDING_DEFAULTS
-    parser.add_argument("--gpu", required=True, help="t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100")
+    parser.add_argument("--gpu", required=True, help=", ".join(PROFILES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--snapshot", help="save the simulated allocation trace (memory_viz pickle)")
     parser.add_argument("--exact", action="store_true", help="trace every layer instead of extrapolating (slower)")
@@ -258,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.set_defaults(func=_predict)
     fit = sub.add_parser("fit", help="search the best configuration that fits a platform and print its command")
     fit.add_argument("--platform", help="colab-t4 (one T4, 12.7 GB host RAM) or kaggle-t4x2 (two T4s, 29 GB)")
-    fit.add_argument("--gpu", help="instead of --platform: t4, t4x2, l4, a10g, v100, a100-40, a100-80, h100 "
-                     "(default t4)")
+    fit.add_argument("--gpu", help=f"instead of --platform: {', '.join(PROFILES)} (default t4)")
     fit.add_argument("--host-ram-gib", type=float, help="with --gpu: the host's RAM in GiB (not checked without it)")
     fit.add_argument("--stock", action="store_true",
                      help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, no gradient cache)")
@@ -293,7 +294,7 @@ def entry() -> None:
     """The ``m3lab`` command and ``python -m m3lab``: ``main()``, and after a prediction an exit that
     skips tearing the interpreter down. Unloading what a prediction imported (torch, DeepSpeed,
     transformers, FlagEmbedding) took 1.3 to 1.5 s of every fresh process on this 2-core machine
-    (measured 2026-11-29; ``python -m m3lab.bench``), more than half of what the prediction itself
+    (measured 2026-11-29; ``python -m m3lab.evidence.bench``), more than half of what the prediction itself
     takes. Nothing is pending by then: the report is printed, the forked helper joined, no file
     open; output and logging are flushed first."""
     code = main()
@@ -310,8 +311,8 @@ def entry() -> None:
 def _reporting_mistakes(args) -> int:
     """Run the verb; bad input (a ConfigError or DataError) ends in its message and exit status 2, a
     run the predictor finds would fail in 1."""
-    from m3lab.config import ConfigError
-    from m3lab.data import DataError
+    from m3lab.data.jsonl import DataError
+    from m3lab.errors import ConfigError
 
     try:
         return args.func(args)

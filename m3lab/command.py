@@ -176,13 +176,18 @@ GONE_IN_TRANSFORMERS_5 = {"warmup_ratio", "overwrite_output_dir", "logging_dir",
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def arguments(config: TrainConfig, rendering: Rendering = Rendering()) -> list[str]:
-    """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3`` (or m3lab.run_m3)."""
+def written_flags(config: TrainConfig, rendering: Rendering = Rendering()) -> dict[str, list[str]]:
+    """Each flag the command writes, by name, with its values, in the command's order."""
     if config.trainer != "flagembedding-m3" or config.attn_implementation != "sdpa":
         raise ConfigError([f"trainer={config.trainer!r}, attn_implementation={config.attn_implementation!r} describe a "
                            "run for the predictor only; FlagEmbedding's runner trains trainer='flagembedding-m3' "
                            "with attn_implementation='sdpa'."])
-    return [word for flag in FLAGS for word in flag.words(config, rendering)]
+    return {flag.name: words[1:] for flag in FLAGS if (words := flag.words(config, rendering))}
+
+
+def arguments(config: TrainConfig, rendering: Rendering = Rendering()) -> list[str]:
+    """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3`` (or m3lab.run_m3)."""
+    return [word for name, values in written_flags(config, rendering).items() for word in (f"--{name}", *values)]
 
 
 def render(config: TrainConfig, rendering: Rendering = Rendering(), module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
@@ -191,6 +196,11 @@ def render(config: TrainConfig, rendering: Rendering = Rendering(), module: str 
         module = M3LAB_M3_MODULE
     return ["torchrun", "--standalone", "--nproc_per_node", str(config.num_processes), "-m", module,
             *arguments(config, rendering)]
+
+
+def shell_command(config: TrainConfig, rendering: Rendering = Rendering()) -> str:
+    """The command as you would type it: one option per line, quoted where the shell needs it."""
+    return format_command(render(config, rendering))
 
 
 # Where a resumed run goes on from: the newest checkpoint in the output folder, found by the shell
@@ -289,12 +299,14 @@ def _torchrun(rest: list[str]) -> Launch:
 
 def _argument_parser(module: str):
     """FlagEmbedding's own argument classes (with m3lab.run_m3's for m3lab's runner)."""
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
+        EncoderOnlyEmbedderM3DataArguments,
+        EncoderOnlyEmbedderM3ModelArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
     from transformers import HfArgumentParser
 
-    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
-        EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3ModelArguments,
-        EncoderOnlyEmbedderM3TrainingArguments)
-    from m3lab.run_m3 import M3LabArguments
+    from m3lab.config import M3LabArguments
 
     classes = [EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                EncoderOnlyEmbedderM3TrainingArguments]

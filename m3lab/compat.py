@@ -5,7 +5,7 @@ in one registry.
 name, how it is reached, and by which m3lab module. ``check_targets()`` (run by the tests on every
 stack the lanes install) raises ``CompatError`` naming whatever moved, so that an upgrade cannot make
 a patch, an override or a read silently stop applying. Each patch is a named context manager here
-that undoes itself. The fake-tensor cache keys themselves are built in ``m3lab.fake_cache_key``;
+that undoes itself. The fake-tensor cache keys themselves are built in ``m3lab.predict.fake_cache_key``;
 installing them in FakeTensorMode is a patch like the others (``fake_tensor_fast_dispatch``).
 """
 
@@ -32,6 +32,7 @@ class Reach(Enum):
     OVERRIDDEN = "overridden by m3lab (a subclass's method, or an instance's attribute)"
     READ = "read or called"
     ASSIGNED = "an attribute the class's own code assigns to its instances, read by m3lab"
+    OPERATOR = "a private ATen operator called by name (torch.ops.aten.<name>)"
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ TARGETS: tuple[Target, ...] = (
     Target("deepspeed.runtime.precision_config", "DeepSpeedFP16Config", Reach.READ, "deepspeed_json"),
     Target(_ZERO, "DeepSpeedZeroOptimizer.ipg_buckets", Reach.ASSIGNED, "predict.drivers"),
     Target(_ZERO, "DeepSpeedZeroOptimizer.averaged_gradients", Reach.ASSIGNED, "predict.drivers"),
-    Target(_ZERO, "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups", Reach.ASSIGNED, "measure"),
-    Target("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer.fp32_groups_flat", Reach.ASSIGNED, "measure"),
-    Target("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer.fp32_groups", Reach.ASSIGNED, "measure"),
+    Target(_ZERO, "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups", Reach.ASSIGNED, "train.meter"),
+    Target("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer.fp32_groups_flat", Reach.ASSIGNED, "train.meter"),
+    Target("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer.fp32_groups", Reach.ASSIGNED, "train.meter"),
     Target("bitsandbytes.functional", "create_dynamic_map", Reach.PATCHED, "predict.optimizers"),
     Target("bitsandbytes.optim", "GlobalOptimManager", Reach.PATCHED, "predict.step"),
     Target("torch.utils.flop_counter", "flop_registry", Reach.READ, "predict.trace"),
@@ -73,14 +74,27 @@ TARGETS: tuple[Target, ...] = (
     Target("torch._prims_common", "is_non_overlapping_and_dense_or_false", Reach.READ, "predict.trace"),
     Target("torch.utils._python_dispatch", "TorchDispatchMode._should_skip_dynamo", Reach.OVERRIDDEN, "predict.trace"),
     Target("torch.nn.modules.module", "Module.to", Reach.OVERRIDDEN, "predict.drivers"),
-    *(Target(_FAKE, f"FakeTensorMode.{name}", Reach.PATCHED, "fake_cache_key")
+    *(Target(_FAKE, f"FakeTensorMode.{name}", Reach.PATCHED, "predict.fake_cache_key")
       for name in ("_prep_args_for_hash", "_cache_key", "_get_output_info_for_cache_entry",
                    "_get_output_tensor_from_cache_entry", "__torch_dispatch__")),
-    Target("transformers.trainer", "Trainer._load_from_checkpoint", Reach.OVERRIDDEN, "run_m3"),
-    Target(_M3, "EncoderOnlyEmbedderM3Model._sparse_embedding", Reach.OVERRIDDEN, "sparse_head"),
-    Target(_M3, "EncoderOnlyEmbedderM3Model._encode", Reach.READ, "grad_cache"),
-    Target(_M3, "EncoderOnlyEmbedderM3Model.encode", Reach.OVERRIDDEN, "grad_cache"),
-    Target(_M3, "EncoderOnlyEmbedderM3Model.forward", Reach.OVERRIDDEN, "grad_cache"),
+    Target("transformers.trainer", "Trainer._load_from_checkpoint", Reach.OVERRIDDEN, "train.runner"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model._sparse_embedding", Reach.OVERRIDDEN, "train.sparse_head"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model._encode", Reach.READ, "train.grad_cache"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model.encode", Reach.OVERRIDDEN, "train.grad_cache"),
+    Target(_M3, "EncoderOnlyEmbedderM3Model.forward", Reach.OVERRIDDEN, "train.grad_cache"),
+    # private modules and names read rather than patched: a rename would break an import or a key
+    Target("torch._C", "StorageBase._cdata", Reach.READ, "tensors"),  # a storage's identity
+    Target("torch.utils._python_dispatch", "TorchDispatchMode", Reach.READ, "tensors"),
+    Target("torch.utils._pytree", "tree_flatten", Reach.READ, "tensors"),
+    Target("torch.testing._internal.distributed.fake_pg", "FakeStore", Reach.READ, "predict.simulation"),
+    Target("transformers.models.auto.modeling_auto", "AutoModel._model_mapping", Reach.READ, "predict.simulation"),
+    Target(_FAKE, "_CacheKeyState", Reach.READ, "predict.fake_cache_key"),
+    Target(_FAKE, "FakeTensor", Reach.READ, "predict.trace"),
+    Target("torch._prims_common", "are_strides_like_channels_last_or_false", Reach.READ, "predict.fake_cache_key"),
+    *(Target("torch.ops.aten", name, Reach.OPERATOR, user)
+      for name, user in (("_scaled_dot_product_flash_attention", "predict.simulation"),
+                         ("_scaled_dot_product_efficient_attention", "predict.simulation"),
+                         ("_local_scalar_dense", "predict.trace"))),
 )
 
 # What a patch replaced, kept while it is in place (``unpatched``)
@@ -138,6 +152,15 @@ def _assigned(module_name: str, attribute: str) -> None:
         raise CompatError(f"{module_name}.{class_name} no longer assigns self.{name}, which m3lab reads; its "
                           "figures would be mislabelled. Report it, or install a version m3lab supports "
                           "(see pyproject.toml).")
+
+
+def _operator(name: str) -> None:
+    """That ``torch.ops.aten.<name>`` still exists (ATen's operators are not module attributes)."""
+    import torch
+
+    if not hasattr(torch.ops.aten, name):
+        raise CompatError(f"torch.ops.aten.{name} no longer exists in the installed torch, so m3lab's call of "
+                          "it would fail; report it, or install a version m3lab supports (see pyproject.toml).")
 
 
 def _patch(module_name: str, attribute: str, value):
@@ -355,7 +378,7 @@ def bitsandbytes_overrides_isolated():
 @contextlib.contextmanager
 def fake_tensor_fast_dispatch(cache_key: Callable, cache_key_args: Callable, output_info: Callable | None,
                               output_tensor: Callable | None, keys_agree: bool, unguard: bool = True):
-    """FakeTensorMode with m3lab's cache keys and view entries (``m3lab.fake_cache_key``; only if
+    """FakeTensorMode with m3lab's cache keys and view entries (``m3lab.predict.fake_cache_key``; only if
     ``keys_agree``, i.e. its keys match PyTorch's own on sample arguments; view entries only if
     given) and its
     ``__torch_dispatch__`` without the no-compile guard PyTorch wraps around it. Predictions are the
@@ -448,6 +471,8 @@ def check_targets() -> None:
         try:
             if target.reach is Reach.ASSIGNED:
                 _assigned(target.module, target.attribute)
+            elif target.reach is Reach.OPERATOR:
+                _operator(target.attribute)
             else:
                 _resolve(target.module, target.attribute)
         except CompatError as error:

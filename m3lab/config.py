@@ -12,21 +12,32 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m3lab.deepspeed_json import REDUCE_BUCKET_SIZE
 from m3lab.errors import ConfigError
 from m3lab.standin import REAL_MODEL, STANDIN
 
 FLAGEMBEDDING_M3_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
 # FlagEmbedding's runner with m3lab's additions (the efficient sparse head); same arguments plus m3lab's
 M3LAB_M3_MODULE = "m3lab.run_m3"
-# Relative, as people type it: printed commands must run from a checkout on any machine (m3lab.train
+# Relative, as people type it: printed commands must run from a checkout on any machine (m3lab.train.launch
 # resolves it against the repository when it launches a run)
 DEFAULT_TRAIN_DATA = "data/train.jsonl"
 # FlagEmbedding's ds_stage1.json uses this bucket. With contiguous_gradients (DeepSpeed's default)
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
-REDUCE_BUCKET_SIZE = 500_000_000
 # HF Trainer's --optim values m3lab models (m3lab.predict traces each)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
 TRAINERS = ("flagembedding-m3", "hf")
+
+
+# m3lab's own levers as the arguments ``-m m3lab.run_m3`` takes beside FlagEmbedding's (HfArgumentParser)
+@dataclass
+class M3LabArguments:
+    efficient_sparse_head: bool = field(default=False, metadata={
+        "help": "m3lab.train.sparse_head: the sparse embedding in O(batch x vocab) memory instead of O(batch x seq x vocab)"})
+    freeze_word_embeddings: bool = field(default=False, metadata={
+        "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
+    grad_cache_chunk_size: int = field(default=0, metadata={
+        "help": "m3lab.train.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
 
 
 @dataclass(frozen=True)
@@ -80,9 +91,9 @@ class TrainConfig:
     knowledge_distillation: bool = False
     temperature: float = 0.02
     pad_to_multiple_of: int | None = None
-    efficient_sparse_head: bool = False  # m3lab.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
+    efficient_sparse_head: bool = False  # m3lab.train.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
-    grad_cache_chunk_size: int = 0  # m3lab.grad_cache: encode this many texts at a time (0: off)
+    grad_cache_chunk_size: int = 0  # m3lab.train.grad_cache: encode this many texts at a time (0: off)
     optim: str = "adamw_torch"  # HF Trainer's --optim, used without DeepSpeed (e.g. adamw_bnb_8bit)
     sub_batch_size: int | None = None  # FlagEmbedding's --sub_batch_size: encode N texts at a time (None: all)
     torch_adam: bool = True  # the rendered JSON's AdamW: torch's (True) or DeepSpeed's CUDA FusedAdam (False)
@@ -344,39 +355,30 @@ class TrainConfig:
         ds = self.deepspeed_config()
         return None if ds is None else json.dumps(ds, indent=2) + "\n"
 
-    def flagembedding_args(self, output_dir: str, deepspeed_json_path: str | None = None,
-                           model_path: str | None = None) -> list[str]:
-        """The arguments after ``-m FlagEmbedding.finetune.embedder.encoder_only.m3`` (``m3lab.command``)."""
-        from m3lab import command
+    def steps_per_epoch(self, records: int) -> int:
+        """Optimizer steps in an epoch of ``records`` training lines (FlagEmbedding drops the last short batch)."""
+        per_step = self.per_device_train_batch_size * self.num_processes * self.gradient_accumulation_steps
+        return max(1, records // per_step)
 
-        return command.arguments(self, command.Rendering(output_dir, deepspeed_json_path, model_path))
+    def optimizer_steps(self, records: int) -> int:
+        """The run's optimizer steps over ``records`` lines: ``max_steps`` where set, else its epochs."""
+        return self.max_steps if self.max_steps > 0 else math.ceil(self.steps_per_epoch(records) * self.num_train_epochs)
 
-    def command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
-                model_path: str | None = None, module: str = FLAGEMBEDDING_M3_MODULE) -> list[str]:
-        """The torchrun command line as a list of arguments (``m3lab.command.render``)."""
-        from m3lab import command
-
-        return command.render(self, command.Rendering(output_dir, deepspeed_json_path, model_path), module)
-
-    def shell_command(self, output_dir: str = "./bge-m3-finetuned", deepspeed_json_path: str | None = None,
-                      model_path: str | None = None) -> str:
-        """The command as you would type it: one option per line, quoted where the shell needs it."""
-        from m3lab.command import format_command
-
-        return format_command(self.command(output_dir, deepspeed_json_path, model_path))
-
-    def warmup_step_count(self) -> int:
-        """``warmup_steps`` as given, else ``warmup_ratio`` of the run's optimizer steps, as the step
-        count HF Trainer derives from it (rounded up). Commands say ``--warmup_steps N``: transformers 5
-        dropped ``--warmup_ratio`` (there a float ``--warmup_steps`` below 1 is the ratio, which
-        transformers 4 refuses), and a whole number means the same on both."""
+    def warmup_steps_for(self, optimizer_steps: int) -> int:
+        """The warm-up rule, the one every command and plan uses: ``warmup_steps`` as given, else
+        ``warmup_ratio`` of the run's optimizer steps, rounded up as HF Trainer derives it."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        if self.warmup_ratio == 0:
-            return 0
-        if self.max_steps > 0:
-            return math.ceil(self.warmup_ratio * self.max_steps)
-        from m3lab.data import resolve_data_path
+        return math.ceil(self.warmup_ratio * optimizer_steps)
+
+    def warmup_step_count(self) -> int:
+        """The warm-up steps of this run (``warmup_steps_for``), its epochs counted on ``train_data``
+        where it has no ``max_steps``. Commands say ``--warmup_steps N``: transformers 5 dropped
+        ``--warmup_ratio`` (there a float ``--warmup_steps`` below 1 is the ratio, which transformers 4
+        refuses), and a whole number means the same on both."""
+        if self.warmup_steps is not None or self.warmup_ratio == 0 or self.max_steps > 0:
+            return self.warmup_steps_for(self.max_steps)
+        from m3lab.data.jsonl import resolve_data_path
 
         records = 0
         for name in self.train_data:
@@ -386,8 +388,7 @@ class TrainConfig:
                 raise ValueError(f"--train_data {name}: not found, so the warmup steps of an epoch-long run cannot "
                                  "be counted; set max_steps, or warmup_ratio=0, or point train_data at the files.")
             records += sum(1 for f in files for line in f.open(encoding="utf-8") if line.strip())
-        per_step = self.per_device_train_batch_size * self.num_processes * self.gradient_accumulation_steps
-        return math.ceil(self.warmup_ratio * (records // per_step) * self.num_train_epochs)
+        return self.warmup_steps_for(math.ceil(self.steps_per_epoch(records) * self.num_train_epochs))
 
     @property
     def uses_m3lab_levers(self) -> bool:

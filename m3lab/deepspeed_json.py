@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from m3lab.config import REDUCE_BUCKET_SIZE  # DeepSpeed's default, for a JSON that leaves it out or says "auto"
 from m3lab.errors import ConfigError
+
+REDUCE_BUCKET_SIZE = 500_000_000  # DeepSpeed's default, for a JSON that leaves it out or says "auto"
 
 # DeepSpeed optimizer types the predictor builds as DeepSpeed would (case-insensitive, as DeepSpeed reads them)
 DEEPSPEED_OPTIMIZERS = ("adam", "adamw")

@@ -9,6 +9,7 @@ here. ``context_bytes`` (CUDA context, cuBLAS/cuDNN workspaces and the kernels' 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -26,7 +27,7 @@ class GPU:
     compute_capability: tuple[int, int]
     count: int = 1  # how many of them the platform gives (Kaggle: 2 x T4)
     # The datasheet's peak throughput (FLOP/s), half precision on tensor cores and fp32; only where
-    # a source is named (m3lab.steptime uses them for step-time estimates)
+    # a source is named (m3lab.predict.steptime uses them for step-time estimates)
     peak_flops_half: float | None = None
     peak_flops_fp32: float | None = None
 
@@ -59,21 +60,40 @@ PROFILES: dict[str, GPU] = {g.key: g for g in [
     GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5), peak_flops_half=65e12, peak_flops_fp32=8.1e12),
     GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2, peak_flops_half=65e12,
         peak_flops_fp32=8.1e12),
-    GPU("l4", "NVIDIA L4 24 GB", _gib(22.17), _gib(0.45), (8, 9)),
+    # L4 and A100 peaks: NVIDIA's datasheets, dense (the half-precision figures without sparsity)
+    GPU("l4", "NVIDIA L4 24 GB", _gib(22.17), _gib(0.45), (8, 9), peak_flops_half=121e12, peak_flops_fp32=30.3e12),
     GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.19), _gib(0.45), (8, 6)),
     GPU("v100", "Tesla V100 16 GB", _gib(15.77), _gib(0.40), (7, 0)),
-    GPU("a100-40", "NVIDIA A100 40 GB", _gib(39.39), _gib(0.50), (8, 0)),
-    GPU("a100-80", "NVIDIA A100 80 GB", _gib(79.15), _gib(0.50), (8, 0)),
+    GPU("a100-40", "NVIDIA A100 40 GB", _gib(39.39), _gib(0.50), (8, 0), peak_flops_half=312e12, peak_flops_fp32=19.5e12),
+    GPU("a100-80", "NVIDIA A100 80 GB", _gib(79.15), _gib(0.50), (8, 0), peak_flops_half=312e12, peak_flops_fp32=19.5e12),
     GPU("h100", "NVIDIA H100 80 GB", _gib(79.11), _gib(0.55), (9, 0)),
 ]}
 ALIASES = {"a100": "a100-40", "kaggle": "t4x2", "colab": "t4", "a10": "a10g", "h100-80": "h100"}
+
+
+# What CUDA calls each card (``torch.cuda.get_device_name``: "Tesla T4", "NVIDIA A100-SXM4-80GB"):
+# the model's word, and a second word where the model comes in two sizes
+_DEVICE_WORDS = ((("A100", "80GB"), "a100-80"), (("A100",), "a100-40"), (("H100",), "h100"),
+                 (("A10G",), "a10g"), (("V100",), "v100"), (("L4",), "l4"), (("T4",), "t4"))
+
+
+def identify(device_name: str | None) -> GPU | None:
+    """The profile of the card CUDA names ``device_name``; None for a card m3lab has no profile of."""
+    words = set(re.split(r"[\s\-]+", (device_name or "").upper()))
+    return next((PROFILES[key] for needed, key in _DEVICE_WORDS if set(needed) <= words), None)
+
+
+def is_t4(device_name: str | None) -> bool:
+    """Whether CUDA's ``device_name`` is a Tesla T4 (one card of Colab's or of Kaggle's pair)."""
+    found = identify(device_name)
+    return found is not None and found.key == "t4"
 
 
 def gpu_profile(name: str) -> GPU:
     key = name.lower().replace("_", "-").replace(" ", "")
     key = ALIASES.get(key, key)
     if key not in PROFILES:
-        from m3lab.config import ConfigError
+        from m3lab.errors import ConfigError
 
         raise ConfigError([f"--gpu {name}: unknown GPU; choose one of {', '.join(PROFILES)}."])
     return PROFILES[key]

@@ -3,9 +3,10 @@
 The tiny stand-in has BGE-M3's architecture and files (config, safetensors weights, XLM-R special
 tokens, ``colbert_linear.pt``, ``sparse_linear.pt``) at toy dimensions, so FlagEmbedding's own
 loading and training code runs on it unchanged on a CPU. ``resolve_model`` makes choosing it one
-argument. The full-size stand-in (``full_size_path``) has BGE-M3's exact dimensions and vocabulary
+argument; ``load_tokenizer`` picks the tokenizer lengths are counted with (BGE-M3's own where it
+can be had). The full-size stand-in (``full_size_path``) has BGE-M3's exact dimensions and vocabulary
 size with random weights: a GPU run of it uses the memory a run of the real checkpoint uses, with
-no download (the GPU check, ``m3lab.gpu_check``, trains it).
+no download (the GPU check, ``m3lab.evidence.gpu_check``, trains it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 REAL_MODEL = "BAAI/bge-m3"
 STANDIN = "tiny-bge-m3"  # the name users pass instead of "BAAI/bge-m3"
@@ -51,7 +53,7 @@ def _corpus_texts(corpus_path: Path) -> list[str]:
 
 
 def default_corpus_path() -> Path:
-    from m3lab.sample_data import DATA_DIR
+    from m3lab.data.sample import DATA_DIR
 
     return DATA_DIR / "corpus.jsonl"
 
@@ -186,6 +188,38 @@ def resolve_model(model: str) -> str:
 
 def is_standin(model: str) -> bool:
     return model == STANDIN or Path(model).name.startswith(STANDIN + "-")
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers at all (offline machines fail at once, not after retries)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+class CountingTokenizer(NamedTuple):
+    """The tokenizer lengths are counted with, and its name (which every count's label carries)."""
+
+    tokenizer: Any
+    name: str
+
+
+def load_tokenizer() -> CountingTokenizer:
+    """BGE-M3's own tokenizer where it is cached or the hub answers, else the stand-in's."""
+    from transformers import AutoTokenizer
+
+    try:
+        return CountingTokenizer(AutoTokenizer.from_pretrained(REAL_MODEL, local_files_only=not hub_reachable()),
+                                 REAL_MODEL)
+    except (OSError, ValueError):
+        return CountingTokenizer(AutoTokenizer.from_pretrained(resolve_model(STANDIN)), STANDIN)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -70,7 +71,7 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # NBVAL_CHECK_OUTPUT
 
 import json
-from m3lab.data import load_jsonl, resolve_data_path
+from m3lab.data.jsonl import load_jsonl, resolve_data_path
 
 first = json.loads(resolve_data_path("data/train.jsonl").read_text(encoding="utf-8").splitlines()[0])
 print(json.dumps({k: (v[:70] + "..." if isinstance(v, str) else [t[:50] + "..." for t in v[:2]] + ["..."])
@@ -95,7 +96,7 @@ print(f"train: {len(train_records)} queries, {sum(len(r['neg']) for r in train_r
 # NBVAL_CHECK_OUTPUT
 
 # What a broken file looks like (two of the project's test fixtures)
-from m3lab.data import REPO_ROOT, validate_jsonl
+from m3lab.data.jsonl import REPO_ROOT, validate_jsonl
 
 for name in ("06-missing-pos.jsonl", "18-score-not-finite.jsonl"):
     _, problems = validate_jsonl(REPO_ROOT / "tests" / "fixtures" / "bad_data" / name)
@@ -111,7 +112,7 @@ for name in ("06-missing-pos.jsonl", "18-score-not-finite.jsonl"):
 # does, so its counts run higher).
 
 # %%
-from m3lab.data import length_covering, length_covering_tokens, token_length_stats, token_lengths
+from m3lab.data.jsonl import length_covering, length_covering_tokens, token_length_stats, token_lengths
 
 tokenizer, tokenizer_name = lessons.load_tokenizer()
 stats = token_length_stats(train_records, tokenizer, query_max_len=64, passage_max_len=392)

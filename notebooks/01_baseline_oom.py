@@ -48,9 +48,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -59,17 +60,18 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # %% [markdown]
 # ## The baseline, once
 #
-# The series follows one run from here to the end (`m3lab.ledger`): FlagEmbedding's example as
+# The series follows one run from here to the end (`m3lab.plan.ledger`): FlagEmbedding's example as
 # upstream ships it, with its `ds_stage0.json` (DeepSpeed stage 0 and DeepSpeed's own FusedAdam), on
 # one T4. Each later lesson changes one knob from where the lesson before left it. The command and
 # the JSON file it names, to copy (the JSON verbatim from FlagEmbedding, `data/upstream/`), and what
 # was adapted:
 
 # %%
-from m3lab import ledger
+from m3lab.command import Rendering, shell_command
+from m3lab.plan import ledger
 
 example_8192 = ledger.baseline()
-print(example_8192.shell_command(deepspeed_json_path="ds_stage0.json"))
+print(shell_command(example_8192, Rendering(deepspeed_json_path="ds_stage0.json")))
 print("\n# ds_stage0.json (FlagEmbedding's examples/finetune/ds_stage0.json, verbatim)")
 print(ledger.baseline_json())
 print("\nadapted from m3.sh: " + "; ".join(ledger.ADAPTED))
@@ -131,9 +133,9 @@ for tokens in (8192, 512):
 # card ran it (its memory limit, and the first update skipped where fp16 loss scaling skipped it):
 
 # %%
-from m3lab import evidence
+from m3lab.evidence import compare
 
-rows = [evidence.against_prediction(run) for run in evidence.measured_runs() if run.peak_allocated_bytes or not run.ran]
+rows = [compare.against_prediction(run) for run in compare.measured_runs() if run.peak_allocated_bytes or not run.ran]
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -181,7 +183,7 @@ plots.evidence(rows);
 # with the stand-in in fp32 under a 256 MiB cap.
 
 # %%
-from m3lab.train import train
+from m3lab.train.launch import train
 
 oom_run = train(env.sized(example_8192.replace(max_steps=1)), memory_limit_bytes=env.oom_limit_bytes)
 print(oom_run.status)
@@ -192,7 +194,7 @@ print(oom_run.summary()[:400])
 #
 # The sparse embedding only needs, for each text and each vocabulary entry, the largest weight of
 # that token in the text: a (passages x vocabulary) result. m3lab's `efficient_sparse_head`
-# (`m3lab.sparse_head`, a subclass of FlagEmbedding's model) scatter-reduces straight into it, as
+# (`m3lab.train.sparse_head`, a subclass of FlagEmbedding's model) scatter-reduces straight into it, as
 # FlagEmbedding's own eval branch does, and zeroes the special tokens out of place, which is what
 # broke upstream's attempt to do the same in training (PR #1425). Same loss and gradients (tested on
 # the stand-in); the command becomes `torchrun -m m3lab.run_m3 ... --efficient_sparse_head True`.
@@ -216,7 +218,7 @@ print(lessons.prediction_table(lean))
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path

@@ -47,9 +47,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -75,7 +76,7 @@ plots.memory_curve(passage_lengths, list(by_passage.values()), "passage_max_len 
                    title="FlagEmbedding's example (query 64), peak memory vs passage length");
 
 # %%
-from m3lab.data import load_jsonl, token_length_stats
+from m3lab.data.jsonl import load_jsonl, token_length_stats
 
 tokenizer, tokenizer_name = lessons.load_tokenizer()
 records = load_jsonl("data/train.jsonl")
@@ -154,14 +155,14 @@ plots.memory_curve(passage_lengths, list(by_passage.values()), "passage_max_len 
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path
 # so far:
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 so_far = ledger.predict_path("02")
 

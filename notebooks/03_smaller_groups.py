@@ -47,9 +47,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -115,7 +116,7 @@ lessons.print_commands({**group_configs, **batch_configs, **cross_configs}, "03"
 # tensors of a step have the same shapes, and the predicted peak is the same. With one training file,
 # as here, it changes nothing at all. To see what it does, this series' training file split in two (the
 # records whose longest passage has the fewest characters in `short.jsonl`, the rest in `long.jsonl`) and the first
-# batches of 4 queries that FlagEmbedding's own datasets draw from them (`m3lab.batching` asks
+# batches of 4 queries that FlagEmbedding's own datasets draw from them (`m3lab.data.batching` asks
 # FlagEmbedding's `AbsEmbedderTrainDataset` and `AbsEmbedderSameDatasetTrainDataset`, seeded as the
 # trainer seeds them):
 
@@ -124,8 +125,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from m3lab import batching
-from m3lab.data import REPO_ROOT, load_jsonl
+from m3lab.data import batching
+from m3lab.data.jsonl import REPO_ROOT, load_jsonl
 
 tokenizer, tokenizer_name = lessons.load_tokenizer()
 records = load_jsonl(REPO_ROOT / "data" / "train.jsonl")
@@ -190,14 +191,14 @@ for same, instruction in ((False, None), (True, None), (True, "")):
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path
 # so far:
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 so_far = ledger.predict_path("03")
 

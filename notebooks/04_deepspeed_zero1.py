@@ -48,9 +48,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -84,7 +85,7 @@ for label, report in reports.items():
           f"host RAM needed {report.host.total_bytes / GIB:.2f} GiB"
           + (f" (the offloaded optimizer: {report.host_peak_bytes / GIB:.2f} GiB)" if report.host_peak_bytes else ""))
 print("host RAM: fp32 weights as loaded counted, offloaded optimizer traced, processes estimated (m3lab.predict.host)")
-from m3lab.platforms import GB, PLATFORMS
+from m3lab.plan.platforms import GB, PLATFORMS
 
 print("; ".join(f"{p.name} has {p.host_ram_bytes / GB:.1f} GB = {p.host_ram_bytes / GIB:.2f} GiB of host RAM"
                 for p in PLATFORMS.values()))
@@ -113,7 +114,7 @@ lessons.print_commands(configs, "04")
 # DeepSpeed's optimizer object holds on rank 0. On a GPU the same runs measure BGE-M3.
 
 # %%
-from m3lab.train import train
+from m3lab.train.launch import train
 
 small = env.sized(TrainConfig(max_steps=1, train_group_size=2, query_max_len=32, passage_max_len=128,
                                per_device_train_batch_size=1, reduce_bucket_size=1_000_000, fp16=True))
@@ -181,7 +182,7 @@ import json
 
 from m3lab import deepspeed_json
 from m3lab.config import ConfigError
-from m3lab.data import REPO_ROOT
+from m3lab.data.jsonl import REPO_ROOT
 
 upstream_json = REPO_ROOT / "data" / "upstream" / "ds_stage1.json"
 try:
@@ -201,14 +202,14 @@ print('mended "bf16":', json.dumps(settings["bf16"]), "; fp16 keeps", sorted(set
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path
 # so far:
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 so_far = ledger.predict_path("04")
 

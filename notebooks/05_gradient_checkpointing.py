@@ -48,21 +48,22 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
 print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
 
 # %% [markdown]
-# Where the path stands after lesson 04 (`m3lab.ledger`): FlagEmbedding's example at 64/392 tokens,
+# Where the path stands after lesson 04 (`m3lab.plan.ledger`): FlagEmbedding's example at 64/392 tokens,
 # group 6, batch 1, without DeepSpeed (HF fp16, fused AdamW), checkpointing on as the example has it.
 # Off and on, at the path's 392 passage tokens and longer:
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 start = ledger.before("05")
 lengths = [392, 1024, 2048]
@@ -82,7 +83,7 @@ for label, report in reports.items():
 # %%
 # NBVAL_CHECK_OUTPUT
 # what checkpointing costs in compute: the step's floating-point operations, counted in the traces
-from m3lab import steptime
+from m3lab.predict import steptime
 
 for p in lengths:
     on, off = (steptime.step_flops(reports[f"passage {p}, {kind}"]) for kind in ("checkpointing", "no checkpointing"))
@@ -105,7 +106,7 @@ lessons.print_commands(configs, "05")
 # layers are tiny, so the time cost shows less than on BGE-M3).
 
 # %%
-from m3lab.train import train
+from m3lab.train.launch import train
 
 small = env.sized(TrainConfig(max_steps=4, train_group_size=4, query_max_len=64, passage_max_len=256,
                                per_device_train_batch_size=2, deepspeed_stage=1, reduce_bucket_size=1_000_000,
@@ -153,7 +154,7 @@ except ConfigError as error:
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path

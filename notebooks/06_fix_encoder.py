@@ -47,9 +47,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -78,7 +79,7 @@ for name, count in trainable.items():
 # model does not change at all: a fine-tuning run whose most used output stays exactly as it was.
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 start = ledger.before("06")  # where the path stands: 64/392 tokens, group 6, batch 1, no DeepSpeed
 configs = {"the path after lesson 05": start,
@@ -157,7 +158,7 @@ except ConfigError as error:
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path

@@ -50,9 +50,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -96,7 +97,7 @@ plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measu
 # --stock` (or `kaggle-t4x2`) makes the same search on your own data and never proposes what the
 # platform's host RAM cannot hold.
 #
-# The path (`m3lab.ledger`, drawn at the end) spends free Colab's room on text, with FlagEmbedding
+# The path (`m3lab.plan.ledger`, drawn at the end) spends free Colab's room on text, with FlagEmbedding
 # as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`) and longer passages than the
 # advice's 392, every parameter trained; its figures are in the ledger below. How long: 1,024-token
 # passages run out of memory in the second step (the sparse head's request finds the allocator's
@@ -105,7 +106,7 @@ plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measu
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab import ledger
+from m3lab.plan import ledger
 
 recipe = ledger.after("07")
 lengths = lessons.predict_all({"the path at 1,024-token passages": recipe.replace(passage_max_len=1024),
@@ -114,7 +115,9 @@ print(lessons.prediction_table(lengths))
 print(f"1,024: {lengths['the path at 1,024-token passages'].verdict}")
 
 # %%
-print(recipe.shell_command())
+from m3lab.command import shell_command
+
+print(shell_command(recipe))
 
 # %% [markdown]
 # ## Context: FlagEmbedding's `--sub_batch_size` on real data
@@ -126,7 +129,7 @@ print(recipe.shell_command())
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab.train import TrainingFailed, train
+from m3lab.train.launch import TrainingFailed, train
 
 small = dict(train_group_size=4, query_max_len=64, passage_max_len=256, per_device_train_batch_size=2)
 try:
@@ -148,7 +151,7 @@ except TrainingFailed as failure:
 # as scoring does, so no model stays on the GPU in this kernel.
 
 # %%
-from m3lab.evaluate import evaluate_retrieval
+from m3lab.use.evaluate import evaluate_retrieval
 
 run_config = env.sized(recipe.replace(max_steps=60), train_group_size=4, query_max_len=64, passage_max_len=256,
                        per_device_train_batch_size=2, max_steps=40, learning_rate=2e-4)
@@ -215,20 +218,20 @@ plots.breakdown_bars({"this run": lessons.predict_run(run_config, env)}, title=f
 #
 # ## Context: check the predictor on your GPU
 #
-# Every T4 figure in this series is predicted. On a GPU, `m3lab.gpu_check` holds the predictor to
+# Every T4 figure in this series is predicted. On a GPU, `m3lab.evidence.gpu_check` holds the predictor to
 # account with batches that are full length: it trains a BGE-M3-shaped model (the real shapes,
 # random weights, built here in about a minute: memory depends on shapes, not values) for three
 # steps per configuration and sets `torch.cuda.max_memory_allocated` beside the prediction. The
 # project's tests keep every prediction within 5% of the measurements committed under
 # `data/measurements/`, and lesson 01 shows them beside their predictions. A file measured on a real
 # T4 (`results/gpu_check/gpu_check.json`) is the most useful thing you can send back: no T4 has
-# measured the CUDA context the verdicts estimate. `python -m m3lab.gpu_check --out DIR` runs all of
+# measured the CUDA context the verdicts estimate. `python -m m3lab.evidence.gpu_check --out DIR` runs all of
 # the configurations.
 
 # %%
 from pathlib import Path
 
-from m3lab import gpu_check
+from m3lab.evidence import gpu_check
 
 # two configurations, a few minutes on a T4; on a CPU the tiny stand-in's two, measured as live tensor bytes
 # (run() prints each measurement beside its prediction as it goes)
@@ -239,7 +242,7 @@ check = gpu_check.run(Path("results/gpu_check"), model=env.gpu_check_model,
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path
@@ -270,7 +273,7 @@ MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab.data import load_jsonl
+from m3lab.data.jsonl import load_jsonl
 
 my_records = load_jsonl(MY_DATA)  # every bad line, as file:line: what is wrong; what to do
 print(f"{len(my_records)} training lines, all valid; the fewest negatives on a line: "
@@ -285,10 +288,10 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # epochs, the warm-up counted on your data, a checkpoint at least every half hour of training, in the
 # folder that outlives the session. Every figure is labelled: the GPU's and the host's are predicted,
 # the times estimated from the step's counted FLOPs over what published BERT-large runs reached on a
-# T4 (`m3lab.steptime`; nothing here ran on a T4), as a range.
+# T4 (`m3lab.predict.steptime`; nothing here ran on a T4), as a range.
 
 # %%
-from m3lab import recipes
+from m3lab.plan import recipes
 
 stock_answers = {platform: recipes.answer_for(platform, stock=True, data=MY_DATA)
                  for platform in ("colab-t4", "kaggle-t4x2")}
@@ -304,7 +307,7 @@ for answer in stock_answers.values():
 # The DeepSpeed JSON a command names, if any, is written here, beside it.
 for answer in stock_answers.values():
     answer.write_deepspeed_json(".")
-    print(answer.card().split("\n\n", 1)[1], end="\n\n")
+    print(answer.instructions(), end="\n\n")
 
 # %% [markdown]
 # ## Context: every text at its full length, per-length batches
@@ -320,7 +323,7 @@ for answer in stock_answers.values():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab import buckets
+from m3lab.plan import buckets
 
 stock_buckets = buckets.plan(MY_DATA, "colab-t4", stock=True)
 print(stock_buckets.table())

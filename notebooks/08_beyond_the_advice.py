@@ -61,9 +61,10 @@ if importlib.util.find_spec("m3lab") is None:
 # %%
 import matplotlib
 matplotlib.rcParams["figure.dpi"] = 80
-from m3lab import lessons, plots
+from m3lab import lessons
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
 
 env = lessons.environment()
 print(env.describe())
@@ -73,12 +74,12 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # ## Context: each lever alone, from where the path left off
 #
 # Lesson 07 left the run at FlagEmbedding's own knobs: no DeepSpeed, 8-bit AdamW, queries of 64 and
-# passages of 768 tokens, groups of 6, batch 1, checkpointing (`m3lab.ledger.before("08")`). Each of
+# passages of 768 tokens, groups of 6, batch 1, checkpointing (`m3lab.plan.ledger.before("08")`). Each of
 # m3lab's levers alone from there. Offload needs DeepSpeed: that bar is ZeRO-1 with its own AdamW
 # offloaded to the CPU, in place of 8-bit AdamW.
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 start = ledger.before("08")
 levers = {"where 07 left off": start,
@@ -155,8 +156,8 @@ for g, with_cache, without in zip(groups, cached, uncached):
 # tensors (activations, gradients, temporaries), measured.
 
 # %%
-from m3lab.data import REPO_ROOT, load_jsonl
-from m3lab.side_by_side import grad_cache_side_by_side
+from m3lab.data.jsonl import REPO_ROOT, load_jsonl
+from m3lab.evidence.side_by_side import grad_cache_side_by_side
 from m3lab.standin import STANDIN, resolve_model
 
 two_queries = load_jsonl(REPO_ROOT / "data" / "train.jsonl")[:2]
@@ -189,13 +190,15 @@ goal_report = path_reports["+ grad cache (the goal)"]
 print(goal_report.summary())
 print("breakdown: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in goal_report.breakdown.items()))
 # what the gradient cache costs in compute: the step's FLOPs, counted in the traces, and the time they take
-from m3lab import steptime
+from m3lab.predict import steptime
 
 for label in ("+ efficient sparse head", "+ grad cache (the goal)"):
     print(f"{label:24} {steptime.describe(path_reports[label])}")
 
 # %%
-print("m3lab predict --gpu t4 -- " + goal.shell_command())
+from m3lab.command import shell_command
+
+print("m3lab predict --gpu t4 -- " + shell_command(goal))
 
 # %% [markdown]
 # ## Context: a real run with the levers
@@ -207,7 +210,7 @@ print("m3lab predict --gpu t4 -- " + goal.shell_command())
 # precision. Then the goal's measured peak is drawn over its prediction for this machine.
 
 # %%
-from m3lab.train import train
+from m3lab.train.launch import train
 
 plain = goal.replace(efficient_sparse_head=False, grad_cache_chunk_size=0, optim="adamw_torch")
 cpu_sizes = dict(query_max_len=64, passage_max_len=512, per_device_train_batch_size=2, learning_rate=1e-4)
@@ -275,14 +278,14 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 # %% [markdown]
 # ## The path so far
 #
-# The series' ledger (`m3lab.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
+# The series' ledger (`m3lab.plan.ledger`): FlagEmbedding's example on one T4, then each lesson's knob,
 # taken from where the lesson before left the run, all predicted for a T4: each bar is the peak of
 # live tensors after the step, coloured by the verdict, and the mark above it what the step needs
 # of the card. This lesson's steps and the flags they change in the command, then the whole path
 # so far:
 
 # %%
-from m3lab import ledger
+from m3lab.plan import ledger
 
 so_far = ledger.predict_path("08")
 
@@ -307,7 +310,7 @@ MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab.data import load_jsonl
+from m3lab.data.jsonl import load_jsonl
 
 my_records = load_jsonl(MY_DATA)  # every bad line, as file:line: what is wrong; what to do
 print(f"{len(my_records)} training lines, all valid; the fewest negatives on a line: "
@@ -323,7 +326,7 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # added. GPU and host figures are predicted; the times are estimated, as a range.
 
 # %%
-from m3lab import recipes
+from m3lab.plan import recipes
 
 lever_answers = {platform: recipes.answer_for(platform, stock=False, data=MY_DATA)
                  for platform in ("colab-t4", "kaggle-t4x2")}
@@ -339,7 +342,7 @@ for answer in lever_answers.values():
 # The DeepSpeed JSON a command names, if any, is written here, beside it.
 for answer in lever_answers.values():
     answer.write_deepspeed_json(".")
-    print(answer.card().split("\n\n", 1)[1], end="\n\n")
+    print(answer.instructions(), end="\n\n")
 
 # %% [markdown]
 # ## Context: every text at its full length, per-length batches
@@ -354,7 +357,7 @@ for answer in lever_answers.values():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from m3lab import buckets
+from m3lab.plan import buckets
 
 bucket_plans = {platform: buckets.plan(MY_DATA, platform) for platform in ("colab-t4", "kaggle-t4x2")}
 bucket_costs = {platform: buckets.epoch_costs(plan) for platform, plan in bucket_plans.items()}

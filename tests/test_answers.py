@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from m3lab import recipes
-from m3lab.data import REPO_ROOT
+from m3lab.data.jsonl import REPO_ROOT
+from m3lab.plan import recipes
 
 TRAIN = REPO_ROOT / "data" / "train.jsonl"
 

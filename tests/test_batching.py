@@ -1,11 +1,11 @@
-"""Which texts share a batch, as FlagEmbedding's own datasets draw them (m3lab.batching)."""
+"""Which texts share a batch, as FlagEmbedding's own datasets draw them (m3lab.data.batching)."""
 
 import json
 
 import pytest
 
-from m3lab.batching import query_as_trained, sample_batches
-from m3lab.lessons import load_tokenizer
+from m3lab.data.batching import query_as_trained, sample_batches
+from m3lab.standin import load_tokenizer
 
 
 @pytest.fixture(scope="module")

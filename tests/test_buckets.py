@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from m3lab import buckets
-from m3lab.data import load_jsonl
+from m3lab.data.jsonl import load_jsonl
+from m3lab.plan import buckets
 
 WORDS = "memory card batch length token passage query model train fits".split()
 
@@ -64,9 +64,20 @@ def test_the_files_are_flagembeddings_format_with_each_buckets_batch(small_plan,
     assert "--same_dataset_within_batch True" in command and "--query_instruction_for_retrieval ''" in command
 
 
+def test_a_card_without_a_step_time_estimate_still_checkpoints_every_tenth_of_the_run(small_plan):
+    """A card with no datasheet peak here (an H100) has no step-time estimate: the run still saves."""
+    import dataclasses
+
+    elsewhere = dataclasses.replace(small_plan, buckets=[dataclasses.replace(b, report=dataclasses.replace(
+        b.report, gpu="h100")) for b in small_plan.buckets])
+    steps = int(elsewhere.epoch_steps() * elsewhere.base.num_train_epochs)
+    assert elsewhere.config("buckets").save_steps == max(1, steps // 10)
+    assert "no estimate" in elsewhere.table()
+
+
 @pytest.mark.slow
 def test_the_stand_ins_epoch_over_the_files_takes_the_planned_batches(small_plan, tmp_path, standin_dir):
-    from m3lab.train import train
+    from m3lab.train.launch import train
 
     folder = tmp_path / "buckets"
     small_plan.write(folder)

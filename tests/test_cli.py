@@ -100,10 +100,11 @@ def test_at_least_fifteen_mistakes_are_covered():
 
 
 def test_predict_options_default_to_flagembeddings_defaults():
-    from transformers import TrainingArguments
-
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
-        EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3TrainingArguments)
+        EncoderOnlyEmbedderM3DataArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
+    from transformers import TrainingArguments
 
     upstream = {f.name: f.default for cls in (EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3TrainingArguments,
                                               TrainingArguments) for f in dataclasses.fields(cls)}

@@ -74,12 +74,14 @@ def _defined_here(cls) -> set[str]:
 def test_every_override_of_a_third_party_method_is_in_the_registry():
     """m3lab's subclasses of FlagEmbedding's model and of torch's dispatch modes: each method they
     override is a registered target, so a rename upstream cannot leave an override silently unused."""
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from m3lab.grad_cache import GradCacheM3Model
     from m3lab.predict.trace import MemoryTrace
-    from m3lab.sparse_head import EfficientSparseM3Model
+    from m3lab.train.grad_cache import GradCacheM3Model
+    from m3lab.train.sparse_head import EfficientSparseM3Model
 
     registered = {target.attribute for target in compat.TARGETS if target.reach is compat.Reach.OVERRIDDEN}
     for ours, theirs in ((EfficientSparseM3Model, EncoderOnlyEmbedderM3Model),
@@ -93,3 +95,35 @@ def test_deepspeeds_strict_sections_are_read_from_deepspeed():
     assert sections["bf16"] == {"enabled", "immediate_grad_update", "check_grad_overflow",
                                 "bf16_master_weights_and_grads", "bf16_optimizer_states"}
     assert {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"} <= sections["fp16"]
+
+
+def _m3lab_sources():
+    from pathlib import Path
+
+    root = Path(compat.__file__).parent
+    return {".".join(path.relative_to(root).with_suffix("").parts): path.read_text()
+            for path in root.rglob("*.py")}
+
+
+def test_every_target_names_the_module_that_reaches_it():
+    sources = _m3lab_sources()
+    for target in compat.TARGETS:
+        user = target.user if target.user in sources else f"{target.user}.__init__"
+        assert user in sources, f"{target} names m3lab.{target.user}, which does not exist"
+        assert target.attribute.rsplit(".", 1)[-1] in sources[user] + sources["compat"], target
+
+
+def test_every_name_imported_from_a_private_module_is_in_the_registry():
+    """A private module (a dotted part starting with an underscore) can change in any release: each
+    name m3lab imports from one is a target, so check_targets walks it on every stack."""
+    import ast
+
+    registered = {(target.module, target.attribute.split(".")[0]) for target in compat.TARGETS}
+    unregistered = []
+    for module, source in _m3lab_sources().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module != "__future__" \
+                    and any(part.startswith("_") for part in node.module.split(".")):
+                unregistered += [f"{node.module}.{alias.name} (m3lab.{module})" for alias in node.names
+                                 if (node.module, alias.name) not in registered]
+    assert not unregistered, unregistered

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from m3lab.command import format_command
+from m3lab.command import Rendering, format_command, render, shell_command
 from m3lab.config import ConfigError, Hardware, TrainConfig
 
 T4 = Hardware("cuda", "Tesla T4", 1, supports_bf16=False)
@@ -22,7 +22,7 @@ def _args(argv):
 
 
 def test_command_is_torchrun_on_flagembeddings_m3_module():
-    argv = TrainConfig.common_t4_advice().command(deepspeed_json_path="ds_stage1.json")
+    argv = render(TrainConfig.common_t4_advice(), Rendering(deepspeed_json_path="ds_stage1.json"))
     assert argv[:5] == ["torchrun", "--standalone", "--nproc_per_node", "1", "-m"]
     assert argv[5] == "FlagEmbedding.finetune.embedder.encoder_only.m3"
     args = _args(argv)
@@ -37,15 +37,16 @@ def test_command_is_torchrun_on_flagembeddings_m3_module():
 
 
 def test_every_argument_is_one_flagembedding_accepts():
-    from transformers import HfArgumentParser
-
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
-        EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3ModelArguments,
-        EncoderOnlyEmbedderM3TrainingArguments)
+        EncoderOnlyEmbedderM3DataArguments,
+        EncoderOnlyEmbedderM3ModelArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
+    from transformers import HfArgumentParser
 
     config = TrainConfig.upstream_example(fp16=False, max_steps=7, deepspeed_stage=None, fix_encoder=True,
                                           gradient_accumulation_steps=3)
-    argv = config.command(output_dir="/tmp/never-used")
+    argv = render(config, Rendering("/tmp/never-used"))
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                                EncoderOnlyEmbedderM3TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv[6:])
@@ -64,12 +65,12 @@ def test_warmup_is_a_step_count_on_both_transformers_majors(tmp_path):
     data.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n' * 50 + "\n")
     config = TrainConfig(train_data=[str(data)], per_device_train_batch_size=2, num_processes=2,
                          num_train_epochs=3, warmup_ratio=0.1)
-    assert "--warmup_ratio" not in config.command()
-    assert _args(config.command())["warmup_steps"] == "4"  # ceil(0.1 * (50 // 4) * 3 epochs)
+    assert "--warmup_ratio" not in render(config)
+    assert _args(render(config))["warmup_steps"] == "4"  # ceil(0.1 * (50 // 4) * 3 epochs)
     assert config.replace(max_steps=60).warmup_step_count() == 6 and config.replace(warmup_ratio=0).warmup_step_count() == 0
     assert config.replace(warmup_steps=7).warmup_step_count() == 7  # given steps, as they are
     with pytest.raises(ValueError, match="--train_data .*missing.jsonl: not found.*set max_steps"):
-        config.replace(train_data=[str(tmp_path / "missing.jsonl")]).command()
+        render(config.replace(train_data=[str(tmp_path / "missing.jsonl")]))
 
 
 def test_deepspeed_json_mirrors_the_config():
@@ -89,8 +90,8 @@ def test_shell_command_round_trips_through_the_shell():
     import shlex
 
     config = TrainConfig(train_data=["my data/train.jsonl"], max_steps=100)
-    text = config.shell_command()
-    assert shlex.split(text.replace("\\\n", " ")) == config.command()
+    text = shell_command(config)
+    assert shlex.split(text.replace("\\\n", " ")) == render(config)
     assert "\n    --train_group_size 8" in text
 
 

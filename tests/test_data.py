@@ -3,7 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from m3lab.data import DataError, length_covering, load_jsonl, token_length_stats, validate_jsonl
+from m3lab.data.jsonl import (
+    DataError,
+    length_covering,
+    load_jsonl,
+    token_length_stats,
+    validate_jsonl,
+)
 
 BAD = Path(__file__).parent / "fixtures" / "bad_data"
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from m3lab import fake_cache_key, predict as predictor
+from m3lab import predict as predictor
 from m3lab.config import TrainConfig
+from m3lab.predict import fake_cache_key
 
 
 def test_agrees_with_pytorch_on_sample_arguments():
@@ -210,7 +211,7 @@ def test_only_shifting_views_leave_placement_out_and_stay_relative():
 
 
 def test_views_keep_pytorchs_keys_and_entries_where_the_check_fails(monkeypatch):
-    from m3lab import fake_cache_key as keys
+    from m3lab.predict import fake_cache_key as keys
 
     assert keys.places_views_right()
     monkeypatch.setattr(keys, "places_views_right", lambda: False)

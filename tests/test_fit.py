@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from m3lab import cli
-from m3lab.data import length_covering_tokens, load_jsonl, token_lengths
 from m3lab.config import ConfigError
-from m3lab.fit import MEMORY_SETTINGS, STOCK_SETTINGS, fit
+from m3lab.data.jsonl import length_covering_tokens, load_jsonl, token_lengths
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
-from m3lab.platforms import PLATFORMS, platform_for
+from m3lab.plan.fit import MEMORY_SETTINGS, STOCK_SETTINGS, fit
+from m3lab.plan.platforms import PLATFORMS, platform_for
 
 
 def test_length_covering_tokens_by_hand():
@@ -34,7 +34,7 @@ def fitted():
 
 @pytest.mark.slow
 def test_fit_keeps_95_percent_of_the_tokens(fitted):
-    from m3lab.lessons import load_tokenizer
+    from m3lab.standin import load_tokenizer
 
     result, _ = fitted
     tokenizer, _ = load_tokenizer()
@@ -76,13 +76,14 @@ def test_fit_returns_the_largest_group_that_fits_with_the_encoder_trained(fitted
 
 @pytest.mark.slow
 def test_fit_prints_a_command_that_parses(capsys):
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
+        EncoderOnlyEmbedderM3DataArguments,
+        EncoderOnlyEmbedderM3ModelArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
     from transformers import HfArgumentParser
 
-    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
-        EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3ModelArguments,
-        EncoderOnlyEmbedderM3TrainingArguments)
-
-    from m3lab.run_m3 import M3LabArguments
+    from m3lab.config import M3LabArguments
 
     assert cli.main(["fit", "--gpu", "t4", "--data", "data/train.jsonl"]) == 0
     out = capsys.readouterr().out

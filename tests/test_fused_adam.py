@@ -11,8 +11,8 @@ show its per-tensor temporaries.
 import json
 
 import pytest
-
 from helpers.hf_runs import hf_run
+
 from m3lab import compat
 from m3lab.gpus import gpu_profile
 from m3lab.predict.allocator import allocator_round

@@ -1,5 +1,5 @@
 """The predictor against GPU measurements committed under data/measurements/ (written by
-``python -m m3lab.gpu_check`` on a GPU), and the check script itself, run here on the CPU."""
+``python -m m3lab.evidence.gpu_check`` on a GPU), and the check script itself, run here on the CPU."""
 
 import dataclasses
 import json
@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3lab import evidence, gpu_check, measurements, predict as predictor, standin
+from m3lab import predict as predictor
+from m3lab import standin
 from m3lab.config import TrainConfig
-from m3lab.measure import SDPA_KERNEL_ENV, limit_sdpa_kernels
+from m3lab.evidence import compare, gpu_check, measurements
 from m3lab.predict.models import meta_model
 from m3lab.predict.spec import spec_for
+from m3lab.train.meter import SDPA_KERNEL_ENV, limit_sdpa_kernels
+from m3lab.train.record import Outcome, StepRecord
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
 
@@ -23,7 +26,7 @@ def _committed_runs():
     for path in sorted(MEASUREMENTS.glob("*.json")):
         file = measurements.load(path)
         for run in file.runs:
-            if run.outcome is not measurements.Outcome.RAN:
+            if run.outcome is not Outcome.RAN:
                 continue
             marks = ()
             if not any(measurements.step_pairs(rank.steps) for rank in run.ranks):
@@ -33,7 +36,7 @@ def _committed_runs():
 
 
 COMMITTED = list(_committed_runs()) or [pytest.param(None, None, marks=pytest.mark.skip(
-    reason="no measurements committed yet: `python -m m3lab.gpu_check` on a GPU, or `--model full-cpu` on a "
+    reason="no measurements committed yet: `python -m m3lab.evidence.gpu_check` on a GPU, or `--model full-cpu` on a "
            "CPU (data/measurements/README.md)"))]
 
 
@@ -55,7 +58,7 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     file = measurements.load(path)
     assert file.provenance == "measured on CPU (live tensor bytes)" and file.predict_with_gpu is None
     (run,) = file.runs
-    assert run.outcome is measurements.Outcome.RAN and run.config.max_steps == gpu_check.STEPS
+    assert run.outcome is Outcome.RAN and run.config.max_steps == gpu_check.STEPS
     assert [s.step for s in run.ranks[0].steps] == [1, 2, 3]
     assert [s.optimizer_step_skipped for s in run.ranks[0].steps] == [False] * 3  # fp32: no scaling
     rows = measurements.compare(file)
@@ -82,8 +85,9 @@ def test_a_refused_configuration_is_recorded_and_costs_no_other_run(tmp_path, st
 
 
 def _steps(*steps: dict) -> tuple:
-    return tuple(measurements.MeasuredStep(**{"peak_allocated_bytes": 0, "peak_reserved_bytes": None,
-                                              "optimizer_step_skipped": None, **step}) for step in steps)
+    return tuple(StepRecord(**{"loss": None, "step_time_s": 0.0, "peak_allocated_bytes": 0, "peak_reserved_bytes": None,
+                               "allocated_after_step_bytes": 0, "fp32_master_bytes": 0, "memory_source": "",
+                               **step}) for step in steps)
 
 
 def test_a_step_skipped_by_loss_scaling_is_not_compared():
@@ -105,7 +109,7 @@ def test_a_step_skipped_by_loss_scaling_is_not_compared():
 def test_memory_outside_the_allocator_is_read_only_from_a_run_alone_on_the_card():
     step = {"step": 2, "optimizer_state_bytes": 0, "device_used_bytes": 10 * 2**30,
             "reserved_after_step_bytes": 9 * 2**30 + 2**29}
-    run = measurements.RunRecord("r", measurements.Outcome.RAN, TrainConfig(), None, True, None,
+    run = measurements.RunRecord("r", Outcome.RAN, TrainConfig(), None, True, None,
                                  (measurements.MeasuredRank(0, "cuda", _steps({"step": 1, "optimizer_state_bytes": 0},
                                                                               step)),))
     assert measurements.outside_allocator_bytes(run) == 2**29
@@ -187,7 +191,7 @@ def test_a_gpu_adds_the_word_embedding_gradients_in_place(monkeypatch):
 
 
 # ---- the allocator under the card's limit, against the same runs ------------------------------------
-EVIDENCE = [pytest.param(run, id=f"{run.source}: {run.name}") for run in evidence.measured_runs()
+EVIDENCE = [pytest.param(run, id=f"{run.source}: {run.name}") for run in compare.measured_runs()
             if run.peak_allocated_bytes or not run.ran]
 RESERVED_TOLERANCE = 0.02
 # Measured, not yet understood: the reserved bytes of this run's first updated step (after a skipped
@@ -201,7 +205,7 @@ def test_under_a_t4s_limit_the_verdict_is_what_the_card_did(run):
     """The H200 capped at a T4's budget ran the advice and the path after lesson 04 and ran out of
     memory on FlagEmbedding's example: the simulated allocator, limited the same way, says the same,
     and where it runs out, it runs out on the same request with the same bytes in use."""
-    found = evidence.against_prediction(run)
+    found = compare.against_prediction(run)
     assert found.outcome_matches, found.describe()
     if not run.ran:
         oom = found.report.out_of_memory
@@ -218,23 +222,23 @@ def test_under_a_t4s_limit_the_verdict_is_what_the_card_did(run):
     for r in EVIDENCE if r.values[0].peak_reserved_bytes])
 def test_the_simulated_allocator_reserves_what_the_card_reserved(run):
     """max_memory_reserved over the compared steps, with and without a T4's limit, within 2%."""
-    found = evidence.against_prediction(run)
+    found = compare.against_prediction(run)
     assert abs(found.reserved_error) <= RESERVED_TOLERANCE, found.describe()
 
 
 def test_the_comparison_can_fail():
     """A run that ran, predicted on a card too small for it, is a mismatch (and the other way round)."""
-    (run,) = [r for r in evidence.measured_runs() if r.name == "advice (ZeRO-1), T4 budget"]
+    (run,) = [r for r in compare.measured_runs() if r.name == "advice (ZeRO-1), T4 budget"]
     small = dataclasses.replace(run, limit_bytes=10 * 2**30, name="advice (ZeRO-1), 10 GiB")
-    found = evidence.Evidence(small, predictor.predict(run.config, evidence.card_of(small),
+    found = compare.Evidence(small, predictor.predict(run.config, compare.card_of(small),
                                                        model_config=predictor.bge_m3_config()))
     assert not found.outcome_matches
 
 
 def test_a_lesson_finds_the_measurement_of_what_it_predicts():
     advice = TrainConfig.common_t4_advice()
-    assert [run.name for run in evidence.measured_peaks(advice)] == ["advice (ZeRO-1)"]
-    assert evidence.measured_peaks(advice.replace(train_group_size=4)) == []
+    assert [run.name for run in compare.measured_peaks(advice)] == ["advice (ZeRO-1)"]
+    assert compare.measured_peaks(advice.replace(train_group_size=4)) == []
 
 
 def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
@@ -243,7 +247,7 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
     for path in sorted(MEASUREMENTS.glob("*.json")):
         for run in measurements.load(path).runs:
             pairs = [step for rank in run.ranks[:1] for _label, step in measurements.step_pairs(rank.steps)]
-            if run.outcome is measurements.Outcome.RAN and pairs:
+            if run.outcome is Outcome.RAN and pairs:
                 runs[run.name] = " / ".join(f"{s.peak_allocated_bytes / 2**30:.3f}" for s in pairs)
     rows = {"common advice (ZeRO-1, 64/392, group 6)": "advice (ZeRO-1)", "advice, ZeRO-0": "advice, ZeRO-0",
             "advice, fix_encoder on": "advice, fix_encoder on",
@@ -268,7 +272,7 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
     reserved = {}
     for path in sorted(MEASUREMENTS.glob("*.json")):
         for run in measurements.load(path).runs:
-            if run.outcome is measurements.Outcome.RAN and run.ranks[0].steps[0].peak_reserved_bytes is not None:
+            if run.outcome is Outcome.RAN and run.ranks[0].steps[0].peak_reserved_bytes is not None:
                 reserved[(path.stem, run.name)] = max(s.peak_reserved_bytes for s in run.ranks[0].steps)
     notes = " ".join((MEASUREMENTS / "README.md").read_text().split())
     h200 = "2026-11-30-nvidia-h200"
@@ -276,6 +280,6 @@ def test_the_measured_figures_quoted_in_the_readmes_are_the_files():
                         ("against {:.2f} uncapped", (h200, "advice (ZeRO-1)")),
                         ("(16.84 against {:.2f} GiB)", (h200, "advice, no gradient checkpointing"))]:
         assert phrase.format(reserved[key] / 2**30) in notes, phrase
-    (oom,) = [run for run in evidence.measured_runs() if not run.ran]
+    (oom,) = [run for run in compare.measured_runs() if not run.ran]
     assert (f"asking for {oom.oom_requested_bytes / 2**30:.2f} GiB with {oom.oom_allocated_bytes / 2**30:.2f} GiB in use"
             in notes)

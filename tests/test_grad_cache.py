@@ -1,4 +1,4 @@
-"""m3lab.grad_cache: the same loss and gradients as FlagEmbedding's uncached step (dropout replayed),
+"""m3lab.train.grad_cache: the same loss and gradients as FlagEmbedding's uncached step (dropout replayed),
 encoder memory that does not grow with the group, the command, and a real run."""
 
 import contextlib
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from m3lab import predict as predictor
-from m3lab.config import ConfigError, M3LAB_M3_MODULE, TrainConfig
-from m3lab.grad_cache import GradCacheM3Model, _RandomState, use_grad_cache
-from m3lab.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
+from m3lab.command import render
+from m3lab.config import M3LAB_M3_MODULE, ConfigError, TrainConfig
+from m3lab.train.grad_cache import GradCacheM3Model, _RandomState, use_grad_cache
+from m3lab.train.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
 
 QUERIES = ["what is a decorator", "wie bindet Python Namen an Objekte?"]
 PASSAGES = ["A decorator wraps a function and returns it.", "pass", "x = 5 binds the name x.",
@@ -20,7 +21,9 @@ PASSAGES = ["A decorator wraps a function and returns it.", "pass", "x = 5 binds
 
 @pytest.fixture(scope="module")
 def stand_in(standin_dir):
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import (
+        EncoderOnlyEmbedderM3Runner,
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(standin_dir))
@@ -33,7 +36,9 @@ def stand_in(standin_dir):
 def _flagembedding_model(stand_in, sub_batch_size=None, checkpointing=False):
     """FlagEmbedding's model as its runner builds it (self-distillation on); ``sub_batch_size`` is
     FlagEmbedding's own option to encode in pieces, with the whole graph kept."""
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
 
     tokenizer, parts, _ = stand_in
     model = EncoderOnlyEmbedderM3Model(copy.deepcopy(parts), tokenizer=tokenizer, temperature=0.02,
@@ -155,7 +160,7 @@ def test_bad_chunk_sizes_are_refused(stand_in):
 
 
 def test_the_command_runs_m3labs_runner_with_the_flag():
-    argv = TrainConfig.common_t4_advice(grad_cache_chunk_size=2).command()
+    argv = render(TrainConfig.common_t4_advice(grad_cache_chunk_size=2))
     assert argv[argv.index("-m") + 1] == M3LAB_M3_MODULE
     assert argv[argv.index("--grad_cache_chunk_size") + 1] == "2"
 

@@ -1,11 +1,12 @@
-"""The series' path (m3lab.ledger): one baseline, each step changing what the step before it left,
+"""The series' path (m3lab.plan.ledger): one baseline, each step changing what the step before it left,
 in lesson order; the plot draws it; the predicted path goes from an OOM to a recipe that fits."""
 
 import pytest
 
-from m3lab import ledger, plots
 from m3lab.config import TrainConfig
 from m3lab.gpus import GIB
+from m3lab.lessons import plots
+from m3lab.plan import ledger
 
 
 def test_the_baseline_is_upstreams_example_as_shipped_at_8192_tokens():

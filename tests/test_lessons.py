@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from m3lab.gpus import gpu_profile
-from m3lab import lessons, predict as predictor, plots
-from m3lab.evaluate import _rank_metrics, load_corpus
 from helpers.hf_runs import hf_run
+
+from m3lab import lessons
+from m3lab import predict as predictor
+from m3lab.gpus import gpu_profile
+from m3lab.lessons import plots
+from m3lab.use.evaluate import _rank_metrics, load_corpus
 
 BERT_TINY = Path(__file__).parent / "fixtures" / "bert-tiny-config.json"
 
@@ -89,7 +91,7 @@ def test_the_environment_picks_sizes_and_nothing_else():
 
 
 def test_print_commands_gives_the_flags_to_change_from_where_the_path_stands(capsys):
-    from m3lab import ledger
+    from m3lab.plan import ledger
 
     start = ledger.before("04")
     lessons.print_commands({"ZeRO-1": start.replace(deepspeed_stage=1), "unchanged": start,
@@ -119,7 +121,7 @@ def test_retrieval_is_scored_in_a_child_process(monkeypatch):
     """The kernel never loads the model (on a GPU it would stay there while the next run trains)."""
     import FlagEmbedding
 
-    from m3lab.evaluate import MODES, evaluate_retrieval
+    from m3lab.use.evaluate import MODES, evaluate_retrieval
 
     def loaded_here(*args, **kwargs):
         raise AssertionError("the model was loaded in the calling process")

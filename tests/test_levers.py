@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from m3lab import predict as predictor
+from m3lab.command import render
 from m3lab.config import ConfigError, TrainConfig
 from m3lab.predict.extrapolate import trainable_params
 from m3lab.predict.spec import spec_for
@@ -26,7 +27,7 @@ def test_optimizer_states_follow_the_trainable_parameters():
     trainable = trainable_params(spec_for(config))[0]
     report = predictor.predict(config, "t4")
     assert report.per_rank[0].model_state_bytes["optimizer_states"] == pytest.approx(12 * trainable, rel=0.002)
-    assert "--freeze_word_embeddings" in config.command() and "m3lab.run_m3" in config.command()
+    assert "--freeze_word_embeddings" in render(config) and "m3lab.run_m3" in render(config)
 
 
 def test_freezing_inside_a_frozen_encoder_is_refused():
@@ -38,7 +39,7 @@ def test_freezing_inside_a_frozen_encoder_is_refused():
 def test_a_real_run_leaves_the_word_embeddings_as_they_were(tmp_path, standin_dir):
     from safetensors.torch import load_file
 
-    from m3lab.train import train
+    from m3lab.train.launch import train
 
     result = train(TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,
                                per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, deepspeed_stage=1,

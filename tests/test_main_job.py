@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from m3lab.main_job import run_main_job
+from m3lab.lessons.main_job import run_main_job
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hf_runs import hf_run
 
 from m3lab import predict as predictor
-from m3lab import steptime
 from m3lab.cli import main as cli_main
 from m3lab.config import ConfigError, TrainConfig
 from m3lab.gpus import GIB, gpu_profile
-from m3lab.predict import extrapolate, prediction
+from m3lab.predict import extrapolate, prediction, steptime
 from m3lab.predict.allocator import Allocator
 from m3lab.predict.extrapolate import trainable_params, trainable_params_before_layers
 from m3lab.predict.spec import spec_for
-from helpers.hf_runs import hf_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BERT_TINY = FIXTURES / "bert-tiny-config.json"

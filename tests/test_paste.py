@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from m3lab.cli import main as cli_main
+from m3lab.command import Rendering, render
+from m3lab.command import parse as parse_command
 from m3lab.config import FLAGEMBEDDING_M3_MODULE, ConfigError, TrainConfig
 from m3lab.predict import predict
-from m3lab.command import parse as parse_command
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "data" / "upstream"
 
@@ -143,7 +144,7 @@ def test_a_rendered_command_reads_back_as_the_same_config(config, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     if config.deepspeed_stage is not None:
         (tmp_path / "ds.json").write_text(config.deepspeed_json())
-    back = parse_command(config.command(deepspeed_json_path="ds.json")).config
+    back = parse_command(render(config, Rendering(deepspeed_json_path="ds.json"))).config
     expected = config.replace(warmup_ratio=0.0, warmup_steps=config.warmup_step_count(),  # rendered as --warmup_steps
                               num_train_epochs=back.num_train_epochs,  # not rendered: max_steps rules
                               deepspeed_config_file="ds.json" if config.deepspeed_stage is not None else None)

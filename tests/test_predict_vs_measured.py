@@ -8,11 +8,11 @@ max length: then the real batches have exactly the shapes the predictor assumes.
 import json
 
 import pytest
+from helpers.hf_runs import hf_run
 
 from m3lab import predict as predictor
 from m3lab.config import TrainConfig
-from m3lab.train import train
-from helpers.hf_runs import hf_run
+from m3lab.train.launch import train
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
-    from m3lab.data import load_jsonl
+    from m3lab.data.jsonl import load_jsonl
 
     path = tmp_path_factory.mktemp("data") / "long.jsonl"
     rows = load_jsonl("data/train.jsonl")[:40]
@@ -74,7 +74,7 @@ def test_hf_trainer_prediction_within_2_percent_of_measured(name, tmp_path):
     import sys
     from pathlib import Path
 
-    from m3lab.train import _read_ranks
+    from m3lab.train.launch import _read_ranks
 
     optim, checkpointing = HF_CASES[name]
     config_path = Path(__file__).parent / "fixtures" / "bert-tiny-config.json"

@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from m3lab import recipes, steptime
 from m3lab.command import parse as parse_command
+from m3lab.plan import recipes
+from m3lab.predict import steptime
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from m3lab import sample_data
-from m3lab.data import load_jsonl
+from m3lab.data import sample
+from m3lab.data.jsonl import load_jsonl
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -37,17 +37,17 @@ def test_bm25_negatives_share_terms_with_the_query():
     # for the few one-word headings ("Overview") whose term no other passage has.
     train = load_jsonl(DATA / "train.jsonl")
     english = [r for r in train if r["query"].isascii()]
-    shared = sum(bool(set(sample_data.bm25_terms(r["query"])) & set(sample_data.bm25_terms(r["neg"][0])))
+    shared = sum(bool(set(sample.bm25_terms(r["query"])) & set(sample.bm25_terms(r["neg"][0])))
                  for r in english)
     assert shared >= 0.95 * len(english)
 
 
 def test_chinese_terms_are_characters_and_bigrams():
-    assert sample_data.bm25_terms("列表 list") == ["list", "列", "表", "列表"]
+    assert sample.bm25_terms("列表 list") == ["list", "列", "表", "列表"]
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="pydoc_data.topics text differs between Pythons")
 def test_rebuild_reproduces_committed_files(tmp_path):
-    sample_data.build(tmp_path)
+    sample.build(tmp_path)
     for name in ("corpus.jsonl", "train.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from m3lab.side_by_side import grad_cache_side_by_side
+from m3lab.evidence.side_by_side import grad_cache_side_by_side
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from m3lab import predict as predictor
+from m3lab.command import Rendering, render
 from m3lab.config import M3LAB_M3_MODULE, TrainConfig
-from m3lab.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
+from m3lab.train.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
 
 
 def _models(standin_dir):
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import (
+        EncoderOnlyEmbedderM3Runner,
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(standin_dir))
@@ -68,23 +73,24 @@ def test_only_flagembeddings_model_can_be_switched():
 
 
 def test_the_command_runs_m3labs_runner_with_the_flag():
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
+        EncoderOnlyEmbedderM3DataArguments,
+        EncoderOnlyEmbedderM3ModelArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
     from transformers import HfArgumentParser
 
-    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
-        EncoderOnlyEmbedderM3DataArguments, EncoderOnlyEmbedderM3ModelArguments,
-        EncoderOnlyEmbedderM3TrainingArguments)
-
-    from m3lab.run_m3 import M3LabArguments
+    from m3lab.config import M3LabArguments
 
     # without DeepSpeed: parsing --deepspeed would register a global HF DeepSpeed config for this process
-    argv = TrainConfig.common_t4_advice(efficient_sparse_head=True, deepspeed_stage=None).command(
-        output_dir="/tmp/never-used")
+    argv = render(TrainConfig.common_t4_advice(efficient_sparse_head=True, deepspeed_stage=None),
+                  Rendering("/tmp/never-used"))
     assert argv[argv.index("-m") + 1] == M3LAB_M3_MODULE
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                                EncoderOnlyEmbedderM3TrainingArguments, M3LabArguments))
     *_, m3lab_args = parser.parse_args_into_dataclasses(argv[argv.index("-m") + 2:])
     assert m3lab_args.efficient_sparse_head is True
-    assert "m3lab" not in " ".join(TrainConfig.common_t4_advice().command())  # off: FlagEmbedding's own
+    assert "m3lab" not in " ".join(render(TrainConfig.common_t4_advice()))  # off: FlagEmbedding's own
 
 
 def test_predicted_peak_drops_without_the_seq_by_vocab_tensor(standin_dir):
@@ -99,7 +105,7 @@ def test_predicted_peak_drops_without_the_seq_by_vocab_tensor(standin_dir):
 
 @pytest.mark.slow
 def test_a_real_run_trains_with_the_efficient_head(tmp_path, standin_dir):
-    from m3lab.train import train
+    from m3lab.train.launch import train
 
     result = train(TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,
                                per_device_train_batch_size=2, max_steps=2, learning_rate=1e-4, deepspeed_stage=1,

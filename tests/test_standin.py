@@ -32,7 +32,9 @@ def test_has_bge_m3_files_and_special_tokens(standin_dir):
 
 
 def test_flagembedding_loads_it_with_its_heads(standin_dir):
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import (
+        EncoderOnlyEmbedderM3Runner,
+    )
 
     parts = EncoderOnlyEmbedderM3Runner.get_model(str(standin_dir))
     saved = torch.load(standin_dir / "colbert_linear.pt", weights_only=True)

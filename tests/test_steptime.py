@@ -1,11 +1,11 @@
 """Step-time estimates: the FLOPs the trace counts, held to a hand count, and the estimate's arithmetic."""
 
 import pytest
-
 from helpers.hf_runs import hf_run
+
 from m3lab import predict as predictor
-from m3lab import steptime
 from m3lab.gpus import gpu_profile
+from m3lab.predict import steptime
 
 # tests/fixtures/bert-tiny-config.json, counted by hand
 HIDDEN, LAYERS, HEADS, FFN, LABELS = 64, 6, 4, 128, 2
@@ -32,17 +32,33 @@ def test_counted_flops_match_a_hand_count(checkpointing):
     assert steptime.step_flops(report) == 3 * total + (layers if checkpointing else 0)
 
 
-def test_the_step_time_is_the_counted_flops_over_the_published_range():
+def test_the_step_time_is_the_counted_flops_at_the_published_rates():
+    """On a T4 the fastest estimate does the step's FLOPs at the best published rate (62.99 sequences/s
+    of 246.4 GFLOP each), the slowest at the worst (38.88/s)."""
     run = hf_run(batch_size=2, seq_len=128, precision="fp16")
     report = predictor.predict(run, "t4")
-    estimate = steptime.step_time(report)
-    peak = gpu_profile("t4").peak_flops_half
-    shares = sorted(p.utilisation for p in steptime.PUBLISHED)
-    assert estimate.fastest_seconds == pytest.approx(steptime.step_flops(report) / (peak * shares[-1]))
-    assert estimate.slowest_seconds == pytest.approx(steptime.step_flops(report) / (peak * shares[0]))
-    assert "estimated" in steptime.describe(report) and estimate.fastest_seconds < estimate.slowest_seconds
-    assert steptime.step_time(report, "l4") is None  # no published throughput for it
+    estimate, flops = steptime.step_time(report), steptime.step_flops(report)
+    assert estimate.fastest_seconds == pytest.approx(flops / (62.99 * 246.4e9), rel=1e-3)
+    assert estimate.slowest_seconds == pytest.approx(flops / (38.88 * 246.4e9), rel=1e-3)
+    assert "estimated" in steptime.describe(report) and "as published BERT-large runs on it" in steptime.describe(report)
     assert steptime.step_time(predictor.predict(run, None)) is None  # a CPU prediction
+
+
+@pytest.mark.parametrize("card, datasheet_fp16_tflops", [("l4", 121), ("a100-40", 312)])
+def test_a_card_without_published_runs_takes_the_t4s_shares_of_its_own_peak_and_says_so(card, datasheet_fp16_tflops):
+    """The fallback: the shares the T4's published runs reached, applied to the card's datasheet
+    peak, so the estimate scales as the datasheets do (65 TFLOPS for a T4)."""
+    report = predictor.predict(hf_run(batch_size=2, seq_len=128, precision="fp16"), "t4")
+    on_t4, elsewhere = steptime.step_time(report), steptime.step_time(report, card)
+    assert elsewhere.fastest_seconds == pytest.approx(on_t4.fastest_seconds * 65 / datasheet_fp16_tflops)
+    assert elsewhere.slowest_seconds == pytest.approx(on_t4.slowest_seconds * 65 / datasheet_fp16_tflops)
+    assert f"none is on record for {gpu_profile(card).name}" in steptime.describe(report, card)
+
+
+def test_a_card_without_a_datasheet_peak_gets_no_estimate():
+    report = predictor.predict(hf_run(batch_size=2, seq_len=128, precision="fp16"), "t4")
+    assert gpu_profile("h100").peak_flops_half is None and steptime.step_time(report, "h100") is None
+    assert "no step-time estimate" in steptime.describe(report, "h100")
 
 
 def test_published_t4_throughputs_are_a_quarter_of_the_datasheet_or_less():

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from m3lab.config import ConfigError, TrainConfig
-from m3lab.data import DataError
-from m3lab.train import TrainingFailed, train
+from m3lab.data.jsonl import DataError
+from m3lab.train.launch import TrainingFailed, train
 
 pytestmark = pytest.mark.slow
 

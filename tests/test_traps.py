@@ -14,11 +14,13 @@ from m3lab.config import ConfigError, Hardware, TrainConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_a_second_run_into_a_full_output_folder_is_refused_only_with_do_train(tmp_path):
+def test_a_second_run_into_a_full_output_folder_is_refused_only_with_do_train(tmp_path, standin_dir):
     """FlagEmbedding 1.4.2's runner refuses an output folder that holds files unless the command resumes,
     and only when --do_train is on (HF's default is off: a second run then writes over the first).
     m3lab's commands say --do_train True."""
-    from FlagEmbedding.finetune.embedder.encoder_only.m3 import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
+        EncoderOnlyEmbedderM3Runner,
+    )
     from transformers import HfArgumentParser
 
     from m3lab import command
@@ -37,9 +39,9 @@ def test_a_second_run_into_a_full_output_folder_is_refused_only_with_do_train(tm
                                          "--resume_from_checkpoint"):
         EncoderOnlyEmbedderM3Runner(model_args, data_args, training_args)
     training_args.resume_from_checkpoint = str(out / "checkpoint-2")
-    with pytest.raises(Exception) as past_the_check:  # it goes on, to load the model (no hub here)
-        EncoderOnlyEmbedderM3Runner(model_args, data_args, training_args)
-    assert "already exists and is not empty" not in str(past_the_check.value)
+    model_args.model_name_or_path = str(standin_dir)  # past the check it loads the model: the stand-in
+    runner = EncoderOnlyEmbedderM3Runner(model_args, data_args, training_args)
+    assert runner.training_args.resume_from_checkpoint == str(out / "checkpoint-2")
 
 
 def test_the_finetune_extra_still_pulls_flash_attn_and_the_install_never_asks_for_it():
@@ -65,7 +67,9 @@ def test_the_none_query_trap_is_refused_at_launch_and_predicted_anyway():
 
 
 def _loss(parts, tokenizer, queries: list[str], passages: list[str]) -> torch.Tensor:
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
 
     model = EncoderOnlyEmbedderM3Model(parts, tokenizer=tokenizer, temperature=0.02, normalize_embeddings=True,
                                        unified_finetuning=False, use_self_distill=False).eval()
@@ -79,7 +83,9 @@ def test_group_one_trains_on_in_batch_negatives_and_contrasts_nothing_alone(stan
     """FlagEmbedding trains train_group_size 1 (BGE-M3's unsupervised stage did, at batch 700): each
     query's negatives are the other queries' positives. With one query on one process there is
     nothing to contrast, and FlagEmbedding's loss is exactly 0: m3lab refuses that run."""
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import (
+        EncoderOnlyEmbedderM3Runner,
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(standin_dir))
@@ -99,11 +105,15 @@ def test_group_one_trains_on_in_batch_negatives_and_contrasts_nothing_alone(stan
 def test_m3labs_runner_loads_each_part_of_a_flagembedding_checkpoint_where_it_was_saved(standin_dir, tmp_path):
     """What resuming needs: the encoder and both heads as FlagEmbedding's M3 model saved them (the run
     itself, stopped and resumed, is tests/test_answers.py)."""
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import (
+        EncoderOnlyEmbedderM3Runner,
+    )
     from transformers import AutoTokenizer
 
-    from m3lab.run_m3 import load_m3_checkpoint
+    from m3lab.train.runner import load_m3_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(str(standin_dir))
 

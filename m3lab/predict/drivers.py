@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from m3lab import compat
-from m3lab.config import ConfigError
+from m3lab.errors import ConfigError
 from m3lab.predict.optimizers import make_optimizer
 from m3lab.predict.spec import TraceSpec
 

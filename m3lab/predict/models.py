@@ -1,4 +1,4 @@
-"""The model a trace trains: its geometry (a transformers config) and the model built from it.
+"""The model a trace trains, built from its geometry (``m3lab.predict.geometry``).
 
 ``build_m3_model`` builds FlagEmbedding's own M3 model as its runner does, with m3lab's levers;
 ``build_hf_model`` a sequence classifier as a plain HF Trainer run would.
@@ -6,71 +6,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from m3lab.config import ConfigError
+from m3lab.errors import ConfigError
 
 if TYPE_CHECKING:
     from m3lab.predict.spec import TraceSpec
-
-
-def load_model_config(path: str | Path):
-    """A transformers config from a config.json (or a folder holding one); no download."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError([f"{path}: no such file; pass a model's config.json or the folder holding it."])
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        where = f"{path}:{error.lineno}" if isinstance(error, json.JSONDecodeError) else str(path)
-        raise ConfigError([f"{where}: not valid JSON; pass a transformers config.json."]) from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise ConfigError([f"{path} has no \"model_type\"; it does not look like a transformers config.json."])
-    try:
-        return AutoConfig.for_model(data.pop("model_type"), **data)
-    except (ValueError, TypeError) as error:
-        raise ConfigError([f"{path}: transformers cannot build this config ({str(error).splitlines()[0]})."]) from None
-
-
-def bge_m3_config():
-    """BGE-M3's geometry (XLM-RoBERTa-large, 8,194 positions), built in: nothing is downloaded."""
-    from transformers import XLMRobertaConfig
-
-    from m3lab.standin import BGE_M3_CONFIG
-
-    return XLMRobertaConfig(**BGE_M3_CONFIG)
-
-
-def model_geometry(model: str):
-    """The config of the model a run trains (its ``--model_name_or_path``), without downloading:
-    BAAI/bge-m3 and the stand-ins are built in; a local folder is read; a hub id cannot be."""
-    from transformers import XLMRobertaConfig
-
-    from m3lab.standin import BGE_M3_CONFIG, FULL_SIZE_STANDIN, REAL_MODEL, STANDIN, STANDIN_SIZES, is_standin
-
-    if model in (REAL_MODEL, FULL_SIZE_STANDIN):
-        return bge_m3_config()
-    if model == STANDIN:
-        return XLMRobertaConfig(**{**BGE_M3_CONFIG, **STANDIN_SIZES, "vocab_size": STANDIN_TOKENS})
-    path = Path(model).expanduser()
-    if path.exists():
-        return load_model_config(path)
-    raise ConfigError([f"--model_name_or_path {model}: m3lab reads a model's shape from its config.json and does not "
-                       f"download; pass the local folder that holds it (BAAI/bge-m3 is built in).",
-                       ] if not is_standin(model) else [f"{model}: no such stand-in folder; build it with "
-                                                         "`python -m m3lab.standin`."])
-
-
-# The stand-in tokenizer's size (m3lab.standin: 4,000 SentencePiece pieces plus its special tokens)
-STANDIN_TOKENS = 4002
 
 
 class FakeTokenizer:
@@ -81,7 +24,9 @@ class FakeTokenizer:
 
 
 def build_m3_model(spec: TraceSpec):
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
     from transformers import AutoModel
 
     encoder = AutoModel.from_config(spec.model_config, attn_implementation=spec.attn_implementation)
@@ -97,7 +42,8 @@ def build_m3_model(spec: TraceSpec):
         temperature=0.02, sub_batch_size=spec.sub_batch_size, kd_loss_type="m3_kd_loss", sentence_pooling_method="cls",
         normalize_embeddings=True, unified_finetuning=spec.unified_finetuning,
         use_self_distill=spec.use_self_distill, self_distill_start_step=0)
-    from m3lab.run_m3 import M3LabArguments, apply_levers
+    from m3lab.config import M3LabArguments
+    from m3lab.train.runner import apply_levers
 
     apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
                                        freeze_word_embeddings=spec.freeze_word_embeddings,

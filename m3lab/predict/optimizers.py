@@ -9,7 +9,9 @@ import functools
 import torch
 
 from m3lab import compat
-from m3lab.config import OPTIMIZERS  # HF Trainer --optim values, each traced by make_optimizer
+from m3lab.config import (
+    OPTIMIZERS,  # HF Trainer --optim values, each traced by make_optimizer
+)
 
 
 def fused_adam_in_place(chunk_size, noop_flag, tensor_lists, lr, beta1, beta2, eps, step, adam_w_mode,

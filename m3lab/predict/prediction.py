@@ -10,9 +10,14 @@ import contextlib
 import dataclasses
 import time
 
-from m3lab.config import ConfigError
+from m3lab.errors import ConfigError
 from m3lab.gpus import GPU, gpu_profile
-from m3lab.predict.extrapolate import EXTRAPOLATE_FROM, ShallowPair, extrapolate_rank, shallow_specs
+from m3lab.predict.extrapolate import (
+    EXTRAPOLATE_FROM,
+    ShallowPair,
+    extrapolate_rank,
+    shallow_specs,
+)
 from m3lab.predict.pool import TraceJob, trace_in_parallel
 from m3lab.predict.report import MemoryReport, PeakFigures, RankPrediction
 from m3lab.predict.spec import TraceSpec, spec_for

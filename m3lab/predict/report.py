@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.predict.allocator import OutOfMemory
 from m3lab.predict.host import HostMemory, host_memory
+
 
 @dataclass
 class StepPeak:
@@ -24,6 +26,15 @@ class StepPeak:
     peak_op: str
     flops: int = 0  # the whole step's (forward, backward, optimizer), counted in the trace
     held_bytes: int = 0  # the allocator's peak of segments holding tensors: what the step needs of the card
+
+
+class Verdict(Enum):
+    """What the card would do: the one rule every verdict, table and plot colours by."""
+
+    FITS = "fits"
+    CLOSE_CALL = "close call"  # fits with under CLOSE_CALL_BYTES to spare
+    OUT_OF_MEMORY = "out of memory"
+    NO_CARD = "no card"  # predicted for a CPU: live tensor bytes only
 
 
 @dataclass
@@ -52,6 +63,19 @@ class PeakFigures:
     @property
     def spare_bytes(self) -> int:
         return self.usable_bytes - self.total_bytes
+
+    @property
+    def kind(self) -> Verdict:
+        """The verdict's kind: out of memory, no card, a close call, or fits."""
+        if self.out_of_memory is not None:
+            return Verdict.OUT_OF_MEMORY
+        if not self.usable_bytes:
+            return Verdict.NO_CARD
+        return Verdict.CLOSE_CALL if self.spare_bytes < CLOSE_CALL_BYTES else Verdict.FITS
+
+    def fits_with(self, margin_bytes: int) -> bool:
+        """Fits on the card with at least ``margin_bytes`` to spare."""
+        return self.kind in (Verdict.FITS, Verdict.CLOSE_CALL) and self.spare_bytes >= margin_bytes
 
 
 @dataclass
@@ -82,15 +106,16 @@ class MemoryReport(PeakFigures):
     def verdict(self) -> str:
         """Fits or out of memory, as the allocator decides under the card's limit, and the margin."""
         spare = self.spare_bytes / GIB
-        oom = self.out_of_memory
-        if oom is not None:
+        kind = self.kind
+        if kind is Verdict.OUT_OF_MEMORY:
+            oom = self.out_of_memory
             place = ", ".join(p for p in oom.where.split(":")[:2] if p)
             return (f"out of memory in step {oom.step} at {oom.where.rsplit(':', 1)[-1]} ({place}): "
                     f"short by {-spare:.2f} GiB")
-        if not self.usable_bytes:
+        if kind is Verdict.NO_CARD:
             return "no card: live tensor bytes on a CPU"
         text = f"fits, {spare:.2f} GiB to spare"
-        if self.spare_bytes < CLOSE_CALL_BYTES:
+        if kind is Verdict.CLOSE_CALL:
             text += f": a close call (under {CLOSE_CALL_BYTES / GIB:.1f} GiB)"
         return text
 
@@ -98,11 +123,12 @@ class MemoryReport(PeakFigures):
     def short_verdict(self) -> str:
         """The verdict in a few words, for tables."""
         spare = self.spare_bytes / GIB
-        if self.out_of_memory is not None:
+        kind = self.kind
+        if kind is Verdict.OUT_OF_MEMORY:
             return f"OOM, short by {-spare:.2f} GiB"
-        if not self.usable_bytes:
+        if kind is Verdict.NO_CARD:
             return "(CPU)"
-        return f"fits, {spare:.2f} GiB to spare" + (" (close call)" if self.spare_bytes < CLOSE_CALL_BYTES else "")
+        return f"fits, {spare:.2f} GiB to spare" + (" (close call)" if kind is Verdict.CLOSE_CALL else "")
 
     @property
     def host_peak_bytes(self) -> int:
@@ -130,7 +156,7 @@ class MemoryReport(PeakFigures):
         data["spare_bytes"] = self.spare_bytes
         data["host_peak_bytes"] = self.host_peak_bytes
         data["host_total_bytes"] = self.host.total_bytes
-        from m3lab import steptime
+        from m3lab.predict import steptime
 
         data["step_flops"] = steptime.step_flops(self)
         estimate = steptime.step_time(self)  # None where no throughput is on record

@@ -12,8 +12,8 @@ import warnings
 import torch
 
 from m3lab import compat
-from m3lab.fake_cache_key import faster_dispatch
 from m3lab.gpus import GPU
+from m3lab.predict.fake_cache_key import faster_dispatch
 from m3lab.predict.optimizers import fused_adam_in_place
 
 # With optimizer offload, the trace's stand-in for the GPU: a CPU device with an index, which fake

@@ -6,11 +6,10 @@ command, ``m3lab.command``); this is that run reduced to what changes memory.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from m3lab.config import ConfigError
-from m3lab.predict.models import model_geometry
+from m3lab.errors import ConfigError
+from m3lab.predict.geometry import model_geometry
 
 # The optimizer steps DeepSpeed's scheduler is given when a run counts epochs ("auto" total steps):
 # they change no memory, and the predictor reads no data to count them
@@ -94,7 +93,7 @@ def spec_for(config, model_config=None) -> TraceSpec:
         gradient_checkpointing=config.gradient_checkpointing,
         deepspeed=deepspeed, zero_stage=stage, offloads=offloads,
         num_gpus=config.num_processes, training_steps=steps,
-        warmup_steps=config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * steps),
+        warmup_steps=config.warmup_steps_for(steps),
     )
 
 

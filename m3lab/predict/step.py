@@ -15,15 +15,27 @@ from torch.utils._pytree import tree_flatten
 
 from m3lab import compat
 from m3lab.gpus import GPU
-from m3lab.measure import tensor_storages
-from m3lab.predict.drivers import DeepSpeedDriver, PlainDriver, grad_tensors
 from m3lab.predict.allocator import OutOfMemory
+from m3lab.predict.drivers import DeepSpeedDriver, PlainDriver, grad_tensors
 from m3lab.predict.models import build_hf_model, build_m3_model, hf_inputs, m3_inputs
 from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
-from m3lab.predict.simulation import GPU_DEVICE, default_device, import_lazy_modules, simulation
+from m3lab.predict.simulation import (
+    GPU_DEVICE,
+    default_device,
+    import_lazy_modules,
+    simulation,
+)
 from m3lab.predict.spec import TraceSpec
-from m3lab.predict.trace import Candidate, Category, MemoryTrace, Phase, TracedFakeTensorMode, breakdown_at
+from m3lab.predict.trace import (
+    Candidate,
+    Category,
+    MemoryTrace,
+    Phase,
+    TracedFakeTensorMode,
+    breakdown_at,
+)
+from m3lab.tensors import tensor_storages
 
 
 @dataclass
@@ -131,7 +143,7 @@ class _Labels:
                 self.handles.append(param.register_post_accumulate_grad_hook(self.gradient))
 
     def states(self) -> None:
-        from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+        from m3lab.tensors import fp32_master_tensors, optimizer_state_tensors
 
         optimizer = self.driver.optimizer
         self.trace.relabel(optimizer_state_tensors(optimizer) + fp32_master_tensors(optimizer),
@@ -172,7 +184,7 @@ def _step(trace: MemoryTrace, driver, labels: _Labels, inputs, spec: TraceSpec) 
 def _model_states(trace: MemoryTrace, model, driver) -> dict[str, int]:
     """What the model holds after its steps: weights and optimizer states (on the GPU, and what an
     offloaded optimizer holds in host memory), and its parameters."""
-    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors
+    from m3lab.tensors import fp32_master_tensors, optimizer_state_tensors
 
     states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
     return {"weights": sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),

@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from m3lab import compat
-from m3lab.measure import tensor_storages
 from m3lab.predict.allocator import Allocator, allocator_round
+from m3lab.tensors import tensor_storages
+
 
 class Category(StrEnum):
     """What a storage holds (the labels of a breakdown; strings, so reports and plots key by name)."""

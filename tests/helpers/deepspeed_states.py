@@ -16,13 +16,15 @@ import torch.distributed as dist
 
 def main():
     import deepspeed
-    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
+    from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
+        EncoderOnlyEmbedderM3Model,
+    )
     from transformers import AutoModel
 
     from m3lab.config import TrainConfig
-    from m3lab.measure import fp32_master_tensors, optimizer_state_tensors, tensor_bytes
     from m3lab.predict import load_model_config
     from m3lab.predict.models import FakeTokenizer
+    from m3lab.tensors import fp32_master_tensors, optimizer_state_tensors, tensor_bytes
 
     model_config = load_model_config(sys.argv[1])
     stage = int(sys.argv[2])

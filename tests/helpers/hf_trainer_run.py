@@ -9,8 +9,8 @@ import sys
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from m3lab.measure import StepRecorder
 from m3lab.predict import load_model_config
+from m3lab.train.meter import StepRecorder
 
 
 def main():

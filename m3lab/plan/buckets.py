@@ -1,0 +1,413 @@
+"""Per-length batches, the way BGE-M3's authors trained: the data split by length into files, each
+batched at the largest size the card holds, found by the predictor before the run starts.
+
+FlagEmbedding's same-dataset path (``--same_dataset_within_batch True``) draws every batch from one
+file, at the ``batch_size`` its records carry. ``plan`` counts each line's longest passage (a batch
+pads its passages to its longest one), splits the lines into buckets at powers of two up to BGE-M3's
+8,192 tokens, and finds each bucket's largest per-process batch with every passage at the bucket's
+longest length: the predictor's verdict on a full-depth trace, never a close call. Nothing is cut
+below 8,192 tokens unless the card cannot hold a bucket's passages one query at a time (then they are
+cut at the longest length it holds, and the plan says so). ``BucketPlan.write`` puts the files and
+prints the command FlagEmbedding reads as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3lab.config import TrainConfig
+from m3lab.errors import ConfigError
+from m3lab.gpus import CLOSE_CALL_BYTES, GIB
+from m3lab.plan.platforms import Platform, platform_for
+
+# Powers of two: memory grows about linearly with length, so a bucket half as long holds about twice
+# the batch; finer buckets would pad less but split the data into files too small for a batch.
+BOUNDS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MODEL_MAX_LEN = 8192
+MAX_BATCH = 512  # per process: where the search stops
+LENGTH_STEP = 256  # the resolution of a cut, where the card holds no bucket's passages
+SEARCH_ROUNDS = 4  # full-depth rounds; the quick traces' candidate is usually the answer
+
+
+@dataclass
+class Bucket:
+    """The lines whose longest passage is above ``low`` and at most ``bound`` tokens, and their batch."""
+
+    low: int
+    bound: int
+    records: list[dict]
+    passage_tokens: int  # of the passages these lines hold (each counted once, cut at the bound)
+    batch: int = 0  # per process; 0: not yet found (or none fits)
+    report: object = None  # the prediction at ``batch`` (a MemoryReport)
+    single: object = None  # a quick prediction at batch 1 (its counted FLOPs give the step's time)
+
+    @property
+    def lines(self) -> int:
+        return len(self.records)
+
+    def steps(self, processes: int) -> int:
+        """Optimizer steps an epoch: FlagEmbedding drops a file's last short batch."""
+        return self.lines // (self.batch * processes) if self.batch else 0
+
+    @property
+    def name(self) -> str:
+        return f"len-{self.low + 1:04d}-{self.bound:04d}.jsonl"
+
+
+@dataclass
+class BucketPlan:
+    platform: Platform
+    stock: bool
+    base: TrainConfig  # the run but for the batch and the passage length
+    tokenizer: str
+    buckets: list[Bucket] = field(default_factory=list)
+    cut: int | None = None  # the longest passage the card holds, where below 8,192; None: nothing cut
+    lengths: dict[str, int] = field(default_factory=dict, repr=False)  # every passage's tokens
+
+    @property
+    def processes(self) -> int:
+        return self.base.num_processes
+
+    def epoch_steps(self) -> int:
+        return sum(bucket.steps(self.processes) for bucket in self.buckets)
+
+    def table(self) -> str:
+        from m3lab.predict import steptime
+
+        header = f"{'bucket (tokens)':>16} {'lines':>6} {'batch':>6} {'steps':>6} {'peak':>8} {'needs':>8}  step time"
+        lines = [header, "-" * len(header)]
+        for bucket in self.buckets:
+            report = bucket.report
+            time = steptime.step_time(report) if report is not None else None
+            lines.append(f"{bucket.low + 1:>7}-{bucket.bound:<8} {bucket.lines:6d} {bucket.batch:6d} "
+                         f"{bucket.steps(self.processes):6d} {report.peak_allocated_bytes / GIB:6.2f} G "
+                         f"{report.total_bytes / GIB:6.2f} G  "
+                         + (f"{time.fastest_seconds:.1f} to {time.slowest_seconds:.1f} s" if time else "no estimate"))
+        lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated "
+                     f"(m3lab.predict.steptime); tokens counted with {self.tokenizer}")
+        if self.cut:
+            lines.append(f"{'FlagEmbedding as it is holds' if self.stock else 'The levers hold'} no passage beyond "
+                         f"{self.cut:,} tokens even one query at a time: longer ones are cut there")
+        return "\n".join(lines)
+
+    def config(self, folder: str) -> TrainConfig:
+        """The run: the bucket files in ``folder`` (as the working folder sees it), each batched at its
+        size; a checkpoint at least every half hour of the slowest bucket's steps (estimated), or every tenth
+        of the run where the card has no step-time estimate."""
+        from m3lab.plan import sessions
+        from m3lab.predict import steptime
+
+        held = [b for b in self.buckets if b.batch]
+        times = [steptime.step_time(b.report) for b in held]
+        if all(times):
+            slowest = max(time.slowest_seconds for time in times)
+            save_steps = max(1, int(sessions.CHECKPOINT_EVERY_S // slowest))
+        else:
+            save_steps = max(1, int(self.epoch_steps() * self.base.num_train_epochs) // sessions.CHECKPOINTS_WITHOUT_ESTIMATE)
+        return self.base.replace(train_data=[folder], same_dataset_within_batch=True, query_instruction_for_retrieval="",
+                                 passage_max_len=self.cut or MODEL_MAX_LEN,
+                                 per_device_train_batch_size=min(b.batch for b in held),
+                                 warmup_steps=self.base.warmup_steps_for(math.ceil(self.epoch_steps() * self.base.num_train_epochs)),
+                                 save_steps=save_steps, save_total_limit=sessions.KEEP_CHECKPOINTS)
+
+    def command(self, folder: str, output_dir: str | None = None) -> str:
+        """The command that trains on the files in ``folder``, as it is to be copied."""
+        from m3lab import command as commands
+
+        rendering = commands.Rendering(output_dir=output_dir or self.platform.output_dir)
+        return commands.format_command(commands.render(self.config(folder), rendering))
+
+    def write(self, folder: str | os.PathLike) -> list[Path]:
+        """One JSONL file per bucket, FlagEmbedding's format with each record's ``batch_size``."""
+        import json
+
+        from m3lab.io import write_text_atomic
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("len-*.jsonl"):
+            stale.unlink()
+        written = []
+        for bucket in self.buckets:
+            if bucket.batch:
+                text = "".join(json.dumps({**record, "batch_size": bucket.batch}, ensure_ascii=False) + "\n"
+                               for record in bucket.records)
+                written.append(folder / bucket.name)
+                write_text_atomic(written[-1], text)
+        return written
+
+
+def _line_length(record: dict, lengths: dict[str, int]) -> int:
+    return max(lengths[text] for text in record["pos"] + record.get("neg", []))
+
+
+def split(records: list[dict], lengths: dict[str, int], min_lines: int) -> list[Bucket]:
+    """Lines into buckets by their longest passage; a bucket with fewer than ``min_lines`` lines goes
+    into the next longer one (its lines pad further, rather than fill no batch)."""
+    by_bound: dict[int, list[dict]] = {bound: [] for bound in BOUNDS}
+    for record in records:
+        length = min(_line_length(record, lengths), MODEL_MAX_LEN)
+        by_bound[next(bound for bound in BOUNDS if length <= bound)].append(record)
+    buckets, carried, low = [], [], 0
+    for bound in BOUNDS:
+        group = carried + by_bound[bound]
+        if len(group) >= min_lines or (bound == BOUNDS[-1] and group):
+            buckets.append(Bucket(low, bound, group, 0))
+            carried, low = [], bound
+        else:
+            carried = group
+    if carried and buckets:  # too few beyond the last bucket that filled: into the longest one
+        buckets[-1].records += carried
+    return [b for b in buckets if b.records]
+
+
+def _passage_tokens(records: list[dict], lengths: dict[str, int], cut: int) -> int:
+    texts = {text for record in records for text in record["pos"] + record.get("neg", [])}
+    return sum(min(lengths[text], cut) for text in texts)
+
+
+def _live_room(report, margin: int) -> int:
+    """What a quick trace's live tensors leave of the card, the CUDA context and the margin taken."""
+    return report.usable_bytes - margin - report.context_bytes - report.peak_allocated_bytes
+
+
+def _largest_group(longest: TrainConfig, most: int, gpu, margin: int) -> int | None:
+    """The largest train_group_size (at most ``most``, at least 2) with which the longest bucket
+    holds one query at a time (one run takes one group); None if even group 2 does not. ``most`` and
+    2 are traced first, side by side; then the groups between, largest first, two at a time."""
+    from m3lab.predict import predict_many
+
+    def fitting(groups: list[int]) -> list[bool]:
+        reports = predict_many([longest.replace(per_device_train_batch_size=1, train_group_size=g) for g in groups],
+                               gpu)
+        return [report.fits_with(margin) for report in reports]
+
+    ends = sorted({most, 2}, reverse=True)
+    held = dict(zip(ends, fitting(ends)))
+    if held[most] or not held[2]:
+        return most if held[most] else None
+    between = list(range(most - 1, 2, -1))
+    for start in range(0, len(between), 2):
+        tried = between[start:start + 2]
+        for group, fits in zip(tried, fitting(tried)):
+            if fits:
+                return group
+    return 2
+
+
+def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int, int]:
+    """The largest batch (0 if none) whose live tensors, from quick traces of shallow copies, leave
+    the margin and the CUDA context; and the bytes a line adds there. Bisection: the peak is the
+    larger of a fixed cost (the embeddings' backward) and one that grows with the batch, so no line
+    through two small batches finds it."""
+    from m3lab.predict import predict
+
+    peaks: dict[int, int] = {}
+
+    def holds(batch: int) -> bool:
+        report = predict(at(bucket, batch), gpu, exact=False)
+        peaks[batch] = report.peak_allocated_bytes
+        if batch == 1:
+            bucket.single = report
+        return _live_room(report, margin) >= 0
+
+    low, high = 0, cap + 1
+    if holds(1):
+        low = 1
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if holds(middle) else (low, middle)
+    else:
+        high = 1
+    per_line = ((peaks[high] - peaks[low]) // (high - low) if high in peaks and low in peaks
+                else peaks[low] // max(low, 1) if low else peaks[1])
+    return low, max(per_line, 1)
+
+
+def _largest_batches(buckets: list[Bucket], base: TrainConfig, gpu, margin: int, max_batch: int, log) -> None:
+    """Each bucket's largest batch: found on quick traces, then confirmed by full-depth traces (the
+    allocator's gaps counted), every bucket's candidate traced side by side; a candidate the full
+    trace refuses steps down by what it lacks, a line's worth at a time."""
+    from m3lab.predict import predict_many
+
+    def at(bucket: Bucket, batch: int) -> TrainConfig:
+        return base.replace(passage_max_len=bucket.bound, per_device_train_batch_size=batch)
+
+    todo, per_line = {}, {}
+    for index, bucket in enumerate(buckets):
+        cap = max(1, min(max_batch, bucket.lines // base.num_processes))
+        found, per_line[index] = _quick_largest(bucket, at, cap, gpu, margin)
+        if found:
+            todo[index] = found
+    for _ in range(SEARCH_ROUNDS):
+        if not todo:
+            break
+        reports = predict_many([at(buckets[i], batch) for i, batch in todo.items()], gpu)
+        following = {}
+        for (index, batch), report in zip(todo.items(), reports):
+            if report.fits_with(margin):
+                buckets[index].batch, buckets[index].report = batch, report
+            elif batch > 1:
+                lacking = margin - report.spare_bytes
+                following[index] = max(1, batch - max(1, -(-lacking // per_line[index])))
+        todo = following
+    log("  largest batches: " + ", ".join(f"{b.bound} tokens {b.batch}" for b in buckets))
+
+
+def _longest_that_fits(base: TrainConfig, gpu, margin: int, low: int, high: int) -> tuple[int, object] | None:
+    """The longest passage (a multiple of LENGTH_STEP, above ``low``, below ``high``) that holds one
+    query at a time, and its prediction."""
+    from m3lab.predict import predict
+
+    found = None
+    while high - low > LENGTH_STEP:
+        middle = (low + high) // 2 // LENGTH_STEP * LENGTH_STEP
+        if middle <= low:
+            break
+        report = predict(base.replace(passage_max_len=middle, per_device_train_batch_size=1), gpu)
+        if report.fits_with(margin):
+            low, found = middle, (middle, report)
+        else:
+            high = middle
+    return found
+
+
+def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | None = None, epochs: float = 2,
+         tokenizer=None, margin_gib: float = CLOSE_CALL_BYTES / GIB, max_batch: int = MAX_BATCH,
+         log=print) -> BucketPlan:
+    """Per-length batches for ``data`` on ``platform``: see the module's docstring. ``group``: the
+    train_group_size of every batch (default: the data's fewest negatives plus one, at most 8, as
+    BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take."""
+    from m3lab.data.jsonl import length_covering_tokens, load_jsonl, token_lengths
+    from m3lab.plan.fit import base_config
+
+    where = platform_for(platform)
+    data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
+    records = load_jsonl(data)
+    if tokenizer is None:
+        from m3lab.standin import load_tokenizer
+
+        tokenizer, name = load_tokenizer()
+    else:
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    # one read of the data, each text tokenized once (queries kept whole: the longest, rounded as fit rounds it)
+    texts = sorted({t for r in records for t in r["pos"] + r.get("neg", [])})
+    lengths = dict(zip(texts, token_lengths(texts, tokenizer).tolist()))
+    longest_query = min(length_covering_tokens(token_lengths([r["query"] for r in records], tokenizer), 1.0),
+                        MODEL_MAX_LEN)
+    group = group or max(2, min(8, min(len(r.get("neg", [])) for r in records) + 1))
+    # 8-bit AdamW, no DeepSpeed (FlagEmbedding's same-dataset path sets the micro-batch itself, which a
+    # DeepSpeed JSON fixes); with the levers, m3lab's sparse head. Not the gradient cache: one run takes
+    # one chunk size, and the short buckets' large batches would then pass through the encoder a few
+    # texts at a time (a slower step, and a trace too slow to search with)
+    base = base_config(data, where, longest_query, MODEL_MAX_LEN, stock).replace(
+        train_group_size=group, num_train_epochs=epochs, deepspeed_stage=None, optim="adamw_bnb_8bit")
+    buckets = split(records, lengths, min_lines=2 * where.gpu.count)
+    margin = int(margin_gib * GIB)
+    held_group = _largest_group(base.replace(passage_max_len=buckets[-1].bound), group, where.gpu, margin)
+    # where no group holds the longest bucket, group 2: the most text the card holds, the rest cut
+    base = base.replace(train_group_size=held_group or 2)
+    result = BucketPlan(where, stock, base, name, buckets, lengths=lengths)
+    log(f"{where.describe()}: {len(records)} lines in {len(buckets)} buckets "
+        f"({', '.join(f'{b.bound}: {b.lines}' for b in buckets)}); group {base.train_group_size}; queries whole "
+        f"({longest_query} tokens); tokens counted with {name}"
+        + ("" if held_group == group else f"; the longest bucket holds group {held_group}, not {group}"
+           if held_group else "; not even group 2 holds the longest bucket one query at a time, so group 2 and "
+                              "the longest passages cut"))
+    _largest_batches(result.buckets, base, where.gpu, margin, max_batch, log)
+    held = [b for b in result.buckets if b.batch]
+    if len(held) < len(result.buckets):
+        _cut(result, base, where.gpu, margin, lengths)
+    if not result.buckets:
+        raise ConfigError([f"{where.describe()} holds none of this data's passages, even {LENGTH_STEP} tokens at "
+                           f"group {base.train_group_size} and one query at a time, with {margin_gib:g} GiB to spare "
+                           "(predicted); use a bigger card, or a smaller --margin-gib."])
+    for bucket in result.buckets:
+        bucket.passage_tokens = _passage_tokens(bucket.records, lengths, result.cut or MODEL_MAX_LEN)
+    return result
+
+
+def _cut(result: BucketPlan, base: TrainConfig, gpu, margin: int, lengths: dict[str, int]) -> None:
+    """The buckets the card does not hold even one query at a time: their lines cut at the longest
+    passage it holds, in one last bucket."""
+    held = [b for b in result.buckets if b.batch]
+    dropped = [b for b in result.buckets if not b.batch]
+    low = held[-1].bound if held else 0
+    found = _longest_that_fits(base, gpu, margin, low, dropped[0].bound)
+    if found is None:
+        result.cut = low or None
+        if held:
+            held[-1].records += [r for b in dropped for r in b.records]
+        result.buckets = held
+        return
+    result.cut, report = found
+    last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report, single=report)
+    result.buckets = held + [last]
+
+
+@dataclass(frozen=True)
+class EpochCost:
+    """One way to train an epoch on the data: how much of the passages' text it sees, and how long
+    it takes (estimated, a range; None where the card cannot run it)."""
+
+    name: str
+    passage_max_len: int
+    tokens_kept: float  # of the passages' tokens (each passage counted once), the share trained on
+    steps: int
+    seconds: tuple[float, float] | None
+    verdict: str  # the predictor's, for the run's largest step
+
+
+def _kept(lengths: dict[str, int], cut: int) -> float:
+    return sum(min(n, cut) for n in lengths.values()) / max(1, sum(lengths.values()))
+
+
+def epoch_costs(result: BucketPlan) -> list[EpochCost]:
+    """The bucketed epoch beside the seed's truncating recipe (FlagEmbedding's T4 advice: 64/392 tokens,
+    group 6, ZeRO-1, batch 1) and one fixed batch at full length (the batch the longest bucket holds,
+    for every line; its time counts each line at its bucket's length, a lower bound, as a random batch
+    pads to its longest line). Figures predicted for the platform's card; times estimated."""
+    from m3lab.predict import predict, steptime
+
+    processes, lines = result.processes, sum(b.lines for b in result.buckets)
+    held = [b for b in result.buckets if b.batch]
+
+    def seconds(parts: list[tuple[int, object]]) -> tuple[float, float] | None:
+        times = [(steps, steptime.step_time(report)) for steps, report in parts]
+        if any(time is None for _, time in times):
+            return None
+        return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
+
+    cut = result.cut or MODEL_MAX_LEN
+    bucketed = EpochCost("per-length batches", cut, _kept(result.lengths, cut), result.epoch_steps(),
+                         seconds([(b.steps(processes), b.report) for b in held]),
+                         max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
+    seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
+                                        negatives_cross_device=processes > 1)
+    seed_report = predict(seed, result.platform.gpu)
+    seed_steps = lines // processes
+    truncating = EpochCost("the seed's T4 advice (64/392 tokens, group 6, ZeRO-1)", seed.passage_max_len,
+                           _kept(result.lengths, seed.passage_max_len), seed_steps,
+                           seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
+    fixed_batch = held[-1].batch if held else 0
+    fixed = EpochCost(f"one batch ({fixed_batch} a process) at " + ("full length" if cut == MODEL_MAX_LEN else
+                                                                   f"{cut:,} tokens"), cut, bucketed.tokens_kept,
+                      lines // max(1, fixed_batch * processes),
+                      seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
+                      if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")
+    return [truncating, fixed, bucketed]
+
+
+def cost_table(costs: list[EpochCost]) -> str:
+    """The epoch's costs, one line each."""
+    header = f"{'':55} {'passages to':>11} {'tokens kept':>11} {'steps':>6}  estimated epoch"
+    rows = [header, "-" * len(header)]
+    for cost in costs:
+        low, high = (round(s / 60) for s in cost.seconds) if cost.seconds else (0, 0)
+        time = (f"cannot run: {cost.verdict}" if not cost.seconds else f"about {low} min" if low == high
+                else f"{low} to {high} min")
+        rows.append(f"{cost.name:55} {cost.passage_max_len:>11,} {cost.tokens_kept:>10.0%} {cost.steps:>6}  {time}")
+    return "\n".join(rows)

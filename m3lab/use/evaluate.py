@@ -1,0 +1,150 @@
+"""Retrieval evaluation on the held-out split: MRR@10 and Recall@k for BGE-M3's three scores.
+
+Queries and corpus are encoded with FlagEmbedding's own ``BGEM3FlagModel`` (dense, sparse and
+ColBERT outputs at once) and scored with its own functions; "combined" is the weighted sum that
+FlagEmbedding's README uses for BGE-M3 (dense 0.4, sparse 0.2, ColBERT 0.4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from m3lab.data.jsonl import load_jsonl, resolve_data_path
+from m3lab.io import write_text_atomic
+
+MODES = ("dense", "sparse", "colbert", "combined")
+COMBINED_WEIGHTS = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
+
+
+@dataclass
+class RetrievalScores:
+    """Per scoring mode: MRR@10 and Recall@k over the held-out queries."""
+
+    model: str
+    queries: int
+    corpus: int
+    mrr_at_10: dict[str, float] = field(default_factory=dict)
+    recall: dict[str, dict[int, float]] = field(default_factory=dict)  # mode -> k -> recall@k
+
+    def rows(self) -> list[dict]:
+        return [{"mode": mode, "MRR@10": round(self.mrr_at_10[mode], 4),
+                 **{f"R@{k}": round(v, 4) for k, v in self.recall[mode].items()}} for mode in MODES]
+
+
+def load_corpus(path: str | Path = "data/corpus.jsonl") -> list[str]:
+    """The passage texts of a corpus JSONL file (one {"text": ...} object per line)."""
+    path = resolve_data_path(path)
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a corpus line ({error}); each line must be a JSON "
+                             'object with a "text" string.') from None
+    return texts
+
+
+def _rank_metrics(scores: np.ndarray, relevant: list[set[int]], ks: tuple[int, ...]) -> tuple[float, dict[int, float]]:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    reciprocal, recall = [], {k: [] for k in ks}
+    for row, wanted in zip(order, relevant):
+        hits = np.flatnonzero(np.isin(row, list(wanted)))
+        first = hits[0] + 1 if hits.size else None
+        reciprocal.append(1.0 / first if first is not None and first <= 10 else 0.0)
+        for k in ks:
+            recall[k].append(len(wanted & set(row[:k].tolist())) / len(wanted))
+    return float(np.mean(reciprocal)), {k: float(np.mean(v)) for k, v in recall.items()}
+
+
+def _held_out(eval_path, corpus_path) -> tuple[list[dict], list[str], list[set[int]]]:
+    """The held-out queries, the corpus, and for each query the corpus indices of its positives."""
+    records = load_jsonl(eval_path, need_negatives=False)
+    corpus = load_corpus(corpus_path)
+    index = {text: i for i, text in enumerate(corpus)}
+    relevant = []
+    for number, record in enumerate(records, start=1):
+        wanted = {index[text] for text in record["pos"] if text in index}
+        if not wanted:
+            raise ValueError(f"{resolve_data_path(eval_path)}:{number}: none of this query's positives is in "
+                             f"{resolve_data_path(corpus_path)}; add them to the corpus.")
+        relevant.append(wanted)
+    return records, corpus, relevant
+
+
+def evaluate_retrieval(model: str | Path, eval_path: str | Path = "data/eval.jsonl",
+                       corpus_path: str | Path = "data/corpus.jsonl", ks: tuple[int, ...] = (1, 5, 10),
+                       max_length: int = 512, device: str | None = None) -> RetrievalScores:
+    """Score every held-out query against the whole corpus with each of BGE-M3's scores.
+
+    ``model``: a folder, a hub id, or "tiny-bge-m3". The model is loaded in a child process, as
+    training runs are, so that a notebook kernel never holds it on the GPU afterwards.
+    """
+    from m3lab.standin import resolve_model
+
+    _held_out(eval_path, corpus_path)  # bad data fails here, with its file and line
+    with tempfile.TemporaryDirectory(prefix="m3lab-evaluate-") as scratch:
+        out = Path(scratch) / "scores.json"
+        argv = [sys.executable, "-m", "m3lab.use.evaluate", str(resolve_model(str(model))), "--out", str(out),
+                "--eval", str(resolve_data_path(eval_path)), "--corpus", str(resolve_data_path(corpus_path)),
+                "--max-length", str(max_length), "--ks", *map(str, ks)] + (["--device", device] if device else [])
+        child = subprocess.run(argv, capture_output=True, text=True)  # progress bars stay out of the notebook
+        if child.returncode != 0:
+            raise RuntimeError(f"scoring {model} failed (exit {child.returncode}):\n" + child.stderr[-3000:])
+        saved = json.loads(out.read_text())
+    return RetrievalScores(str(model), saved["queries"], saved["corpus"], saved["mrr_at_10"],
+                           {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()})
+
+
+def _score(model_path: str, eval_path: str, corpus_path: str, ks: tuple[int, ...], max_length: int,
+           device: str | None) -> RetrievalScores:
+    """The scoring itself, in this process: FlagEmbedding's encoder and its own three scores."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    records, corpus, relevant = _held_out(eval_path, corpus_path)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = BGEM3FlagModel(str(model_path), use_fp16=device.startswith("cuda"), devices=device)
+    encode = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, max_length=max_length,
+                  batch_size=16)
+    q = model.encode([r["query"] for r in records], **encode)
+    p = model.encode(corpus, **encode)
+    scores = {"dense": np.asarray(q["dense_vecs"]) @ np.asarray(p["dense_vecs"]).T}
+    scores["sparse"] = np.array([[model.compute_lexical_matching_score(qw, pw) for pw in p["lexical_weights"]]
+                                 for qw in q["lexical_weights"]], dtype=np.float64)
+    scores["colbert"] = np.array([[float(model.colbert_score(qv, pv)) for pv in p["colbert_vecs"]]
+                                  for qv in q["colbert_vecs"]], dtype=np.float64)
+    scores["combined"] = sum(w * scores[mode] for mode, w in COMBINED_WEIGHTS.items())
+    result = RetrievalScores(str(model_path), len(records), len(corpus))
+    for mode in MODES:
+        result.mrr_at_10[mode], result.recall[mode] = _rank_metrics(scores[mode], relevant, ks)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m3lab.use.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a model folder or hub id")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the scores (JSON)")
+    parser.add_argument("--eval", default="data/eval.jsonl")
+    parser.add_argument("--corpus", default="data/corpus.jsonl")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    scores = _score(args.model, args.eval, args.corpus, tuple(args.ks), args.max_length, args.device)
+    write_text_atomic(args.out, json.dumps(asdict(scores)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
