@@ -17,9 +17,19 @@ def _run(args) -> int:
     return 0
 
 
+def _say_repository_copies(paths: list[str]) -> None:
+    """One line on stderr for each path read from the m3lab repository, not from this folder."""
+    from m3lab.data.jsonl import repository_copy_note
+
+    for path in paths:
+        if note := repository_copy_note(path):
+            print(note, file=sys.stderr)
+
+
 def _validate(args) -> int:
     from m3lab.data.jsonl import load_jsonl
 
+    _say_repository_copies(args.files)
     records = load_jsonl(args.files)
     print(f"{len(records)} valid records in {len(args.files)} file(s)")
     return 0
@@ -137,6 +147,7 @@ def _fit(args) -> int:
         raise ConfigError(["--margin-gib must be 0 or more, --coverage between 0 and 1 (e.g. 0.95), --max-group 2 or "
                        f"more; got {args.margin_gib:g}, {args.coverage:g}, {args.max_group}."])
 
+    _say_repository_copies(args.data)
     if args.buckets:
         return _fit_buckets(args)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result

@@ -57,7 +57,7 @@ def test_bad_line_is_reported_with_file_line_and_reason(name):
     assert len(problems) == 1, problems
     assert problems[0].line == line
     assert words in problems[0].message
-    assert f"{path}:{line}: " in str(caught.value)
+    assert (f"{path}:{line}: " if line else f"{path}: ") in str(caught.value)  # line 0: the whole file
 
 
 def test_all_bad_lines_are_reported_at_once(tmp_path):
@@ -117,3 +117,51 @@ def test_token_length_stats_by_hand():
     assert pos.truncated_token_share == pytest.approx(cut)
     assert stats["passage"].count == 200
     assert length_covering(pos, 0.9) == 92
+
+
+def _line(**fields) -> str:
+    return json.dumps({"query": "q", "pos": ["p"], "neg": ["n"], **fields})
+
+
+def test_a_byte_order_mark_is_read_past_as_flagembeddings_loader_does(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{_line()}\r\n{_line()}\r\n".encode())
+    assert len(load_jsonl(path)) == 2
+
+
+def test_a_line_cut_short_is_reported_at_its_end_with_what_is_missing(tmp_path):
+    long_line = _line(pos=["word " * 5000])
+    path = tmp_path / "cut.jsonl"
+    path.write_text(f"{_line()}\n{long_line[:-1]}\n")
+    _, problems = validate_jsonl(path)
+    assert [p.line for p in problems] == [2]
+    assert f"the line ends (column {len(long_line) - 1})" in problems[0].message
+    assert "closing brace, bracket or quote is missing" in problems[0].message
+
+
+def test_bad_json_inside_a_line_is_reported_at_its_column(tmp_path):
+    path = tmp_path / "unquoted.jsonl"
+    path.write_text(_line().replace('"pos"', "pos") + "\n")
+    _, problems = validate_jsonl(path)
+    assert "invalid JSON at column 16:" in problems[0].message  # `pos` starts at character 16
+
+
+def test_a_missing_file_is_named_without_a_line_number(tmp_path):
+    _, problems = validate_jsonl(tmp_path / "nope.jsonl")
+    assert str(problems[0]).startswith(f"{tmp_path / 'nope.jsonl'}: the file does not exist")
+
+
+def test_reading_the_repositorys_sample_from_another_folder_is_said(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "m3lab", "validate", "data/train.jsonl"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0
+    assert "note: there is no data/train.jsonl in this folder" in done.stderr
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(_line() + "\n")
+    done = subprocess.run([sys.executable, "-m", "m3lab", "validate", "data/train.jsonl"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "note:" not in done.stderr and "1 valid records" in done.stdout

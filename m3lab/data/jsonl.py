@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +25,11 @@ MAX_PROBLEMS_SHOWN = 50
 @dataclass(frozen=True)
 class DataProblem:
     path: str
-    line: int
+    line: int  # 0: the file as a whole (missing, empty)
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
 
 
 class DataError(ValueError):
@@ -43,12 +44,23 @@ class DataError(ValueError):
 
 def resolve_data_path(path: str | Path) -> Path:
     """``path`` as given if it exists, else relative to the repository (so ``data/train.jsonl`` works
-    from the notebooks folder too)."""
+    from the notebooks folder, and from Colab's folder beside the clone); ``repository_copy_note``
+    says when that happened."""
     path = Path(path)
     if path.exists() or path.is_absolute():
         return path.resolve()
     beside_repo = REPO_ROOT / path
     return beside_repo.resolve() if beside_repo.exists() else path.resolve()
+
+
+def repository_copy_note(path: str | Path) -> str | None:
+    """A sentence when ``path`` is not in the current folder and the repository's file of that name is
+    read instead (m3lab's sample data, most likely); None when the path is read as given."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or not (REPO_ROOT / given).exists():
+        return None
+    return (f"note: there is no {given} in this folder ({Path.cwd()}); reading the m3lab repository's "
+            f"{os.path.relpath(REPO_ROOT / given)} instead. Give your own file's path if you meant yours.")
 
 
 def _type_name(value) -> str:
@@ -118,6 +130,15 @@ def _record_problems(record, need_negatives: bool, knowledge_distillation: bool)
     return found
 
 
+def _json_problem(err: json.JSONDecodeError, line: str) -> str:
+    """Where in the line the JSON breaks, and what to do: a line that ends too early most likely
+    lacks a closing brace, bracket or quote."""
+    if err.pos >= len(line.rstrip()):
+        return (f"invalid JSON: the line ends (column {len(line)}) before its object does ({err.msg}); a closing "
+                "brace, bracket or quote is missing. Each line must be one complete JSON object.")
+    return f"invalid JSON at column {err.pos + 1}: {err.msg}; each line must be one complete JSON object."
+
+
 def validate_jsonl(path: str | Path, *, need_negatives: bool = True,
                    knowledge_distillation: bool = False) -> tuple[list[dict], list[DataProblem]]:
     """Parse ``path`` and return (records, problems); problems is empty when the file is good."""
@@ -125,7 +146,7 @@ def validate_jsonl(path: str | Path, *, need_negatives: bool = True,
     shown = str(path)
     if not path.is_file():
         return [], [DataProblem(shown, 0, "the file does not exist; check the path (relative paths are "
-                                          "tried from the current folder, then from the repository).")]
+                                          "read from the current folder, then from the m3lab repository).")]
     records: list[dict] = []
     problems: list[DataProblem] = []
     score_lines: dict[bool, int] = {}
@@ -137,13 +158,15 @@ def validate_jsonl(path: str | Path, *, need_negatives: bool = True,
                 problems.append(DataProblem(shown, number, f"not valid UTF-8 (byte {err.start}); save the "
                                                            "file as UTF-8."))
                 continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors): datasets reads past it
             if not text.strip():
                 continue  # blank lines are harmless: `datasets` skips them too
+            text = text.rstrip("\r\n")
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
-                problems.append(DataProblem(shown, number, f"invalid JSON at column {err.colno}: {err.msg}; "
-                                                           "each line must be one complete JSON object."))
+                problems.append(DataProblem(shown, number, _json_problem(err, text)))
                 continue
             line_problems = _record_problems(record, need_negatives, knowledge_distillation)
             problems += [DataProblem(shown, number, message) for message in line_problems]

@@ -142,10 +142,7 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
         extra = [t - b for t, b in zip(totals, bottoms)]
         ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
                label="what the card needs beyond them: the allocator's gaps + CUDA context (estimated)")
-        if measured:
-            xs = [i for i, k in enumerate(labels) if k in measured]
-            ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=5,
-                       label=f"peak allocated, {measured_provenance}")
+        _measured_diamonds(ax, labels, measured, measured_provenance)
         _usable_line(ax, first.usable_bytes)
     for i, total in enumerate(totals):  # the figure itself, where the bar is too tall or too thin to read
         axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
@@ -153,6 +150,14 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     provenance = " / ".join(sorted({r.provenance for r in reports.values()} | ({measured_provenance} if measured else set())))
     _finish_bars(fig, axes, labels, f"{title}\n({provenance})", "GPU memory at the peak (GiB)")
     return _save(fig, path)
+
+
+def _measured_diamonds(ax, labels: list[str], measured: dict | None, provenance: str) -> None:
+    """Measured peaks ({label: bytes}) as black diamonds over the bars they measure."""
+    if measured:
+        xs = [i for i, k in enumerate(labels) if k in measured]
+        ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=6,
+                   label=f"peak allocated, {provenance}")
 
 
 VERDICT_COLOURS = {Verdict.FITS: "tab:green", Verdict.CLOSE_CALL: "tab:orange",
@@ -179,10 +184,7 @@ def ledger(reports: dict, path: str | Path | None = None,
             ax.bar(i, peak, color=VERDICT_COLOURS[kind], alpha=0.75, label=f"peak allocated; {kind.value}")
         ax.scatter(range(len(labels)), needs, color="black", marker="_", s=300, zorder=5,
                    label="what the step needs of the card (with the allocator's gaps and the CUDA context)")
-        if measured:
-            xs = [i for i, k in enumerate(labels) if k in measured]
-            ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=6,
-                       label=f"peak allocated, {measured_provenance}")
+        _measured_diamonds(ax, labels, measured, measured_provenance)
         _usable_line(ax, first.usable_bytes)
     for i, peak in enumerate(peaks):
         change = "" if i == 0 else f"\n{peak - peaks[i - 1]:+.2f}"
