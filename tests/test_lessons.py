@@ -33,6 +33,12 @@ def test_a_bad_corpus_line_is_reported_with_file_and_line(tmp_path):
         load_corpus(path)
 
 
+def test_a_corpus_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert load_corpus(path) == ["first", "second"]
+
+
 @pytest.fixture(scope="module")
 def two_reports():
     return {f"seq {n}": predictor.predict(hf_run(seq_len=n), "t4") for n in (64, 128)}

@@ -43,7 +43,7 @@ def load_corpus(path: str | Path = "data/corpus.jsonl") -> list[str]:
     """The passage texts of a corpus JSONL file (one {"text": ...} object per line)."""
     path = resolve_data_path(path)
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # a BOM read past
         if not line.strip():
             continue
         try:
