@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
-from m3lab.config import FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE, TrainConfig
+from m3lab.config import FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE, TrainConfig, Trainer
 from m3lab.errors import ConfigError
 
 MODULES = (FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE)
@@ -178,7 +178,7 @@ GONE_IN_TRANSFORMERS_5 = {"warmup_ratio", "overwrite_output_dir", "logging_dir",
 # ---- writing ------------------------------------------------------------------------------------
 def written_flags(config: TrainConfig, rendering: Rendering = Rendering()) -> dict[str, list[str]]:
     """Each flag the command writes, by name, with its values, in the command's order."""
-    if config.trainer != "flagembedding-m3" or config.attn_implementation != "sdpa":
+    if config.trainer != Trainer.FLAGEMBEDDING_M3 or config.attn_implementation != "sdpa":
         raise ConfigError([f"trainer={config.trainer!r}, attn_implementation={config.attn_implementation!r} describe a "
                            "run for the predictor only; FlagEmbedding's runner trains trainer='flagembedding-m3' "
                            "with attn_implementation='sdpa'."])

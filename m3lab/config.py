@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from m3lab.deepspeed_json import REDUCE_BUCKET_SIZE
@@ -26,7 +27,24 @@ DEFAULT_TRAIN_DATA = "data/train.jsonl"
 # ZeRO 1/2 allocates a gradient buffer of this many elements: ~0.93 GiB in fp16, whatever the model.
 # HF Trainer's --optim values m3lab models (m3lab.predict traces each)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit")
-TRAINERS = ("flagembedding-m3", "hf")
+
+
+class Trainer(StrEnum):
+    """Which trainer a run describes."""
+
+    FLAGEMBEDDING_M3 = "flagembedding-m3"  # FlagEmbedding's M3 runner: what m3lab trains and renders
+    HF = "hf"  # plain HF Trainer fine-tuning a sequence classifier (for the predictor only)
+
+
+class Precision(StrEnum):
+    """The weights' and activations' dtype as a run trains (fp16/bf16: mixed precision)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+TRAINERS = tuple(trainer.value for trainer in Trainer)
 
 
 # m3lab's own levers as the arguments ``-m m3lab.run_m3`` takes beside FlagEmbedding's (HfArgumentParser)
@@ -153,10 +171,10 @@ class TrainConfig:
                      "num_processes", "logging_steps"):
             if getattr(self, name) < 1:
                 found.append(f"{name} is {getattr(self, name)}; it must be at least 1.")
-        if self.train_group_size < 1 and self.trainer == "flagembedding-m3":
+        if self.train_group_size < 1 and self.trainer == Trainer.FLAGEMBEDDING_M3:
             found.append(f"train_group_size is {self.train_group_size}; FlagEmbedding trains each query against one "
                          "positive and train_group_size - 1 negatives, so it must be at least 1.")
-        elif self.train_group_size == 1 and self.trainer == "flagembedding-m3" and self.texts_contrasted() < 2:
+        elif self.train_group_size == 1 and self.trainer == Trainer.FLAGEMBEDDING_M3 and self.texts_contrasted() < 2:
             found.append("train_group_size is 1 (no negatives of its own) with one query per step on one process: "
                          "FlagEmbedding would contrast each query's positive with nothing. Raise "
                          "per_device_train_batch_size (the other queries' passages are then its negatives, as in "

@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from m3lab import compat
+from m3lab.config import Precision
 from m3lab.errors import ConfigError
 from m3lab.predict.optimizers import make_optimizer
 from m3lab.predict.spec import TraceSpec
@@ -51,7 +52,7 @@ def deepspeed_config(spec: TraceSpec) -> dict:
             for f in dataclasses.fields(TrainingArguments)}
     args.update(world_size=spec.num_gpus, per_device_train_batch_size=spec.batch_size,
                 gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.learning_rate,
-                fp16=spec.precision == "fp16", bf16=spec.precision == "bf16",
+                fp16=spec.precision is Precision.FP16, bf16=spec.precision is Precision.BF16,
                 get_warmup_steps=lambda steps: spec.warmup_steps)
     args = types.SimpleNamespace(**args)
     with compat.hf_deepspeed_config(copy.deepcopy(spec.deepspeed)) as hf:
@@ -102,6 +103,10 @@ class DeepSpeedDriver:
         return deepspeed_buffers(self.engine)
 
 
+# The torch dtype of each half precision a run trains in
+HALF = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+
+
 class PlainDriver:
     """A training step as HF Trainer runs it without DeepSpeed: autocast and GradScaler for
     fp16/bf16 (weights stay fp32), gradient clipping at max_grad_norm 1.0, the chosen optimizer."""
@@ -110,11 +115,11 @@ class PlainDriver:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(spec.optim, self.params, model)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
+        dtype = HALF.get(spec.precision)
         # CPU autocast stands in for CUDA autocast: both run matmuls and linears in half precision
         # and keep reductions (softmax, layer norm, losses) in fp32.
         self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-        self.scaler = torch.amp.GradScaler("cpu") if spec.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cpu") if spec.precision is Precision.FP16 else None
 
     def loss(self, inputs):
         with self.autocast():

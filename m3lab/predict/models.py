@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from m3lab.errors import ConfigError
+from m3lab.config import Trainer
 
 if TYPE_CHECKING:
     from m3lab.predict.spec import TraceSpec
@@ -71,8 +71,6 @@ def m3_inputs(spec: TraceSpec):
 def build_hf_model(spec: TraceSpec):
     from transformers import AutoModelForSequenceClassification
 
-    if spec.task != "sequence-classification":
-        raise ConfigError([f"task {spec.task!r} is not modelled; use sequence-classification"])
     config = spec.model_config
     config.num_labels = spec.num_labels
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=spec.attn_implementation)
@@ -94,7 +92,7 @@ def meta_model(spec: TraceSpec):
 
     spec = dataclasses.replace(spec, negatives_cross_device=False)  # needs a process group; adds no parameters
     with torch.device("meta"):
-        return build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
+        return build_m3_model(spec) if spec.trainer is Trainer.FLAGEMBEDDING_M3 else build_hf_model(spec)
 
 
 

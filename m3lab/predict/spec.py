@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from m3lab.config import Precision, Trainer
 from m3lab.errors import ConfigError
 from m3lab.predict.geometry import model_geometry
 
@@ -20,7 +21,7 @@ STEPS_WHEN_COUNTED_IN_EPOCHS = 1000
 class TraceSpec:
     """One run as the trace sees it (see ``spec_for``)."""
 
-    trainer: str = "flagembedding-m3"  # or "hf"
+    trainer: Trainer = Trainer.FLAGEMBEDDING_M3
     model_config: object = None  # a transformers PretrainedConfig
     batch_size: int = 1
     # flagembedding-m3
@@ -35,12 +36,11 @@ class TraceSpec:
     efficient_sparse_head: bool = False
     freeze_word_embeddings: bool = False
     grad_cache_chunk_size: int = 0  # 0: off
-    # hf
-    task: str = "sequence-classification"
+    # hf: a sequence classifier
     seq_len: int = 512
     num_labels: int = 2
     # both
-    precision: str = "fp32"  # fp32, fp16, bf16
+    precision: Precision = Precision.FP32
     optim: str = "adamw_torch"
     learning_rate: float = 1e-5
     gradient_accumulation_steps: int = 1
@@ -76,7 +76,7 @@ def spec_for(config, model_config=None) -> TraceSpec:
     _check_lengths(config, geometry)
     steps = config.max_steps if config.max_steps > 0 else STEPS_WHEN_COUNTED_IN_EPOCHS
     return TraceSpec(
-        trainer=config.trainer, model_config=geometry,
+        trainer=Trainer(config.trainer), model_config=geometry,
         batch_size=config.per_device_train_batch_size,
         query_max_len=_padded(config.query_max_len, config.pad_to_multiple_of),
         passage_max_len=_padded(config.passage_max_len, config.pad_to_multiple_of),
@@ -88,7 +88,7 @@ def spec_for(config, model_config=None) -> TraceSpec:
         grad_cache_chunk_size=config.grad_cache_chunk_size, seq_len=config.seq_len,
         optim=config.optim, learning_rate=config.learning_rate,
         attn_implementation=config.attn_implementation,
-        precision="fp16" if config.fp16 else ("bf16" if config.bf16 else "fp32"),
+        precision=Precision.FP16 if config.fp16 else (Precision.BF16 if config.bf16 else Precision.FP32),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         gradient_checkpointing=config.gradient_checkpointing,
         deepspeed=deepspeed, zero_stage=stage, offloads=offloads,
@@ -104,7 +104,7 @@ def _check_lengths(config, geometry) -> None:
         return
     if "roberta" in getattr(geometry, "model_type", ""):
         positions -= getattr(geometry, "pad_token_id", 1) + 1
-    names = ("seq_len",) if config.trainer == "hf" else ("query_max_len", "passage_max_len")
+    names = ("seq_len",) if config.trainer == Trainer.HF else ("query_max_len", "passage_max_len")
     too_long = [f"{name} is {getattr(config, name):,}, beyond the model's {positions:,} positions; it cannot "
                 f"encode more. Use {positions} or less." for name in names if getattr(config, name) > positions]
     if too_long:

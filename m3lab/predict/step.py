@@ -14,9 +14,10 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from m3lab import compat
+from m3lab.config import Trainer
 from m3lab.gpus import GPU
 from m3lab.predict.allocator import OutOfMemory
-from m3lab.predict.drivers import DeepSpeedDriver, PlainDriver, grad_tensors
+from m3lab.predict.drivers import HALF, DeepSpeedDriver, PlainDriver, grad_tensors
 from m3lab.predict.models import build_hf_model, build_m3_model, hf_inputs, m3_inputs
 from m3lab.predict.optimizers import bnb_quantization_maps
 from m3lab.predict.report import StepPeak
@@ -76,9 +77,6 @@ class RankSteps:
                          self.out_of_memory)
 
 
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype | None):
     """The model built in ``dtype``, as DeepSpeed's engine casts it (fp16/bf16) before the GPU sees it."""
@@ -125,10 +123,10 @@ def _model_on_the_gpu(spec: TraceSpec, trace: MemoryTrace):
     memory; DeepSpeed's engine casts it to fp16/bf16 there; HF Trainer or the engine then moves it to
     the GPU, tensor by tensor."""
     with trace.unrecorded(), default_dtype(HALF.get(spec.precision) if spec.deepspeed is not None else None):
-        model = build_m3_model(spec) if spec.trainer == "flagembedding-m3" else build_hf_model(spec)
+        model = build_m3_model(spec) if spec.trainer is Trainer.FLAGEMBEDDING_M3 else build_hf_model(spec)
     trace.relabel(moved_to_the_gpu(model), Category.WEIGHTS)
     trace.relabel(list(model.buffers()), Category.OTHER)
-    return model, m3_inputs(spec) if spec.trainer == "flagembedding-m3" else hf_inputs(spec)
+    return model, m3_inputs(spec) if spec.trainer is Trainer.FLAGEMBEDDING_M3 else hf_inputs(spec)
 
 
 class _Labels:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from m3lab.config import Precision
 from m3lab.gpus import gpu_profile
 
 
@@ -94,7 +95,7 @@ def step_time(report, gpu: str | None = None) -> StepTime | None:
     if key == "cpu":
         return None
     profile = gpu_profile(key)
-    half = report.spec.get("precision") in ("fp16", "bf16")
+    half = report.spec.get("precision") in (Precision.FP16, Precision.BF16)
     peak = profile.peak_flops_half if half else profile.peak_flops_fp32
     runs = _published_on(profile) or list(PUBLISHED)
     if not peak or not runs:
