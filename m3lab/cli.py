@@ -90,14 +90,12 @@ def _config_from_options(args):
         max_steps=1000, **deepspeed)
 
 
-def _predict(args) -> int:
-    import contextlib
-
+def _predicted(args):
+    """The prediction ``m3lab predict`` prints: of the pasted command, or of the options."""
     from m3lab.errors import ConfigError
-    from m3lab.predict import GIB, predict, steptime
+    from m3lab.gpus import gpu_profile
+    from m3lab.predict import predict
 
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
     if args.command:
         from m3lab.command import parse
 
@@ -111,11 +109,28 @@ def _predict(args) -> int:
             print(f"note: {note}", file=sys.stderr)
     else:
         config = _config_from_options(args)
-    # DeepSpeed prints progress to stdout; with --json, stdout must hold the JSON object alone.
+    card = gpu_profile(args.gpu)
+    if config.bf16 and not card.supports_bf16:
+        print(f"note: {card.name} has no bf16 units (compute capability {card.compute_capability[0]}."
+              f"{card.compute_capability[1]}, bf16 needs 8.0): the run works, emulated and slow; --fp16 is the "
+              "half precision it runs fast.", file=sys.stderr)
     # One prediction per process: one_shot forks helpers that start with what is imported here,
     # instead of a lasting pool of workers that import everything again (see m3lab.predict.pool).
+    return predict(config, args.gpu, record_events=bool(args.snapshot), exact=True if args.exact else None,
+                   one_shot=True)
+
+
+def _predict(args) -> int:
+    import contextlib
+
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    # DeepSpeed logs to stdout (on import, and while it runs); with --json, stdout must hold the JSON
+    # object alone, so everything before it goes to stderr, DeepSpeed's first import included.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-        report = predict(config, args.gpu, record_events=bool(args.snapshot), exact=True if args.exact else None, one_shot=True)
+        report = _predicted(args)
+    from m3lab.predict import GIB, steptime
+
     if args.snapshot:
         report.save_snapshot(args.snapshot)
     if args.json:

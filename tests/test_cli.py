@@ -159,3 +159,28 @@ def test_the_text_report_ends_with_the_estimated_step_time(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("time: ") and "TFLOP per step (counted in the trace)" in last
     assert "s per step on Tesla T4 (Colab), estimated at 15% to 24% of its datasheet peak" in last
+
+
+def test_predict_json_with_a_deepspeed_file_prints_only_json_on_stdout(tmp_path):
+    """DeepSpeed logs "Setting accelerator to CPU" to stdout when its JSON is read; `m3lab predict --json`
+    sends that to stderr, so that its stdout pipes into `jq` or json.loads."""
+    import subprocess
+    import sys
+
+    command = PASTE[PASTE.index("--") + 1:]
+    command[command.index("BAAI/bge-m3")] = "tiny-bge-m3"
+    done = subprocess.run([sys.executable, "-m", "m3lab", "predict", "--gpu", "t4", "--json", "--", *command,
+                           "--deepspeed", str(FIXTURES.parent.parent / "data" / "upstream" / "ds_stage0.json"),
+                           "--fp16", "--train_group_size", "2", "--query_max_len", "32", "--passage_max_len", "64",
+                           "--warmup_steps", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator" in done.stderr  # DeepSpeed did speak, on stderr
+    assert json.loads(done.stdout)["peak_allocated_bytes"] > 0
+
+
+def test_bf16_on_a_card_without_bf16_units_is_said_not_refused(capsys):
+    """HF and FlagEmbedding accept --bf16 on a T4 (sm75), which then runs it emulated: m3lab says so."""
+    assert cli.main(["predict", "--gpu", "t4", "--model-config", "tiny-bge-m3", "--precision", "bf16",
+                     "--query-max-len", "32", "--passage-max-len", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "Tesla T4 (Colab) has no bf16 units" in err and "--fp16 is the half precision it runs fast" in err
