@@ -80,7 +80,7 @@ reports = lessons.predict_all(configs)
 print(lessons.prediction_table(reports))
 print()
 for label, report in reports.items():
-    states = [r.model_state_bytes["optimizer_states"] / GIB for r in report.per_rank]
+    states = [r.model_state_bytes.optimizer_states / GIB for r in report.per_rank]
     print(f"{label:34} optimizer states per GPU: {', '.join(f'{s:.2f}' for s in states)} GiB; "
           f"host RAM needed {report.host.total_bytes / GIB:.2f} GiB"
           + (f" (the offloaded optimizer: {report.host_peak_bytes / GIB:.2f} GiB)" if report.host_peak_bytes else ""))

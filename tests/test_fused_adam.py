@@ -31,7 +31,7 @@ def _optimizer_phase(tmp_path, name, params):
     steps = simulate_rank(spec, gpu_profile("t4"), 0)
     phase = {op: value.bytes for (phase, op), value in steps.steady.candidates.items() if phase == "optimizer"}
     start = phase["(start)"]
-    return start, max(phase.values()) - start, steps.model_states["optimizer_states"], phase
+    return start, max(phase.values()) - start, steps.model_states.optimizer_states, phase
 
 
 def test_fused_adam_updates_in_place_like_torchs_fused_adamw(tmp_path):

@@ -26,7 +26,7 @@ def test_optimizer_states_follow_the_trainable_parameters():
     config = TrainConfig.common_t4_advice(freeze_word_embeddings=True)
     trainable = trainable_params(spec_for(config))[0]
     report = predictor.predict(config, "t4")
-    assert report.per_rank[0].model_state_bytes["optimizer_states"] == pytest.approx(12 * trainable, rel=0.002)
+    assert report.per_rank[0].model_state_bytes.optimizer_states == pytest.approx(12 * trainable, rel=0.002)
     assert "--freeze_word_embeddings" in render(config) and "m3lab.run_m3" in render(config)
 
 

@@ -345,8 +345,8 @@ def test_extrapolation_with_shrunken_buckets_stays_close_to_the_full_trace(stand
                   predictor.predict(train, "t4", model_config=config, exact=True))
     assert fast.extrapolated and "buckets shrunk" in fast.method
     assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
-    for key, value in full.per_rank[0].model_state_bytes.items():  # DeepSpeed pads its flat buffers
-        assert fast.per_rank[0].model_state_bytes[key] == pytest.approx(value, rel=0.001), key
+    for key, value in dataclasses.asdict(full.per_rank[0].model_state_bytes).items():  # DeepSpeed pads its flat buffers
+        assert getattr(fast.per_rank[0].model_state_bytes, key) == pytest.approx(value, rel=0.001), key
 
 
 @pytest.mark.parametrize("changes, bounded", [
@@ -412,8 +412,8 @@ def test_offload_lowers_the_gpu_peak_and_reports_host_memory():
     plain, offload = predicted(False), predicted(True)
     assert offload.breakdown["optimizer_states"] == 0 < plain.breakdown["optimizer_states"]
     assert offload.peak_allocated_bytes < plain.peak_allocated_bytes
-    states = plain.per_rank[0].model_state_bytes["optimizer_states"]
-    assert offload.per_rank[0].model_state_bytes["offloaded_optimizer_states"] == pytest.approx(states, rel=0.01)
+    states = plain.per_rank[0].model_state_bytes.optimizer_states
+    assert offload.per_rank[0].model_state_bytes.offloaded_optimizer_states == pytest.approx(states, rel=0.01)
 
 
 def test_gradient_accumulation_keeps_gradients_between_micro_batches():
@@ -463,8 +463,8 @@ def test_zero1_model_states_match_the_zero_paper(gpus):
     psi = _bge_m3_params()
     report = predictor.predict(TrainConfig.common_t4_advice(num_processes=gpus, negatives_cross_device=gpus > 1), "t4x2")
     for rank in report.per_rank:
-        assert rank.model_state_bytes["weights"] == pytest.approx(2 * psi, rel=0.002)
-        assert rank.model_state_bytes["optimizer_states"] == pytest.approx(12 * psi / gpus, rel=0.002)
+        assert rank.model_state_bytes.weights == pytest.approx(2 * psi, rel=0.002)
+        assert rank.model_state_bytes.optimizer_states == pytest.approx(12 * psi / gpus, rel=0.002)
 
 
 # ---- against real DeepSpeed ------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def _predicted_states(model_config, stage: int, processes: int, offload: bool = 
                         negatives_cross_device=processes > 1, train_group_size=2, query_max_len=8,
                         passage_max_len=8, offload_optimizer=offload)
     report = predictor.predict(train, None, model_config=model_config, exact=True)
-    return [r.model_state_bytes for r in report.per_rank]
+    return [dataclasses.asdict(r.model_state_bytes) for r in report.per_rank]
 
 
 @pytest.mark.slow

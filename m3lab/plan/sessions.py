@@ -91,10 +91,10 @@ def checkpoint_bytes(report) -> int:
     optimizer's states of every rank that holds a part of them (ZeRO partitions them; without it
     rank 0 saves the one copy)."""
     ranks = report.per_rank
-    states = [r.model_state_bytes.get("optimizer_states", 0) + r.model_state_bytes.get("offloaded_optimizer_states", 0)
+    states = [r.model_state_bytes.optimizer_states + r.model_state_bytes.offloaded_optimizer_states
               for r in ranks]
     partitioned = (report.spec.get("zero_stage") or 0) >= 1
-    return ranks[0].model_state_bytes.get("weights", 0) + (sum(states) if partitioned else states[0])
+    return ranks[0].model_state_bytes.weights + (sum(states) if partitioned else states[0])
 
 
 def plan(config, report, records: int, platform: Platform, time: StepTime | None) -> SessionPlan:

@@ -7,12 +7,13 @@ peak stays at the same point of the step; ``shallow_specs`` picks copies for whi
 
 from __future__ import annotations
 
+import dataclasses
 from copy import deepcopy
 from dataclasses import dataclass
 
 from m3lab.gpus import GPU
 from m3lab.predict.models import meta_model
-from m3lab.predict.report import StepPeak
+from m3lab.predict.report import ModelStates, StepPeak
 from m3lab.predict.spec import TraceSpec
 from m3lab.predict.step import RankSteps, StepTrace
 from m3lab.predict.trace import Phase
@@ -188,6 +189,7 @@ def extrapolate_rank(spec: TraceSpec, pair: ShallowPair, profile: GPU | None,
         return None
     if pair.bounded and Phase.BACKWARD in (first.peak_phase, steady.peak_phase):
         return None
-    states = {k: _line(shallow.model_states[k], deeper.model_states[k], steps) for k in shallow.model_states}
+    states = ModelStates(**{f.name: _line(getattr(shallow.model_states, f.name), getattr(deeper.model_states, f.name), steps)
+                            for f in dataclasses.fields(ModelStates)})
     return RankSteps(first, steady, states, shallow.kernel)
 

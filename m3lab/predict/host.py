@@ -53,6 +53,6 @@ def host_memory(per_rank) -> HostMemory:
     states = [rank.model_state_bytes for rank in per_rank]
     return HostMemory(
         processes=len(per_rank), process_bytes=PROCESS_BYTES,
-        weights_load_bytes=max(s.get("params", 0) for s in states) * FP32_BYTES,
-        offloaded_peak_bytes=max(s.get("host_peak_bytes", 0) for s in states),
+        weights_load_bytes=max(s.params for s in states) * FP32_BYTES,
+        offloaded_peak_bytes=max(s.host_peak_bytes for s in states),
         launcher_bytes=LAUNCHER_BYTES)

@@ -78,12 +78,24 @@ class PeakFigures:
         return self.kind in (Verdict.FITS, Verdict.CLOSE_CALL) and self.spare_bytes >= margin_bytes
 
 
+@dataclass(frozen=True)
+class ModelStates:
+    """What one rank's model holds after its steps, in bytes (and its parameter counts)."""
+
+    weights: int = 0
+    optimizer_states: int = 0  # on the GPU
+    offloaded_optimizer_states: int = 0  # fp32 masters and Adam states in host memory (ZeRO offload)
+    host_peak_bytes: int = 0  # the host memory the offloaded optimizer holds at its peak
+    trainable_params: int = 0
+    params: int = 0
+
+
 @dataclass
 class RankPrediction(PeakFigures):
     rank: int = 0
     first_step: StepPeak | None = None
     steady_step: StepPeak | None = None
-    model_state_bytes: dict[str, int] = field(default_factory=dict)
+    model_state_bytes: ModelStates = field(default_factory=ModelStates)
 
 
 @dataclass
@@ -133,7 +145,7 @@ class MemoryReport(PeakFigures):
     @property
     def host_peak_bytes(self) -> int:
         """Host (CPU) memory the offloaded optimizer needs at its peak; 0 without offload."""
-        return max((r.model_state_bytes.get("host_peak_bytes", 0) for r in self.per_rank), default=0)
+        return max((r.model_state_bytes.host_peak_bytes for r in self.per_rank), default=0)
 
     @functools.cached_property
     def host(self) -> HostMemory:

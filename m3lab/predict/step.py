@@ -20,7 +20,7 @@ from m3lab.predict.allocator import OutOfMemory
 from m3lab.predict.drivers import HALF, DeepSpeedDriver, PlainDriver, grad_tensors
 from m3lab.predict.models import build_hf_model, build_m3_model, hf_inputs, m3_inputs
 from m3lab.predict.optimizers import bnb_quantization_maps
-from m3lab.predict.report import StepPeak
+from m3lab.predict.report import ModelStates, StepPeak
 from m3lab.predict.simulation import (
     GPU_DEVICE,
     default_device,
@@ -64,7 +64,7 @@ class RankSteps:
 
     first: StepTrace | StepPeak
     steady: StepTrace | StepPeak
-    model_states: dict[str, int] = field(default_factory=dict)
+    model_states: ModelStates = field(default_factory=ModelStates)
     kernel: str = ""
     trace: MemoryTrace | None = None  # kept only in this process (it cannot be pickled)
     out_of_memory: OutOfMemory | None = None  # the first request the card could not hold
@@ -179,21 +179,20 @@ def _step(trace: MemoryTrace, driver, labels: _Labels, inputs, spec: TraceSpec) 
     return StepTrace(dict(trace.candidates), list(trace.history), reserved, held, trace.flops)
 
 
-def _model_states(trace: MemoryTrace, model, driver) -> dict[str, int]:
+def _model_states(trace: MemoryTrace, model, driver) -> ModelStates:
     """What the model holds after its steps: weights and optimizer states (on the GPU, and what an
     offloaded optimizer holds in host memory), and its parameters."""
     from m3lab.tensors import fp32_master_tensors, optimizer_state_tensors
 
     states = optimizer_state_tensors(driver.optimizer) + fp32_master_tensors(driver.optimizer)
-    return {"weights": sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),
-            "optimizer_states": sum(e.nbytes for e in trace.live.values() if e.category is Category.OPTIMIZER_STATES),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "params": sum(p.numel() for p in model.parameters()),
-            # offloaded: fp32 masters and Adam states in host memory, and the host's peak
-            "offloaded_optimizer_states": sum(
-                storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(states)}.values()
-                if storage._cdata in trace.host_live),
-            "host_peak_bytes": trace.host_peak}
+    return ModelStates(
+        weights=sum(e.nbytes for e in trace.live.values() if e.category is Category.WEIGHTS),
+        optimizer_states=sum(e.nbytes for e in trace.live.values() if e.category is Category.OPTIMIZER_STATES),
+        offloaded_optimizer_states=sum(storage.nbytes() for storage in {s._cdata: s for s in tensor_storages(states)}.values()
+                                       if storage._cdata in trace.host_live),
+        host_peak_bytes=trace.host_peak,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        params=sum(p.numel() for p in model.parameters()))
 
 
 def simulate_rank(spec: TraceSpec, gpu: GPU | None, rank: int, record_events: bool = False,
