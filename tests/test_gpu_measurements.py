@@ -56,7 +56,7 @@ def test_the_check_script_runs_and_compares_on_the_cpu(tmp_path, monkeypatch):
     assert gpu_check.main(["--model", "tiny", "--out", str(tmp_path / "out"), "--only", name, "--no-predict"]) == 0
     path = tmp_path / "out" / "gpu_check.json"
     file = measurements.load(path)
-    assert file.provenance == "measured on CPU (live tensor bytes)" and file.predict_with_gpu is None
+    assert str(file.provenance) == "measured on CPU (live tensor bytes)" and file.predict_with_gpu is None
     (run,) = file.runs
     assert run.outcome is Outcome.RAN and run.config.max_steps == gpu_check.STEPS
     assert [s.step for s in run.ranks[0].steps] == [1, 2, 3]
@@ -117,6 +117,17 @@ def test_memory_outside_the_allocator_is_read_only_from_a_run_alone_on_the_card(
     cpu = dataclasses.replace(run, ranks=(measurements.MeasuredRank(0, "cpu", _steps({"step": 1,
                                                                                        "optimizer_state_bytes": 0})),))
     assert measurements.outside_allocator_bytes(cpu) is None
+
+
+def test_every_files_provenance_reads_back_as_the_check_writes_it():
+    for path in sorted(MEASUREMENTS.glob("*.json")):
+        text = json.loads(path.read_text())["provenance"]
+        read = measurements.Provenance.parse(text)
+        assert str(read) == text and read.headline.startswith("measured on ")
+    h200 = measurements.Provenance.of_device("NVIDIA H200", imitating_t4=True)
+    assert str(h200) == ("measured on NVIDIA H200 imitating a T4's kernels (memory-efficient SDPA, "
+                         "T4 cuBLAS workspace)")
+    assert str(measurements.Provenance.of_device("Tesla T4", imitating_t4=False)) == "measured on Tesla T4"
 
 
 def test_a_broken_measurement_file_says_where_and_what(tmp_path):

@@ -29,7 +29,7 @@ class MeasuredRun:
 
     name: str
     source: str  # the file's name, without .json
-    provenance: str  # "measured on NVIDIA H200 imitating a T4's kernels (...)"
+    provenance: measurements.Provenance
     device: str
     config: TrainConfig
     limit_bytes: int | None  # the allocator's cap (a T4's budget), None: the whole card

@@ -245,11 +245,8 @@ def run(out: Path, model: str = "full", only: list[str] | None = None, parallel:
     model_name = FULL_SIZE_STANDIN if model.startswith("full") else STANDIN
     report = {"format": measurements.FORMAT, **_environment(cuda), "model": model_name, "steps": STEPS,
               "predict_with_gpu": "t4" if cuda else None, "runs": []}
-    if cuda:
-        report["provenance"] = f"measured on {report['device']}" + (
-            "" if real_t4 else " imitating a T4's kernels (memory-efficient SDPA, T4 cuBLAS workspace)")
-    else:
-        report["provenance"] = "measured on CPU (live tensor bytes)"
+    report["provenance"] = str(measurements.Provenance.of_device(report["device"] if cuda else None,
+                                                                 imitating_t4=cuda and not real_t4))
     print(f"gpu_check: {report['provenance']}, torch {report['torch']}; model ready after "
           f"{time.monotonic() - started:.0f} s", flush=True)
 

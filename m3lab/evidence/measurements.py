@@ -42,12 +42,38 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a file's figures were measured: a headline for labels, and its details."""
+
+    headline: str  # "measured on NVIDIA H200 imitating a T4's kernels"
+    details: str | None = None  # "memory-efficient SDPA, T4 cuBLAS workspace"
+
+    def __str__(self) -> str:
+        return f"{self.headline} ({self.details})" if self.details else self.headline
+
+    @classmethod
+    def of_device(cls, device: str | None, imitating_t4: bool) -> Provenance:
+        """What the GPU check writes: a CUDA device (imitating a T4's kernels or not), or the CPU."""
+        if device is None:
+            return cls("measured on CPU", "live tensor bytes")
+        if imitating_t4:
+            return cls(f"measured on {device} imitating a T4's kernels", "memory-efficient SDPA, T4 cuBLAS workspace")
+        return cls(f"measured on {device}")
+
+    @classmethod
+    def parse(cls, text: str) -> Provenance:
+        """A file's provenance text read back (``str`` of a Provenance)."""
+        headline, _, details = text.partition(" (")
+        return cls(headline, details.removesuffix(")") or None)
+
+
+@dataclass(frozen=True)
 class MeasurementFile:
     path: Path
     device: str
     torch: str
     date: str
-    provenance: str  # "measured on NVIDIA H200 imitating a T4's kernels (...)"
+    provenance: Provenance
     predict_with_gpu: str | None  # the GPU profile the runs are predicted with; None: a CPU file
     device_total_bytes: int | None
     runs: tuple[RunRecord, ...]
@@ -80,7 +106,7 @@ def load(path: Path) -> MeasurementFile:
         raise ValueError(f"{path}: missing {', '.join(missing)}; not a file written by m3lab.evidence.gpu_check.")
     if report["format"] != FORMAT:
         raise ValueError(f"{path}: format {report['format']}, this m3lab reads format {FORMAT}.")
-    return MeasurementFile(path, report["device"], report["torch"], report["date"], report["provenance"],
+    return MeasurementFile(path, report["device"], report["torch"], report["date"], Provenance.parse(report["provenance"]),
                            report.get("predict_with_gpu"), report.get("device_total_bytes"),
                            tuple(parse_run(record) for record in report["runs"]))
 
@@ -160,5 +186,5 @@ def compare(file: MeasurementFile, runs: list[RunRecord] | None = None) -> list[
             for label, step in step_pairs(rank.steps):
                 figure = predicted.first_step if label == "first" else predicted.steady_step
                 rows.append(Comparison(run.name, rank.rank, label, step.step, step.peak_allocated_bytes,
-                                       figure.peak_allocated_bytes, tolerance, file.provenance, prediction.provenance))
+                                       figure.peak_allocated_bytes, tolerance, str(file.provenance), prediction.provenance))
     return rows

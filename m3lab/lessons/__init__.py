@@ -145,7 +145,7 @@ def gpu_measurements(configs: dict[str, TrainConfig]) -> dict:
     found = {label: runs[0] for label, runs in found.items() if runs}
     if not found:
         return {}
-    provenance = next(iter(found.values())).provenance.split(" (")[0]
+    provenance = next(iter(found.values())).provenance.headline
     return {"measured": {label: run.peak_allocated_bytes for label, run in found.items()},
             "measured_provenance": provenance}
 

@@ -234,7 +234,7 @@ def evidence(rows: list, path: str | Path | None = None,
     ax.set_yscale("log")
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
-    ax.set_xlabel(f"measured (GiB), {rows[0].run.provenance.split(' (')[0]}")
+    ax.set_xlabel(f"measured (GiB), {rows[0].run.provenance.headline}")
     ax.set_ylabel(f"predicted (GiB), {rows[0].report.provenance}")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
