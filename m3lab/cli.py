@@ -174,9 +174,13 @@ def _fit(args) -> int:
         return 0 if result.best is not None else 1
     print(result.table())
     if result.best is None:
+        from m3lab.plan.fit import SHORTEST_PASSAGES
+
+        short = ("the host's RAM is short in every trial" if not any(t.host_fits for t in result.trials) else
+                 f"the GPU is short even with passages cut to {SHORTEST_PASSAGES} tokens")
         print(f"\nNothing fits {result.platform.name} with {args.margin_gib:g} GiB to spare on the GPU, even "
-              f"with group 2 and every {'stock knob' if args.stock else 'lever'} (all figures predicted). Shorten "
-              "the lengths (--coverage), or use a bigger card.")
+              f"with group 2 and every {'stock knob' if args.stock else 'lever'} (all figures predicted): "
+              f"{short}. Use a bigger card, or one with more host RAM (--gpu, --host-ram-gib).")
         return 1
     print(f"(margin asked: {args.margin_gib:g} GiB on the GPU)\n")
     run = answer(result, len(load_jsonl(args.data)), output_dir=args.output_dir)

@@ -161,3 +161,28 @@ def test_fit_stock_keeps_to_flagembedding_and_json_has_the_choice_and_host(capsy
     report = best["report"]
     assert report["host_total_bytes"] <= out["host_ram_bytes"] and "host_peak_bytes" in report
     assert report["total_bytes"] <= report["usable_bytes"] - CLOSE_CALL_BYTES  # fit's default margin
+
+
+@pytest.mark.slow
+def test_when_the_datas_length_does_not_fit_the_passages_are_cut_to_the_longest_that_does(tmp_path):
+    """Passages of some 6,000 words: FlagEmbedding as it is holds none of them at group 2 on a T4 (its
+    sparse head alone is passages x length x vocabulary), so fit cuts them, says how much it kept, and
+    the next length up (8 tokens longer) was tried and did not fit."""
+    from m3lab.standin import load_tokenizer
+
+    data = tmp_path / "long.jsonl"
+    lines = [{"query": f"question {i}", "pos": [f"answer {i} " + "word " * 6000], "neg": [f"other {i} " + "text " * 6000]}
+             for i in range(4)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = fit(str(data), platform="colab-t4", stock=True, log=lambda line: None)
+    assert result.best is not None and result.cut_from is not None
+    cut = result.best.config.passage_max_len
+    assert cut == result.passage_max_len < result.cut_from and cut % 8 == 0
+    frugal = STOCK_SETTINGS[-1][0]
+    tried = {(t.setting, t.config.train_group_size, t.config.passage_max_len): t.fits for t in result.trials}
+    assert tried[(frugal, 2, cut)] and (cut + 8 == result.cut_from or tried[(frugal, 2, cut + 8)] is False)
+    tokenizer = load_tokenizer().tokenizer
+    passages = [text for line in lines for text in line["pos"] + line["neg"]]
+    lengths = token_lengths(passages, tokenizer)
+    assert result.tokens_kept == pytest.approx(np.minimum(lengths, cut).sum() / np.sum(lengths))
+    assert f"passages cut to {cut} tokens, keeping {result.tokens_kept:.0%}" in result.cut()

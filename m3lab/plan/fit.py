@@ -5,7 +5,10 @@ with ``--host-ram-gib``). The data decides the lengths: the smallest query_max_l
 passage_max_len that keep 95% of the data's tokens (passages counted once each); then, if the
 data's longest queries still fit, they are kept whole. The encoder stays trainable (no
 fix_encoder, no frozen word embeddings): freezing is a lever for smaller cards, not a way to fit.
-The largest train_group_size that any memory setting holds wins: the predicted verdict leaves at
+When nothing holds even a group of 2 at those lengths, the passages are cut shorter: the longest
+passage_max_len that the most frugal setting holds at group 2 (bisected, a multiple of 8, at least
+``SHORTEST_PASSAGES``), and the search runs again there; the result says how much of the passages'
+tokens that length keeps. The largest train_group_size that any memory setting holds wins: the predicted verdict leaves at
 least ``margin`` of the card to spare (by default, not a close call) and the platform has its host
 RAM (``m3lab.predict.host``); among the settings that hold it, the fastest (the settings are listed
 fastest first). A trial whose live tensors alone leave less than the margin (a quick trace of
@@ -47,6 +50,7 @@ MEMORY_SETTINGS = _STOCK_FIRST + (
                                                     grad_cache_chunk_size=1)),
 )
 MODEL_MAX_LEN = 8192  # BGE-M3's longest input
+SHORTEST_PASSAGES = 64  # the shortest passage_max_len the search cuts to when nothing fits the data's
 
 
 @dataclass
@@ -77,12 +81,23 @@ class FitResult:
     max_group: int
     stock: bool = False
     longest_query: int = 0  # the data's longest query, in tokens (rounded up to 8)
+    # when nothing fitted at the data's passage length: that length, and the share of the passages'
+    # tokens the shorter one (passage_max_len) keeps
+    cut_from: int | None = None
+    tokens_kept: float | None = None
     best: Trial | None = None
     trials: list[Trial] = field(default_factory=list)
 
     @property
     def gpu(self) -> str:
         return self.platform.gpu.name
+
+    def cut(self) -> str | None:
+        """What cutting the passages cost, in a sentence (None when the data's length fitted)."""
+        if self.cut_from is None:
+            return None
+        return (f"passages cut to {self.passage_max_len} tokens, keeping {self.tokens_kept:.0%} of their tokens "
+                f"(predicted): nothing fitted at {self.cut_from}, the length keeping {self.coverage:.0%}")
 
     def table(self) -> str:
         header = (f"{'memory setting':40} {'group':>5} {'query':>5} {'peak':>7} {'needs':>7} {'host':>7}  verdict")
@@ -103,6 +118,7 @@ class FitResult:
         return {"platform": self.platform.key, "gpu": self.gpu, "host_ram_bytes": self.platform.host_ram_bytes,
                 "margin_bytes": self.margin_bytes, "stock": self.stock, "coverage": self.coverage,
                 "tokenizer": self.tokenizer, "longest_query": self.longest_query,
+                "passage_max_len": self.passage_max_len, "cut_from": self.cut_from, "tokens_kept": self.tokens_kept,
                 "best": None if best is None else {"setting": best.setting, "config": dataclasses.asdict(best.config),
                                                    "command": render(best.config),
                                                    "report": best.report.to_json()},
@@ -139,6 +155,11 @@ class DataLengths:
     fewest_negatives: int  # the fewest negatives any line has
     tokenizer: str
     longest_query: int  # the longest query, rounded up to a multiple of 8
+    passage_tokens: tuple[int, ...] = ()  # each passage's length in tokens (each passage once)
+
+    def passage_tokens_kept(self, max_len: int) -> float:
+        """The share of the passages' tokens that ``max_len`` keeps."""
+        return sum(min(n, max_len) for n in self.passage_tokens) / max(1, sum(self.passage_tokens))
 
 
 def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> DataLengths:
@@ -155,11 +176,13 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> Dat
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     passages = list(dict.fromkeys(t for r in records for t in r["pos"] + r.get("neg", [])))
     query_lengths = token_lengths([r["query"] for r in records], tokenizer)
+    passage_lengths = token_lengths(passages, tokenizer)
     return DataLengths(
         query_max_len=min(length_covering_tokens(query_lengths, coverage), MODEL_MAX_LEN),
-        passage_max_len=min(length_covering_tokens(token_lengths(passages, tokenizer), coverage), MODEL_MAX_LEN),
+        passage_max_len=min(length_covering_tokens(passage_lengths, coverage), MODEL_MAX_LEN),
         fewest_negatives=min(len(r.get("neg", [])) for r in records), tokenizer=name,
-        longest_query=min(length_covering_tokens(query_lengths, 1.0), MODEL_MAX_LEN))
+        longest_query=min(length_covering_tokens(query_lengths, 1.0), MODEL_MAX_LEN),
+        passage_tokens=tuple(int(n) for n in passage_lengths))
 
 
 class _Search:
@@ -213,6 +236,21 @@ class _Search:
         return next(attempt for attempt in (self.at(setting, best.config.train_group_size) for setting in self.settings)
                     if attempt.fits)
 
+    def longest_passages(self, high: int) -> Trial | None:
+        """The trial at the longest passage_max_len (a multiple of 8, from SHORTEST_PASSAGES up to
+        ``high``) that the most frugal setting holds at group 2 (memory grows with the length:
+        bisect); None if none does."""
+        frugal = list(self.settings)[-1]
+        found, low, high = None, SHORTEST_PASSAGES // 8, high // 8
+        while low <= high:
+            middle = (low + high) // 2
+            attempt = self.trial(frugal, 2, passage_max_len=middle * 8)
+            if attempt.fits:
+                found, low = attempt, middle + 1
+            else:
+                high = middle - 1
+        return found
+
     def with_whole_queries(self, best: Trial, longest_query: int) -> Trial:
         """Queries kept whole when the run still fits with them (they are short, and the peak is often
         where their length does not count)."""
@@ -238,9 +276,21 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE
     log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({lengths.tokenizer}): "
         f"query_max_len {lengths.query_max_len}, passage_max_len {lengths.passage_max_len}; train_group_size up to "
         f"{cap} (every line has {lengths.fewest_negatives} negatives)")
+    settings = STOCK_SETTINGS if stock else MEMORY_SETTINGS
     base = base_config(data, where, lengths.query_max_len, lengths.passage_max_len, stock)
-    search = _Search(base, result, STOCK_SETTINGS if stock else MEMORY_SETTINGS, log)
+    search = _Search(base, result, settings, log)
     best = search.largest_group(cap)
+    if best is None and any(t.host_fits for t in result.trials):  # the GPU is short: cut the passages
+        log(f"nothing fits at passage_max_len {lengths.passage_max_len}: the longest passages that fit, group 2")
+        shortest = search.longest_passages(lengths.passage_max_len - 8)
+        if shortest is not None:
+            shorter = shortest.config.passage_max_len
+            result.cut_from, result.passage_max_len = lengths.passage_max_len, shorter
+            result.tokens_kept = lengths.passage_tokens_kept(shorter)
+            log(f"passage_max_len {shorter} fits, keeping {result.tokens_kept:.0%} of the passages' tokens")
+            search = _Search(base.replace(passage_max_len=shorter), result, settings, log)
+            search.tried[(shortest.setting, 2)] = shortest
+            best = search.largest_group(cap)
     if best is not None:
         result.best = search.with_whole_queries(search.fastest_at(best), lengths.longest_query)
     return result

@@ -84,6 +84,7 @@ class Answer:
             f"{self.fitted.best.setting}; train_group_size {config.train_group_size}, query_max_len "
             f"{config.query_max_len}, passage_max_len {config.passage_max_len}, per GPU batch "
             f"{config.per_device_train_batch_size}, {config.num_processes} GPU(s); every parameter trained",
+            *([cut] if (cut := self.fitted.cut()) else []),
             f"GPU, {report.provenance}: peak {report.peak_allocated_bytes / GIB:.2f} GiB, needs "
             f"{report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
             f"host, predicted: {report.host.total_bytes / GIB:.2f} GiB" + host,
