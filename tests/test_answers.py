@@ -24,10 +24,10 @@ TRAIN = REPO_ROOT / "data" / "train.jsonl"
 
 @pytest.fixture
 def learners_folder(tmp_path, monkeypatch):
-    """A folder outside the repository holding the learner's own file (the first 24 lines of the series' data)."""
+    """A folder outside the repository holding the learner's own file (a copy of the series' data)."""
     folder = tmp_path / "learner"
     folder.mkdir()
-    (folder / "my_train.jsonl").write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:24]))
+    (folder / "my_train.jsonl").write_text(TRAIN.read_text())
     monkeypatch.chdir(folder)
     return folder
 
@@ -62,9 +62,10 @@ def _run(command: str, folder: Path, timeout: float = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def answers_for_my_file(tmp_path_factory):
-    """Both platforms' answers with FlagEmbedding as it is, fitted on a file outside the repository."""
+    """Both platforms' answers with FlagEmbedding as it is, fitted on a file outside the repository (the
+    series' data: lesson 07 fits the same, so its traces are read back)."""
     folder = tmp_path_factory.mktemp("fit")
-    (folder / "my_train.jsonl").write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:24]))
+    (folder / "my_train.jsonl").write_text(TRAIN.read_text())
     here = os.getcwd()
     os.chdir(folder)
     try:
@@ -80,7 +81,7 @@ def test_the_answer_names_the_data_as_the_learners_folder_sees_it(answers_for_my
         assert "--train_data my_train.jsonl \\" in command and "--output_dir out \\" in command
         assert "--save_strategy steps" in command and f"--save_steps {answer.plan.save_steps}" in command
         assert "--do_train True" in command  # FlagEmbedding then refuses to write over a finished run
-        steps = answer.plan.steps_per_epoch * 2  # 24 lines, two epochs
+        steps = answer.plan.steps_per_epoch * 2  # two epochs
         assert answer.plan.steps == steps and f"--warmup_steps {-(-steps // 10)}" in command
 
 

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from m3lab.gpus import GPU
+from m3lab.predict import saved_traces
 from m3lab.predict.spec import TraceSpec
 from m3lab.predict.step import RankSteps, simulate_rank
 
@@ -114,10 +115,25 @@ def _forked(jobs: list[TraceJob]) -> list[RankSteps]:
 
 
 def trace_in_parallel(jobs: list[TraceJob], one_shot: bool = False) -> list[RankSteps]:
-    """``trace_job`` for each job, in the worker pool when there is one. ``one_shot``: the
-    process makes this one prediction (the CLI), so rather than start a pool whose workers import
-    torch, DeepSpeed and FlagEmbedding again, it forks helpers that start with what it imported
-    and traces the last job itself (docs/predictor.md has the timings)."""
+    """``trace_job`` for each job not traced before (``saved_traces``), in the worker pool when
+    there is one. ``one_shot``: the process makes this one prediction (the CLI), so rather than
+    start a pool whose workers import torch, DeepSpeed and FlagEmbedding again, it forks helpers
+    that start with what it imported and traces the last job itself (docs/predictor.md has the
+    timings)."""
+    keys = [saved_traces.key_of(job) for job in jobs]  # before tracing: a trace may add to the model's config
+    found = [saved_traces.load(key) for key in keys]
+    todo = [job for job, steps in zip(jobs, found) if steps is None]
+    traced = iter(_traced(todo, one_shot) if todo else [])
+    results = []
+    for key, steps in zip(keys, found):
+        if steps is None:
+            steps = next(traced)
+            saved_traces.save(key, steps)
+        results.append(steps)
+    return results
+
+
+def _traced(jobs: list[TraceJob], one_shot: bool) -> list[RankSteps]:
     global _POOL
     workers = int(os.environ.get("M3LAB_PREDICT_WORKERS", min(2, os.cpu_count() or 1)))
     if one_shot and len(jobs) > 1 and workers >= 2 and hasattr(os, "fork"):
