@@ -114,6 +114,15 @@ def _predicted(args):
         print(f"note: {card.name} has no bf16 units (compute capability {card.compute_capability[0]}."
               f"{card.compute_capability[1]}, bf16 needs 8.0): the run works, emulated and slow; --fp16 is the "
               "half precision it runs fast.", file=sys.stderr)
+    if args.command:
+        from m3lab.plan import per_file
+
+        if per_file.carries_batch_sizes(config):  # per-length files: each file is its own run
+            found = per_file.tightest(config, args.gpu, per_file.file_runs(config))
+            print(f"note: {found.describe()}", file=sys.stderr)
+            config = found.run.config(config)
+            if not args.snapshot:
+                return found.report
     # One prediction per process: one_shot forks helpers that start with what is imported here,
     # instead of a lasting pool of workers that import everything again (see m3lab.predict.pool).
     return predict(config, args.gpu, record_events=bool(args.snapshot), exact=True if args.exact else None,
@@ -209,9 +218,8 @@ def _fit_buckets(args) -> int:
     print(plan.table())
     print()
     print(buckets.cost_table(costs))
-    print(f"\n# {len(written)} files in {args.buckets}, one per bucket, each line carrying its batch_size. "
-          "Run it from this folder:")
-    print(plan.command(as_seen_from_here(args.buckets), args.output_dir))
+    print(f"\n# {len(written)} files in {args.buckets}, one per bucket, each line carrying its batch_size.")
+    print(plan.instructions(as_seen_from_here(args.buckets), args.output_dir))
     return 0
 
 

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
-from m3lab.config import FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE, TrainConfig, Trainer
+from m3lab.config import (
+    FLAGEMBEDDING_M3_MODULE,
+    M3LAB_M3_MODULE,
+    RESUME_LATEST,
+    TrainConfig,
+    Trainer,
+)
 from m3lab.errors import ConfigError
 
 MODULES = (FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE)
@@ -165,7 +171,9 @@ FLAGS: tuple[Flag, ...] = (
     "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
     "ignore_data_skip", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "remove_unused_columns", "local_rank", "ddp_timeout",
-    "skip_memory_metrics", "include_num_input_tokens_seen", "trackio_space_id"))
+    "skip_memory_metrics", "include_num_input_tokens_seen", "trackio_space_id",
+    # m3lab.run_m3's: where --resume_from_checkpoint latest also looks
+    "previous_output_dirs"))
 BY_NAME = {flag.name: flag for flag in FLAGS}
 LEVERS = tuple(flag.name for flag in FLAGS if flag.lever)
 # TrainingArguments of transformers 4 that transformers 5 removed; on 5 FlagEmbedding refuses them
@@ -203,16 +211,16 @@ def shell_command(config: TrainConfig, rendering: Rendering = Rendering()) -> st
     return format_command(render(config, rendering))
 
 
-# Where a resumed run goes on from: the newest checkpoint in the output folder, found by the shell
-LATEST_CHECKPOINT = '"$(ls -d {output_dir}/checkpoint-* | sort -V | tail -n 1)"'
-
-
-def resume_command(config: TrainConfig, rendering: Rendering = Rendering()) -> str:
-    """The same command, going on from the newest checkpoint in its output folder (the shell finds it),
-    with m3lab's runner: FlagEmbedding 1.4.2's own cannot resume its M3 checkpoints without DeepSpeed
-    (m3lab.run_m3.resuming says why)."""
-    latest = LATEST_CHECKPOINT.format(output_dir=shlex.quote(rendering.output_dir))
-    return format_command(render(config, rendering, M3LAB_M3_MODULE)) + f" \\\n    --resume_from_checkpoint {latest}"
+def resume_command(config: TrainConfig, rendering: Rendering = Rendering(),
+                   previous_output_dirs: tuple[str, ...] = ()) -> str:
+    """The same command with m3lab's runner, going on from the newest checkpoint it finds in the
+    output folder or under ``previous_output_dirs`` (``m3lab.train.resume``), or from the beginning
+    when there is none yet: FlagEmbedding 1.4.2's own runner cannot resume its M3 checkpoints without
+    DeepSpeed (``m3lab.train.runner.resuming`` says why)."""
+    extra = ["--resume_from_checkpoint", RESUME_LATEST]
+    if previous_output_dirs:
+        extra += ["--previous_output_dirs", *previous_output_dirs]
+    return format_command(render(config, rendering, M3LAB_M3_MODULE) + extra)
 
 
 def format_command(argv: list[str], env: dict[str, str] | None = None) -> str:

@@ -47,6 +47,10 @@ class Precision(StrEnum):
 TRAINERS = tuple(trainer.value for trainer in Trainer)
 
 
+# m3lab.run_m3's --resume_from_checkpoint value for the newest checkpoint it finds (m3lab.train.resume)
+RESUME_LATEST = "latest"
+
+
 # m3lab's own levers as the arguments ``-m m3lab.run_m3`` takes beside FlagEmbedding's (HfArgumentParser)
 @dataclass
 class M3LabArguments:
@@ -56,6 +60,14 @@ class M3LabArguments:
         "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
     grad_cache_chunk_size: int = field(default=0, metadata={
         "help": "m3lab.train.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
+    previous_output_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "with --resume_from_checkpoint latest, also look for the output folder's checkpoints in a folder "
+                "of the same name under these (Kaggle: /kaggle/input, where a saved version's output comes back)"})
+
+    @property
+    def levers(self) -> "M3LabArguments":
+        """These arguments but where the next checkpoint is looked for: what changes the model or its step."""
+        return dataclasses.replace(self, previous_output_dirs=[])
 
 
 @dataclass(frozen=True)

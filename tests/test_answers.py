@@ -3,13 +3,16 @@ learner's own folder on their own file, stopped when a session ends, resumed, an
 
 On this CPU machine a command cannot run exactly as printed, and the tests change only this, each
 visibly (``on_this_cpu``): the model is the offline stand-in (no hub here), fp16 is off (a CPU has no
-fp16 training; in the DeepSpeed JSON too, where there is one), and a few steps replace the epochs. Everything else (the data's path, the output
+fp16 training; in the DeepSpeed JSON too, where there is one), ``--use_cpu True`` (without it HF runs two
+processes on a CPU as two independent copies, not one data-parallel run), and a few steps replace the
+epochs. Everything else (the data's path, the output
 folder, the DeepSpeed JSON's name, every FlagEmbedding flag) is the printed text.
 """
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +48,7 @@ def on_this_cpu(command: str, standin: Path, steps: int, extra: str = "") -> str
     assert "--model_name_or_path BAAI/bge-m3 \\" in command and "--fp16 True \\" in command
     command = command.replace("--model_name_or_path BAAI/bge-m3 \\", f"--model_name_or_path {standin} \\")
     command = command.replace("--fp16 True \\", "--fp16 False \\")
-    return command + f" \\\n    --max_steps {steps}" + extra
+    return command + f" \\\n    --use_cpu True \\\n    --max_steps {steps}" + extra
 
 
 def _shell_environment() -> dict:
@@ -128,27 +131,46 @@ def test_a_run_stopped_after_a_checkpoint_resumes_from_it_and_ends_at_the_same_s
     assert again.returncode != 0
     assert "already exists and is not empty. Please use a new output directory or set --resume_from_checkpoint" in (
         again.stdout + again.stderr)
-    # the resume command, as printed: the same command, on m3lab's runner, from the newest checkpoint
+    # the resume command, as printed: the same command on m3lab's runner, which finds the newest checkpoint
     resume = answer.resume_command()
     printed = _printed_command(answer.card())
-    assert resume.rsplit(" \\\n", 1)[0] == printed.replace("-m FlagEmbedding.finetune.embedder.encoder_only.m3",
-                                                              "-m m3lab.run_m3")
-    last_line = resume.rsplit(" \\\n", 1)[1]
+    assert resume == printed.replace("-m FlagEmbedding.finetune.embedder.encoder_only.m3", "-m m3lab.run_m3") + (
+        " \\\n    --resume_from_checkpoint latest")
 
-    def resumed_with(command: str) -> str:
-        return on_this_cpu(command, **cpu).replace(f"--save_steps {answer.plan.save_steps} \\",
-                                                   "--save_steps 2 \\") + " \\\n" + last_line
+    def on_cpu(command: str, steps: int = 4) -> str:
+        return on_this_cpu(command, standin_dir, steps).replace(f"--save_steps {answer.plan.save_steps} \\",
+                                                                "--save_steps 2 \\")
 
     # FlagEmbedding 1.4.2's own runner cannot resume its M3 checkpoints (without DeepSpeed): held here, so
     # that an upstream fix shows (and the lesson's warning goes)
-    stock = _run(resumed_with(printed), learners_folder)
+    stock = _run(on_cpu(printed) + " \\\n    --resume_from_checkpoint out/checkpoint-2", learners_folder)
     assert stock.returncode != 0
     assert "object has no attribute '_keys_to_ignore_on_save'" in stock.stdout + stock.stderr
-    done = _run(resumed_with(resume.rsplit(" \\\n", 1)[0]), learners_folder)
+    done = _run(on_cpu(resume), learners_folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "m3lab: going on from step 2: out/checkpoint-2" in done.stdout
     # it went on from the checkpoint: every loss it logged is past the checkpoint's epoch (a run from
     # scratch would log step 1's too)
     logged = [float(e) for e in re.findall(r"\{'loss': [^}]*'epoch': ([\d.]+)\}", done.stdout)]
     assert logged and all(epoch > at_checkpoint for epoch in logged), (at_checkpoint, done.stdout[-3000:])
     final = json.loads((learners_folder / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert final["global_step"] == 4 == final["max_steps"]
+
+    # Kaggle's next session: the working folder starts empty, and the last version's output comes back as
+    # input, read-only (here: nothing under it may change); the resume command looks there too
+    given_back = learners_folder.parent / "input" / "my-notebook"
+    given_back.mkdir(parents=True)
+    shutil.move(learners_folder / "out", given_back / "out")
+    before = _tree(given_back)
+    more = _run(on_cpu(resume, steps=6) + " \\\n    --previous_output_dirs ../input", learners_folder)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "m3lab: going on from step 4: ../input/my-notebook/out/checkpoint-4" in more.stdout
+    assert _tree(given_back) == before
+    final = json.loads((learners_folder / "out" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert final["global_step"] == 6
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` with its size and modification time, to show nothing was written."""
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}

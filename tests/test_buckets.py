@@ -31,6 +31,23 @@ def test_lines_go_to_the_bucket_of_their_longest_passage_and_small_buckets_join_
     assert [(b.low, b.bound, b.lines) for b in joined] == [(0, 32, 2), (32, 512, 2), (512, 8192, 1)]
 
 
+def test_a_buckets_lines_past_its_last_whole_batch_go_up_and_only_the_longest_buckets_are_left_out():
+    records = [{"query": f"q{i}", "pos": [_text(n, i)], "neg": [_text(3, i)]}
+               for i, n in enumerate([5, 20, 6, 7, 8, 40, 45, 50, 300, 310, 320])]
+    lengths = _lengths_of(records)
+    split = buckets.split(records, lengths, min_lines=1)
+    assert [b.lines for b in split] == [5, 3, 3]
+    for bucket, batch in zip(split, (2, 2, 2)):
+        bucket.batch = batch
+    plan = buckets.BucketPlan(buckets.platform_for("colab-t4"), False, buckets.TrainConfig(), "words", split)
+    assert plan.lines_left_out() == 1 + 1 + 1  # FlagEmbedding would drop each file's odd line
+    buckets._carry_up(split, lengths, processes=1)
+    # the first bucket's longest line (20 words) goes up; the second's then has 4 lines and keeps them
+    assert [len(r["pos"][0].split()) for r in split[0].records] == [5, 6, 7, 8]
+    assert [b.lines for b in split] == [4, 4, 3] and plan.lines_left_out() == 1
+    assert sum(b.lines for b in split) == len(records)
+
+
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory):
     """A learner's file outside the repository: 36 lines whose passages run from a few tokens to ~100."""
@@ -62,6 +79,36 @@ def test_the_files_are_flagembeddings_format_with_each_buckets_batch(small_plan,
         assert len(records) == bucket.lines and {r["batch_size"] for r in records} == {bucket.batch}
     command = small_plan.command("buckets")
     assert "--same_dataset_within_batch True" in command and "--query_instruction_for_retrieval ''" in command
+    # as the answer's card: where the files must go first, the command, and the same run resumed
+    steps = small_plan.instructions("buckets").split("\n")
+    assert steps[0].startswith("# Before you run it: mount Google Drive first")
+    assert command in "\n".join(steps) and steps[-1] == "    --resume_from_checkpoint latest"
+    assert small_plan.resume_command("buckets") == command.replace(
+        "-m FlagEmbedding.finetune.embedder.encoder_only.m3", "-m m3lab.run_m3") + " \\\n    --resume_from_checkpoint latest"
+
+
+def test_the_per_length_command_pasted_into_predict_is_predicted_at_its_tightest_file(small_plan, tmp_path):
+    """FlagEmbedding batches each file at its lines' batch_size: the command's own batch says little."""
+    import shlex
+
+    from m3lab.command import parse
+    from m3lab.plan import per_file
+    from m3lab.predict import predict
+
+    small_plan.write(tmp_path / "buckets")
+    command = small_plan.command(str(tmp_path / "buckets"))
+    config = parse(command).config
+    assert per_file.carries_batch_sizes(config)
+    runs = per_file.file_runs(config)
+    assert [(r.path.name, r.lines, r.batch_size) for r in runs] == [(b.name, b.lines, b.batch) for b in small_plan.buckets]
+    assert all(b.low < r.longest_passage <= b.bound for r, b in zip(runs, small_plan.buckets))
+    found = per_file.tightest(config, "t4", runs)
+    one_by_one = [predict(run.config(config), "t4").spare_bytes for run in runs]
+    assert found.report.spare_bytes == min(one_by_one)
+    printed = _m3lab("predict", "--gpu", "t4", "--", *shlex.split(command.replace("\\\n", " ")), cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert f"note: {found.describe()}" in printed.stderr
+    assert f"{found.report.total_bytes / 2**30:.2f} GiB" in printed.stdout
 
 
 def test_a_card_without_a_step_time_estimate_still_checkpoints_every_tenth_of_the_run(small_plan):
@@ -111,6 +158,7 @@ def test_the_command_line_writes_the_files_and_a_command_for_two_processes(outsi
     files = sorted((tmp_path / "my-buckets").glob("len-*.jsonl"))
     assert files and sum(len(load_jsonl(f)) for f in files) == len(load_jsonl(outside))
     assert "--nproc_per_node 2" in run.stdout and "--train_data my-buckets" in run.stdout
+    assert run.stdout.rstrip().endswith("--resume_from_checkpoint latest \\\n    --previous_output_dirs /kaggle/input")
     assert "per-length batches" in run.stdout and "the seed's T4 advice" in run.stdout
 
 

@@ -29,7 +29,9 @@ def test_card_names_the_platform_and_labels_every_figure(kaggle_stock):
     assert "estimated at 15% to 24% of its datasheet peak" in card and "training time, estimated:" in card
     assert "torchrun --standalone --nproc_per_node 2" in card  # two T4s, two processes
     assert "--output_dir /kaggle/working/bge-m3-finetuned" in card and "Save Version" in card
-    assert '--resume_from_checkpoint "$(ls -d /kaggle/working/bge-m3-finetuned/checkpoint-*' in card
+    # the resume finds the newest checkpoint itself, also where Kaggle gives the last version's output back
+    assert kaggle_stock.resume_command().endswith(
+        "--resume_from_checkpoint latest \\\n    --previous_output_dirs /kaggle/input")
 
 
 def test_card_command_is_the_predicted_configuration(kaggle_stock):

@@ -72,3 +72,11 @@ def test_the_code_fingerprint_covers_the_traced_libraries_versions(monkeypatch):
         assert saved_traces.code_fingerprint() != before
     finally:
         saved_traces.code_fingerprint.cache_clear()
+
+
+def test_the_fingerprint_reads_every_module_a_trace_can_run_and_not_the_planner_above_it():
+    files = {str(path).split("/m3lab/", 1)[1] for path in saved_traces.traced_code()}
+    # the levers a traced model runs are imported inside a function: found all the same
+    assert {"predict/step.py", "train/runner.py", "train/sparse_head.py", "train/grad_cache.py", "config.py",
+            "deepspeed_json.py", "compat.py"} <= files
+    assert not {f for f in files if f.startswith(("plan/", "lessons/", "evidence/", "use/", "cli.py"))}

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from m3lab.config import ConfigError, TrainConfig
-from m3lab.data.jsonl import DataError
+from m3lab.data.jsonl import DataError, load_jsonl
 from m3lab.train.launch import TrainingFailed, train
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,20 @@ def test_zero1_on_two_processes_halves_the_optimizer_state_per_rank(runs):
     trainable = runs["stage0"].ranks[0].trainable_params
     assert runs["stage0"].optimizer_state_bytes(0) == pytest.approx(8 * trainable, rel=0.001)
     assert single == pytest.approx(8 * trainable, rel=0.001)
+
+
+def test_two_cpu_processes_are_one_data_parallel_run_not_two_copies(runs_root):
+    """Without DeepSpeed too: every rank holds the same weights after each step, and an epoch takes half
+    the steps (two copies would each walk the whole file, on different batches)."""
+    two = train(TINY.replace(num_processes=2, deepspeed_stage=None, optim="adamw_torch", max_steps=2),
+                runs_root=runs_root)
+    assert two.status == "ok", two.log_path.read_text()[-3000:]
+    first, second = (rank.steps for rank in two.ranks)
+    assert [s.weights_sum for s in first] == [s.weights_sum for s in second]
+    assert len({s.weights_sum for s in first}) == 2  # and they do change
+    lines = len(load_jsonl(two.config.train_data))
+    per_epoch = lines // (2 * TINY.per_device_train_batch_size)
+    assert first[0].epoch == pytest.approx(1 / per_epoch, rel=0.01)
 
 
 def test_command_that_ran_is_kept(runs):

@@ -74,6 +74,11 @@ class BucketPlan:
     def epoch_steps(self) -> int:
         return sum(bucket.steps(self.processes) for bucket in self.buckets)
 
+    def lines_left_out(self) -> int:
+        """Lines an epoch does not train: each file's last short batch, which FlagEmbedding drops (it
+        shuffles each file every epoch, so other lines each epoch)."""
+        return sum(b.lines - b.steps(self.processes) * b.batch * self.processes for b in self.buckets)
+
     def table(self) -> str:
         from m3lab.predict import steptime
 
@@ -88,6 +93,9 @@ class BucketPlan:
                          + (f"{time.fastest_seconds:.1f} to {time.slowest_seconds:.1f} s" if time else "no estimate"))
         lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated "
                      f"(m3lab.predict.steptime); tokens counted with {self.tokenizer}")
+        total = sum(b.lines for b in self.buckets)
+        lines.append(f"lines left out of each epoch: {self.lines_left_out()} of {total} (FlagEmbedding drops each "
+                     "file's last short batch, other lines each epoch; a bucket's extra lines go up to the next one)")
         if self.cut:
             lines.append(f"{'FlagEmbedding as it is holds' if self.stock else 'The levers hold'} no passage beyond "
                          f"{self.cut:,} tokens even one query at a time: longer ones are cut there")
@@ -119,6 +127,22 @@ class BucketPlan:
 
         rendering = commands.Rendering(output_dir=output_dir or self.platform.output_dir)
         return commands.format_command(commands.render(self.config(folder), rendering))
+
+    def resume_command(self, folder: str, output_dir: str | None = None) -> str:
+        """The same run going on from its newest checkpoint (``m3lab.command.resume_command``)."""
+        from m3lab import command as commands
+
+        rendering = commands.Rendering(output_dir=output_dir or self.platform.output_dir)
+        return commands.resume_command(self.config(folder), rendering, self.platform.previous_output_dirs)
+
+    def instructions(self, folder: str, output_dir: str | None = None) -> str:
+        """Where the files go, the command and its resume command, as the answer's card gives them."""
+        from m3lab.plan.recipes import RESUME_NOTE
+
+        lines = [f"# Before you run it: {self.platform.storage}."] if self.platform.storage else []
+        lines += ["# Run it from this folder (the files' folder is as it sees it):", self.command(folder, output_dir), "",
+                  RESUME_NOTE, self.resume_command(folder, output_dir)]
+        return "\n".join(lines)
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """One JSONL file per bucket, FlagEmbedding's format with each record's ``batch_size``."""
@@ -325,9 +349,24 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
         raise ConfigError([f"{where.describe()} holds none of this data's passages, even {LENGTH_STEP} tokens at "
                            f"group {base.train_group_size} and one query at a time, with {margin_gib:g} GiB to spare "
                            "(predicted); use a bigger card, or a smaller --margin-gib."])
+    _carry_up(result.buckets, lengths, base.num_processes)
     for bucket in result.buckets:
         bucket.passage_tokens = _passage_tokens(bucket.records, lengths, result.cut or MODEL_MAX_LEN)
     return result
+
+
+def _carry_up(buckets: list[Bucket], lengths: dict[str, int], processes: int) -> None:
+    """Each bucket's lines beyond its last whole batch (which FlagEmbedding would drop) go up into the
+    next bucket, its longest lines first: they pad further there but are trained. Only the longest
+    bucket's remainder is left out. Batches were found for at least the lines a bucket had; more lines
+    only raise that cap."""
+    held = [b for b in buckets if b.batch]
+    for lower, upper in zip(held, held[1:]):
+        extra = lower.lines % (lower.batch * processes)
+        if extra:
+            longest = set(sorted(range(lower.lines), key=lambda i: _line_length(lower.records[i], lengths))[-extra:])
+            upper.records = [r for i, r in enumerate(lower.records) if i in longest] + upper.records
+            lower.records = [r for i, r in enumerate(lower.records) if i not in longest]
 
 
 def _cut(result: BucketPlan, base: TrainConfig, gpu, margin: int, lengths: dict[str, int]) -> None:
@@ -382,7 +421,9 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
         return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
 
     cut = result.cut or MODEL_MAX_LEN
-    bucketed = EpochCost("per-length batches", cut, _kept(result.lengths, cut), result.epoch_steps(),
+    # the passages' tokens an epoch trains: cut at ``cut``, less each bucket's share of lines left out
+    trained = sum(b.passage_tokens * b.steps(processes) * b.batch * processes / b.lines for b in held)
+    bucketed = EpochCost("per-length batches", cut, trained / max(1, sum(result.lengths.values())), result.epoch_steps(),
                          seconds([(b.steps(processes), b.report) for b in held]),
                          max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
     seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
@@ -394,7 +435,7 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
                            seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
     fixed_batch = held[-1].batch if held else 0
     fixed = EpochCost(f"one batch ({fixed_batch} a process) at " + ("full length" if cut == MODEL_MAX_LEN else
-                                                                   f"{cut:,} tokens"), cut, bucketed.tokens_kept,
+                                                                   f"{cut:,} tokens"), cut, _kept(result.lengths, cut),
                       lines // max(1, fixed_batch * processes),
                       seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
                       if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")

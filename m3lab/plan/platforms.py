@@ -28,6 +28,8 @@ class Platform:
     weekly_gpu_hours: float | None = None  # the GPU time a week allows (None: not limited)
     output_dir: str = "bge-m3-finetuned"  # where checkpoints and the model outlive a session
     storage: str = ""  # how to make output_dir outlive the session, in a sentence
+    # where the last session's output comes back, if not in output_dir itself (the resume looks there too)
+    previous_output_dirs: tuple[str, ...] = ()
 
     def describe(self) -> str:
         host = f"{self.host_ram_bytes / GB:.1f} GB host RAM" if self.host_ram_bytes else "host RAM not given"
@@ -43,7 +45,9 @@ PLATFORMS: dict[str, Platform] = {p.key: p for p in [
     Platform("kaggle-t4x2", "Kaggle", gpu_profile("t4x2"), int(29 * GB), session_hours=12, weekly_gpu_hours=30,
              output_dir="/kaggle/working/bge-m3-finetuned",
              storage="run it as a saved version (Save Version, Save & Run All): /kaggle/working is then kept as "
-                     "the version's output, which the next session adds as input to resume from"),
+                     "the version's output; in the next session add that output as input (Add Input, Your Work), "
+                     "where it is read-only under /kaggle/input and the resume command finds its checkpoint",
+             previous_output_dirs=("/kaggle/input",)),
 ]}
 
 

@@ -24,6 +24,9 @@ from m3lab.plan.platforms import GB, PLATFORMS, Platform
 from m3lab.predict import steptime
 
 EPOCHS = 2  # the series' fine-tuning runs; FlagEmbedding's m3.sh trains 4 on its example data
+RESUME_NOTE = ("# When a session ends before the run does, in the next one: the same run, going on from the newest "
+               "checkpoint (from the beginning if there is none yet), on m3lab's runner: FlagEmbedding 1.4.2's own "
+               "cannot resume an M3 checkpoint without DeepSpeed")
 
 
 def as_seen_from_here(path: str | os.PathLike) -> str:
@@ -63,7 +66,7 @@ class Answer:
         return commands.format_command(commands.render(self.config, self.rendering))
 
     def resume_command(self) -> str:
-        return commands.resume_command(self.config, self.rendering)
+        return commands.resume_command(self.config, self.rendering, self.platform.previous_output_dirs)
 
     def write_deepspeed_json(self, folder: str | os.PathLike = ".") -> Path | None:
         """The DeepSpeed JSON the command names, written into ``folder`` (None without DeepSpeed)."""
@@ -106,8 +109,7 @@ class Answer:
             lines += ["", f"# {self.config.deepspeed_file_name} (write it beside the command)",
                       self.config.deepspeed_json().rstrip()]
         if self.plan.sessions > 1 or self.platform.session_hours is not None:
-            lines += ["", "# When a session ends before the run does: the same command, going on from the last "
-                          "checkpoint", self.resume_command()]
+            lines += ["", RESUME_NOTE, self.resume_command()]
         return "\n".join(lines)
 
 

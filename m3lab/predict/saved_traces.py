@@ -3,9 +3,10 @@
 A fit search, a lesson and the tests often trace the same run (the same configuration, card and
 rank); a full-depth trace of BGE-M3 takes up to a minute on two cores. Each traced rank's figures
 (the ``RankSteps`` without the trace itself) are written under ``$M3LAB_CACHE/traces/<code>/``,
-where ``<code>`` fingerprints m3lab's own source files and the versions of the libraries the trace
-runs (torch, transformers, DeepSpeed, FlagEmbedding, ...): a change to either starts an empty
-folder, so nothing traced by other code is ever read back. The key is everything the trace is
+where ``<code>`` fingerprints the source of every m3lab module a trace can run (the predictor's and
+all they import, found by reading their imports) and the versions of the libraries the trace runs
+(torch, transformers, DeepSpeed, FlagEmbedding, ...): a change to either starts an empty folder, so
+nothing traced by other code is ever read back. The key is everything the trace is
 given: the run as the trace sees it (``TraceSpec``, the model's geometry included), the card, the
 rank and how it is traced.
 
@@ -15,6 +16,7 @@ predictor's own code.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 import functools
@@ -35,12 +37,53 @@ def enabled() -> bool:
     return os.environ.get("M3LAB_SAVED_TRACES", "1") != "0"
 
 
+def _modules() -> dict[str, Path]:
+    package = Path(__file__).resolve().parent.parent
+    found = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imported(source: str, modules: dict[str, Path]) -> set[str]:
+    """The m3lab modules a source file imports, anywhere in it (a function's lazy imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target not in modules and "." in target:
+                target = target.rsplit(".", 1)[0]
+            if target in modules:
+                found.add(target)
+    return found
+
+
+def traced_code() -> list[Path]:
+    """The source files a trace can run: the predictor's modules and every m3lab module they import,
+    directly or not (the planner, the lessons and the command line above it are not among them)."""
+    modules = _modules()
+    todo = [name for name in modules if name.startswith("m3lab.predict")] + ["m3lab"]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _imported(modules[name].read_text(encoding="utf-8"), modules) - seen
+    return sorted(modules[name] for name in seen)
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """m3lab's source files and the traced libraries' versions, as one short digest."""
+    """The traced code's source files and the traced libraries' versions, as one short digest."""
     digest = hashlib.sha256(sys.version.split()[0].encode())
     package = Path(__file__).resolve().parent.parent
-    for path in sorted(package.rglob("*.py")):
+    for path in traced_code():
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     for name in TRACED_LIBRARIES:

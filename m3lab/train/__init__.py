@@ -1,6 +1,7 @@
 """Real training: the FlagEmbedding M3 trainer launched with torchrun in a child process (``launch``),
-the runner that process runs with m3lab's levers and resuming (``runner``), the memory meter inside
+the runner that process runs with m3lab's levers and resuming (``runner``; where a resumed run goes on
+from: ``resume``), the memory meter inside
 it (``meter``), and the levers themselves: the sparse head in O(batch x vocab) (``sparse_head``) and
 gradient caching (``grad_cache``)."""
 
-__all__ = ["launch", "runner", "meter", "record", "sparse_head", "grad_cache"]
+__all__ = ["launch", "runner", "resume", "meter", "record", "sparse_head", "grad_cache"]

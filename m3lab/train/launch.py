@@ -212,8 +212,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
     argv = render(config.replace(train_data=train_data),
                   Rendering(str(run_dir / "model"), str(ds_path) if ds_path else None, model_path), CHILD_MODULE)
     argv[0] = _torchrun()
-    if hardware.device == "cpu" and config.bf16:
-        argv += ["--use_cpu", "True"]  # HF refuses bf16 without a GPU unless told to run on the CPU (CPU autocast)
+    if hardware.device == "cpu" and (config.bf16 or config.num_processes > 1):
+        # HF refuses bf16 without a GPU unless told to run on the CPU (CPU autocast); and without it, several
+        # processes on a CPU are as many independent runs (HF's parallel mode NOT_PARALLEL), not one
+        # data-parallel run over gloo
+        argv += ["--use_cpu", "True"]
     child_env = {METRICS_DIR_ENV: str(run_dir)}
     if memory_limit_bytes:
         child_env[MEMORY_LIMIT_ENV] = str(int(memory_limit_bytes))

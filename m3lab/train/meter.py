@@ -43,6 +43,16 @@ def limit_sdpa_kernels() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def _weights_sum(model) -> float | None:
+    """The sum of the model's last trainable tensor after the step (a head's: small, so summing it costs
+    no memory): data-parallel ranks hold the same weights, so the same sum to the bit; independent
+    copies trained on different batches do not."""
+    if model is None:
+        return None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return float(trainable[-1].detach().double().sum()) if trainable else None
+
+
 def _bool_or_none(value) -> bool | None:
     if isinstance(value, torch.Tensor):
         return bool(value.item())
@@ -140,6 +150,7 @@ class StepRecorder(TrainerCallback):
             "fp32_master_bytes": tensor_bytes(fp32_master_tensors(optimizer)),
             # accelerate's optimizer wrappers (HF AMP and DeepSpeed alike) know it
             "optimizer_step_skipped": _bool_or_none(getattr(optimizer, "step_was_skipped", None)),
+            "epoch": state.epoch, "weights_sum": _weights_sum(model),
             **self._batch,
         }
         # The loss arrives in on_log right after a step that logs; other steps are written now.

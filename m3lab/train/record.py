@@ -49,6 +49,10 @@ class StepRecord:
     queries: int | None = None
     passages: int | None = None
     passage_tokens: int | None = None
+    # where the run stands after the step (HF's epoch: steps / steps per epoch), and the sum of the model's
+    # last trainable tensor: equal on every rank of a data-parallel run
+    epoch: float | None = None
+    weights_sum: float | None = None
 
 
 __all__ = ["Event", "Outcome", "StepRecord"]

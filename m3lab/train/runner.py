@@ -5,7 +5,8 @@
 model and trainer; it adds ``meter.StepRecorder`` (when M3LAB_METRICS_DIR is set), turns a CUDA
 out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, resumes
 from FlagEmbedding's own M3 checkpoints (``resuming``: FlagEmbedding 1.4.2's runner cannot, without
-DeepSpeed), and takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
+DeepSpeed), finds the newest one itself (``--resume_from_checkpoint latest``, ``m3lab.train.resume``),
+and takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
 ``--grad_cache_chunk_size 1``).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from m3lab.config import M3LabArguments
+from m3lab.train import resume
 
 OOM_EXIT_CODE = 86
 
@@ -69,7 +71,7 @@ def _runner_class(m3lab_args: M3LabArguments):
         EncoderOnlyEmbedderM3Runner,
     )
 
-    if m3lab_args == M3LabArguments():
+    if m3lab_args.levers == M3LabArguments():
         return EncoderOnlyEmbedderM3Runner
 
     class M3LabRunner(EncoderOnlyEmbedderM3Runner):
@@ -78,6 +80,22 @@ def _runner_class(m3lab_args: M3LabArguments):
             return tokenizer, apply_levers(model, m3lab_args)
 
     return M3LabRunner
+
+
+def _resolve_latest(training_args, m3lab_args: M3LabArguments) -> str | None:
+    """``--resume_from_checkpoint latest`` made the newest checkpoint's folder, or nothing (the run
+    starts from the beginning); a refusal in a sentence where FlagEmbedding would refuse the folder."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    found = resume.resolve(training_args.output_dir, m3lab_args.previous_output_dirs,
+                           log=print if rank == "0" else lambda line: None)
+    training_args.resume_from_checkpoint = found
+    output = training_args.output_dir
+    if found is None and os.path.isdir(output) and os.listdir(output):
+        return (f"m3lab: {output} holds files but no complete checkpoint to go on from (one has trainer_state.json): "
+                f"move them elsewhere or give another --output_dir, then run the command again.")
+    return None
 
 
 def main() -> int:
@@ -94,6 +112,11 @@ def main() -> int:
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                                EncoderOnlyEmbedderM3TrainingArguments, M3LabArguments))
     model_args, data_args, training_args, m3lab_args = parser.parse_args_into_dataclasses()
+    if training_args.resume_from_checkpoint == resume.LATEST:
+        refusal = _resolve_latest(training_args, m3lab_args)
+        if refusal:
+            print(refusal, file=sys.stderr, flush=True)
+            return 2
     limit_sdpa_kernels()
     recorder = StepRecorder.from_env()
     if recorder is not None:
