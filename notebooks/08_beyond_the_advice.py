@@ -390,6 +390,32 @@ for platform, plan in bucket_plans.items():
 # command for your platform from this folder, with its bucket files beside it.
 
 # %% [markdown]
+# ## Run it
+#
+# The answer for the platform this notebook runs on, run from here. Every session, the first one too,
+# runs the same cells in order: the install cell at the top, the cell below (it mounts Google Drive on
+# Colab; on Kaggle it checks `/kaggle/working`), your data (`MY_DATA` above), the answers above, then the
+# run. The run goes on from the newest checkpoint it finds (on Kaggle also in the last version's output,
+# added as input), or starts from the beginning when there is none; the stop button stops it, and
+# running the cell again goes on. On a machine without a GPU the same cells train the offline stand-in
+# for a few steps, only to show that they run.
+
+# %%
+from m3lab.lessons import your_run
+
+here = your_run.platform_here()
+print(your_run.keep_outputs(here))
+
+# %%
+mine = your_run.your_run(lever_answers[here or "colab-t4"], env)
+print(mine.what)
+print(mine.command)
+
+# %%
+finished = your_run.run(mine.command)
+print(f"the run ended with exit status {finished}; its folder: {mine.output_dir}")
+
+# %% [markdown]
 # **In one line.** With m3lab's levers, on your data: groups of 11 at 2,704-token passages, no
 # DeepSpeed, fused AdamW: 10.93 GiB peak and 2.98 GiB to spare on a T4 (predicted); two epochs in 58
 # min to 1.6 h on free Colab, 29 to 47 min on Kaggle (estimated). Or every text whole, in per-length

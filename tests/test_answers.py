@@ -174,3 +174,21 @@ def _tree(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` with its size and modification time, to show nothing was written."""
     return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_the_lessons_run_cell_trains_the_answer_here_and_ends_with_a_checkpoint(answers_for_my_file, tmp_path):
+    """Lesson 08's run cells on a machine without a GPU: the same command, sized for the CPU."""
+    from m3lab.lessons import environment, your_run
+
+    env = environment()
+    assert your_run.platform_here() is None and not env.on_gpu
+    assert your_run.keep_outputs(None) == "no GPU platform here: the run goes to results/your-run (nothing to mount)"
+    (tmp_path / "my_train.jsonl").write_text(TRAIN.read_text())
+    mine = your_run.your_run(answers_for_my_file["kaggle-t4x2"], env, folder=tmp_path)
+    assert "--nproc_per_node 2" in mine.command and "--resume_from_checkpoint latest" in mine.command
+    printed = []
+    assert your_run.run(mine.command, cwd=tmp_path, log=printed.append) == 0, "\n".join(printed[-40:])
+    assert any(line.startswith("m3lab: no checkpoint yet in results/your-run") for line in printed)
+    state = json.loads((tmp_path / "results" / "your-run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

@@ -1,6 +1,6 @@
 """What every notebook of the series shares: the machine it runs on and the sizes it picks there,
 the versions that matter, and prediction tables that say where each figure came from. Beside it:
-the lessons' plots (``plots``) and the main job that gathers the series' measurements into one report
+the lessons' plots (``plots``), the learner's own run started from the lesson (``your_run``) and the main job that gathers the series' measurements into one report
 (``main_job``, ``m3lab run``).
 
 Every cell runs the same code on a T4 and in CI (a CPU): the environment only picks sizes, as
@@ -172,4 +172,4 @@ def predict_run(config: TrainConfig, env: Environment) -> MemoryReport:
 
 
 __all__ = ["Environment", "environment", "versions", "load_tokenizer", "predict_all", "prediction_table",
-           "gpu_measurements", "print_commands", "predict_run", "plots", "main_job"]
+           "gpu_measurements", "print_commands", "predict_run", "plots", "your_run", "main_job"]

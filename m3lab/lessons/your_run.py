@@ -1,0 +1,110 @@
+"""The learner's run, from the lesson: where it keeps its files, the command for this machine, and
+running it with its progress in the notebook.
+
+On Colab or Kaggle the command is the answer's resume command as printed (``Answer.resume_command``):
+the same command serves every session, the first included, since it goes on from the newest
+checkpoint or starts from the beginning when there is none. On a machine without a GPU (CI, a
+laptop) the same command trains the offline stand-in for a few steps at small lengths, in fp32 and
+on the CPU: the environment picks sizes, the cells are the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from m3lab import command as commands
+from m3lab.lessons import Environment
+from m3lab.standin import resolve_model
+
+COLAB_DRIVE = "/content/drive"
+KAGGLE_WORKING = "/kaggle/working"
+CPU_OUTPUT_DIR = "results/your-run"  # on a machine without a GPU: beside the lesson, not on a platform's disk
+CPU_SIZES = dict(query_max_len=32, passage_max_len=128, per_device_train_batch_size=1)
+
+
+def platform_here() -> str | None:
+    """"colab-t4" on Colab, "kaggle-t4x2" on Kaggle, None elsewhere."""
+    if Path(KAGGLE_WORKING).is_dir():
+        return "kaggle-t4x2"
+    if "google.colab" in sys.modules or Path("/content").is_dir() and os.environ.get("COLAB_RELEASE_TAG"):
+        return "colab-t4"
+    return None
+
+
+def keep_outputs(platform: str | None) -> str:
+    """Make the run's folder outlive the session where the platform needs it: Drive mounted on Colab,
+    /kaggle/working checked on Kaggle; says what it did."""
+    if platform == "colab-t4":
+        from google.colab import drive  # Colab's own module
+
+        drive.mount(COLAB_DRIVE)
+        return f"Google Drive mounted at {COLAB_DRIVE}: checkpoints written under it outlive the session"
+    if platform == "kaggle-t4x2":
+        if not os.access(KAGGLE_WORKING, os.W_OK):
+            raise RuntimeError(f"{KAGGLE_WORKING} is not writable: run this notebook on Kaggle as a notebook "
+                               "(not a script from a dataset)")
+        return (f"{KAGGLE_WORKING} is writable: save a version (Save & Run All) to keep it; in the next session "
+                "add that version's output as input and run the same cells")
+    return f"no GPU platform here: the run goes to {CPU_OUTPUT_DIR} (nothing to mount)"
+
+
+@dataclass(frozen=True)
+class YourRun:
+    """The command to run here and what it is."""
+
+    command: str
+    output_dir: str
+    what: str
+
+
+def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.PathLike = ".") -> YourRun:
+    """The answer's run as this machine runs it (see the module docstring), from ``folder``; its
+    DeepSpeed JSON, if it names one, is written there. On a CPU, ``cpu_steps`` steps into a fresh
+    ``CPU_OUTPUT_DIR``, a checkpoint every 2."""
+    if env.on_gpu:
+        answer.write_deepspeed_json(folder)
+        return YourRun(answer.resume_command(), answer.output_dir,
+                       f"{answer.title}: the printed resume command, as it is")
+    config = env.sized(answer.config, **CPU_SIZES, train_group_size=min(answer.config.train_group_size, 4),
+                       max_steps=cpu_steps, save_steps=2)
+    if "bnb" in config.optim:  # bitsandbytes' 8-bit AdamW runs on a GPU only
+        config = config.replace(optim="adamw_torch")
+    # a demonstration: each time the lesson runs on a CPU it starts afresh
+    shutil.rmtree(Path(folder) / CPU_OUTPUT_DIR, ignore_errors=True)
+    if config.deepspeed_stage is not None:
+        (Path(folder) / config.deepspeed_file_name).write_text(config.deepspeed_json())
+    rendering = commands.Rendering(CPU_OUTPUT_DIR, model_path=str(resolve_model(config.model)))
+    command = commands.resume_command(config, rendering, answer.platform.previous_output_dirs)
+    # without it HF runs two CPU processes as two independent copies, not one data-parallel run
+    command += " \\\n    --use_cpu True"
+    return YourRun(command, CPU_OUTPUT_DIR, f"{answer.title}, sized for this CPU: the stand-in {config.model}, "
+                                            f"{cpu_steps} steps at small lengths, fp32")
+
+
+def run(command: str, cwd: str | os.PathLike = ".", log=print) -> int:
+    """Run ``command`` in a shell, printing its output as it comes. Interrupted (the notebook's stop
+    button), it stops the run and says how to go on; the newest checkpoint stays."""
+    bin_dir = str(Path(sys.executable).parent)  # torchrun, installed with torch, beside this Python
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+           "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.Popen(["bash", "-c", command], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, start_new_session=True)
+    try:
+        for line in child.stdout:
+            log(line.rstrip("\n"))
+        return child.wait()
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGINT)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        log("stopped. Run the same cell again (in this session or the next) to go on from the newest checkpoint.")
+        return child.returncode
