@@ -175,6 +175,16 @@ from m3lab import use
 model_dir = run.run_dir / "model"
 print("the run's folder:", ", ".join(f.name for f in use.model_files(model_dir)))
 
+# %% [markdown]
+# **Two traps in the saved folder.** FlagEmbedding 1.4.2 writes no sentence-transformers module files,
+# and `SentenceTransformer(folder)` then loads the encoder without a word, with mean pooling and no
+# normalisation: vectors that are not BGE-M3's. m3lab's runner, which ran this, writes them
+# (`modules.json`, `1_Pooling/`, `2_Normalize/`), so sentence-transformers gives BGE-M3's dense vectors
+# too; after FlagEmbedding's own runner, `python -m m3lab.train.saved_model FOLDER` writes them. And with
+# FlagEmbedding's default `--unified_finetuning False` the folder has no `colbert_linear.pt` or
+# `sparse_linear.pt`: `BGEM3FlagModel` then makes both heads up at random on every load, saying so only
+# in its log. Every command in this series trains them (`--unified_finetuning True`).
+
 # %%
 query = "How does Python bind a name to an object?"
 passages = ["Assignment statements bind names to objects; the name refers to the object, it does not hold it.",

@@ -72,6 +72,20 @@ def test_two_cpu_processes_are_one_data_parallel_run_not_two_copies(runs_root):
     assert first[0].epoch == pytest.approx(1 / per_epoch, rel=0.01)
 
 
+def test_without_unified_finetuning_the_heads_are_not_saved_and_load_at_random(runs_root):
+    """FlagEmbedding's default --unified_finetuning False: no head files, and BGEM3FlagModel makes both
+    heads up on every load (held, so that an upstream fix shows; the lessons warn of it)."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    dense_only = train(TINY.replace(unified_finetuning=False, use_self_distill=False, max_steps=1), runs_root=runs_root)
+    assert dense_only.status == "ok", dense_only.log_path.read_text()[-3000:]
+    folder = dense_only.run_dir / "model"
+    assert not (folder / "colbert_linear.pt").exists() and not (folder / "sparse_linear.pt").exists()
+    loads = [BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu").encode(
+        ["the memory a T4 holds"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"][0] for _ in range(2)]
+    assert loads[0].shape == loads[1].shape and abs(loads[0] - loads[1]).max() > 1e-3
+
+
 def test_command_that_ran_is_kept(runs):
     result = runs["stage1x2"]
     assert "--nproc_per_node 2" in result.command

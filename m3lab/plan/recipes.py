@@ -12,6 +12,7 @@ sessions it takes, and the command that goes on from the last checkpoint.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,10 @@ class Answer:
                       self.config.deepspeed_json().rstrip()]
         if self.plan.sessions > 1 or self.platform.session_hours is not None:
             lines += ["", RESUME_NOTE, self.resume_command()]
+        if not self.config.uses_m3lab_levers:  # m3lab's runner writes them itself
+            lines += ["", "# When it has finished: the folder made loadable by sentence-transformers too "
+                          "(FlagEmbedding's own runner writes no module files; without them it pools otherwise)",
+                      f"python -m m3lab.train.saved_model {shlex.quote(self.output_dir)}"]
         return "\n".join(lines)
 
 

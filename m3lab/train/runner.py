@@ -6,7 +6,8 @@ model and trainer; it adds ``meter.StepRecorder`` (when M3LAB_METRICS_DIR is set
 out-of-memory error into a record and exit code ``OOM_EXIT_CODE`` instead of a traceback, resumes
 from FlagEmbedding's own M3 checkpoints (``resuming``: FlagEmbedding 1.4.2's runner cannot, without
 DeepSpeed), finds the newest one itself (``--resume_from_checkpoint latest``, ``m3lab.train.resume``),
-and takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
+writes sentence-transformers' module files beside the saved model (``m3lab.train.saved_model``), and
+takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
 ``--grad_cache_chunk_size 1``).
 """
 
@@ -98,6 +99,17 @@ def _resolve_latest(training_args, m3lab_args: M3LabArguments) -> str | None:
     return None
 
 
+def _for_other_tools(output_dir: str) -> None:
+    """sentence-transformers' module files beside the saved model (m3lab.train.saved_model), by rank 0."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0" and os.path.isfile(os.path.join(output_dir, "config.json")):
+        from m3lab.train.saved_model import write_sentence_transformers_files
+
+        write_sentence_transformers_files(output_dir)
+        print(f"m3lab: {output_dir} also loads in sentence-transformers with BGE-M3's pooling (CLS, normalised)")
+
+
 def main() -> int:
     import torch
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
@@ -127,6 +139,7 @@ def main() -> int:
         if recorder is not None:
             runner.trainer.add_callback(recorder)
         runner.run()
+        _for_other_tools(training_args.output_dir)
     except torch.OutOfMemoryError as error:
         if recorder is None:
             raise
