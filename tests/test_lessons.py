@@ -149,3 +149,18 @@ def test_memory_curve_zooms_on_the_card_and_writes_what_is_above(two_reports):
     assert [t.get_text() for t in ax.texts if "\u2191" in t.get_text()] == ["137 GiB \u2191"]
     unzoomed = plots.memory_curve([64, 128], [small, big], "seq_len").axes[0]
     assert not any("\u2191" in t.get_text() for t in unzoomed.texts)
+
+
+def test_the_verdict_says_helped_no_change_or_worse_and_what_the_guards_found():
+    from m3lab.use.evaluate import RetrievalScores, verdict
+
+    def scores(mrr, empty=0.0, start=(0.1, 0.2)):
+        return RetrievalScores("m", 50, 303, {"combined": mrr}, {}, empty, list(start))
+
+    assert verdict(scores(0.40), scores(0.45), )[0] == "helped: combined MRR@10 0.400 -> 0.450 (+0.050) on 50 held-out queries"
+    assert verdict(scores(0.40), scores(0.405))[0].startswith("no change:")
+    worse = verdict(scores(0.40), scores(0.30, empty=0.9, start=(0.3, 0.1)))
+    assert worse[0].startswith("worse:") and worse[1].startswith("to check:")
+    assert worse[2].startswith("guard: 90% of the passages have all-zero sparse weights")
+    same = verdict(scores(0.40), scores(0.40))
+    assert any(line.startswith("guard: the fine-tuned dense vectors equal the base model's") for line in same)

@@ -313,3 +313,22 @@ def epoch_costs(costs: list, path: str | Path | None = None, title: str = "One e
     fig.suptitle(f"{title} (memory predicted, times estimated)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def retrieval_before_after(before, after, provenance: str, path: str | Path | None = None,
+                           title: str = "Retrieval on the held-out split, before and after fine-tuning"):
+    """MRR@10 of each of BGE-M3's scores (``RetrievalScores``), before and after, side by side."""
+    from m3lab.use.evaluate import MODES
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = range(len(MODES))
+    for shift, scores, label in ((-0.2, before, "before"), (0.2, after, "after")):
+        values = [scores.mrr_at_10[mode] for mode in MODES]
+        bars = ax.bar([x + shift for x in xs], values, width=0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8, padding=2)
+    ax.set_xticks(list(xs), MODES)
+    ax.set_ylabel(f"MRR@10 ({before.queries} queries)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{title}\n({provenance})", fontsize=10)
+    ax.legend(loc="upper left")
+    return _save(fig, path)

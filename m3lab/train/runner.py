@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from m3lab.config import M3LabArguments
+from m3lab.config import RESUME_LATEST, M3LabArguments
 from m3lab.train import resume
 
 OOM_EXIT_CODE = 86
@@ -124,7 +124,7 @@ def main() -> int:
     parser = HfArgumentParser((EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3DataArguments,
                                EncoderOnlyEmbedderM3TrainingArguments, M3LabArguments))
     model_args, data_args, training_args, m3lab_args = parser.parse_args_into_dataclasses()
-    if training_args.resume_from_checkpoint == resume.LATEST:
+    if training_args.resume_from_checkpoint == RESUME_LATEST:
         refusal = _resolve_latest(training_args, m3lab_args)
         if refusal:
             print(refusal, file=sys.stderr, flush=True)

@@ -33,6 +33,11 @@ class RetrievalScores:
     corpus: int
     mrr_at_10: dict[str, float] = field(default_factory=dict)
     recall: dict[str, dict[int, float]] = field(default_factory=dict)  # mode -> k -> recall@k
+    # guards against upstream's known failures: the share of passages whose sparse weights are all zero
+    # (FlagEmbedding #982), and the first passage's first dense values (a fine-tune that saved the base
+    # model, #1547, gives the base's)
+    empty_sparse_share: float = 0.0
+    dense_start: list[float] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         return [{"mode": mode, "MRR@10": round(self.mrr_at_10[mode], 4),
@@ -102,7 +107,31 @@ def evaluate_retrieval(model: str | Path, eval_path: str | Path = "data/eval.jso
             raise RuntimeError(f"scoring {model} failed (exit {child.returncode}):\n" + child.stderr[-3000:])
         saved = json.loads(out.read_text())
     return RetrievalScores(str(model), saved["queries"], saved["corpus"], saved["mrr_at_10"],
-                           {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()})
+                           {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()},
+                           saved["empty_sparse_share"], saved["dense_start"])
+
+
+NO_CHANGE = 0.01  # MRR@10 moved by less than this: no change (50 held-out queries: one query's rank is 0.02)
+
+
+def verdict(before: RetrievalScores, after: RetrievalScores, mode: str = "combined") -> list[str]:
+    """Whether the fine-tune helped, in a line, by ``mode``'s MRR@10; then what to check where it did not,
+    and what the guards found."""
+    change = after.mrr_at_10[mode] - before.mrr_at_10[mode]
+    word = "helped" if change >= NO_CHANGE else "worse" if change <= -NO_CHANGE else "no change"
+    lines = [f"{word}: {mode} MRR@10 {before.mrr_at_10[mode]:.3f} -> {after.mrr_at_10[mode]:.3f} "
+             f"({change:+.3f}) on {after.queries} held-out queries"]
+    if word != "helped":
+        lines.append("to check: the learning rate and epochs (too few steps move nothing; too high forgets), "
+                     "whether the negatives are true negatives, and whether the held-out queries resemble the "
+                     "training ones")
+    if after.dense_start and after.dense_start == before.dense_start:
+        lines.append("guard: the fine-tuned dense vectors equal the base model's: the folder holds the base "
+                     "weights (did the run save? FlagEmbedding #1547)")
+    if after.empty_sparse_share > 0.5:
+        lines.append(f"guard: {after.empty_sparse_share:.0%} of the passages have all-zero sparse weights "
+                     "(FlagEmbedding #982): was sparse_linear.pt saved and trained (--unified_finetuning True)?")
+    return lines
 
 
 def _score(model_path: str, eval_path: str, corpus_path: str, ks: tuple[int, ...], max_length: int,
@@ -125,7 +154,9 @@ def _score(model_path: str, eval_path: str, corpus_path: str, ks: tuple[int, ...
     scores["colbert"] = np.array([[float(model.colbert_score(qv, pv)) for pv in p["colbert_vecs"]]
                                   for qv in q["colbert_vecs"]], dtype=np.float64)
     scores["combined"] = sum(w * scores[mode] for mode, w in COMBINED_WEIGHTS.items())
-    result = RetrievalScores(str(model_path), len(records), len(corpus))
+    result = RetrievalScores(str(model_path), len(records), len(corpus),
+                             empty_sparse_share=float(np.mean([not any(w.values()) for w in p["lexical_weights"]])),
+                             dense_start=[round(float(v), 6) for v in np.asarray(p["dense_vecs"])[0, :8]])
     for mode in MODES:
         result.mrr_at_10[mode], result.recall[mode] = _rank_metrics(scores[mode], relevant, ks)
     return result
