@@ -129,6 +129,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("fp16", "fp16"),
     Flag("bf16", "bf16"),
     Flag("gradient_checkpointing", "gradient_checkpointing"),
+    # Several processes without DeepSpeed: HF wraps FlagEmbedding's M3 model in DDP and, the model being a
+    # plain module (not a PreTrainedModel), asks DDP to find unused parameters; with the default reentrant
+    # checkpointing the step then fails ("Expected to mark a variable ready only once": each checkpointed
+    # layer's parameters marked twice). Non-reentrant checkpointing runs (found on two CPU processes over
+    # gloo; the predictor traces the reentrant kind, which holds about the same).
+    Flag("gradient_checkpointing_kwargs", memory=Memory.NONE, write=lambda config, rendering: (
+        ['{"use_reentrant": false}'] if config.gradient_checkpointing and config.num_processes > 1
+        and config.deepspeed_stage is None else None)),
     Flag("dataloader_drop_last", "dataloader_drop_last"),
     # always written without DeepSpeed: HF Trainer's own default is adamw_torch_fused (transformers >= 4.56)
     Flag("optim", "optim", write=_when(lambda c: c.deepspeed_stage is None, "optim")),

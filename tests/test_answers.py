@@ -3,9 +3,9 @@ learner's own folder on their own file, stopped when a session ends, resumed, an
 
 On this CPU machine a command cannot run exactly as printed, and the tests change only this, each
 visibly (``on_this_cpu``): the model is the offline stand-in (no hub here), fp16 is off (a CPU has no
-fp16 training; in the DeepSpeed JSON too, where there is one), ``--use_cpu True`` (without it HF runs two
-processes on a CPU as two independent copies, not one data-parallel run), and a few steps replace the
-epochs. Everything else (the data's path, the output
+fp16 training; in the DeepSpeed JSON too, where there is one), ``--use_cpu True`` for several processes
+(without it HF runs them on a CPU as independent copies, not one data-parallel run), and a few steps
+replace the epochs. Everything else (the data's path, the output
 folder, the DeepSpeed JSON's name, every FlagEmbedding flag) is the printed text.
 """
 
@@ -48,7 +48,9 @@ def on_this_cpu(command: str, standin: Path, steps: int, extra: str = "") -> str
     assert "--model_name_or_path BAAI/bge-m3 \\" in command and "--fp16 True \\" in command
     command = command.replace("--model_name_or_path BAAI/bge-m3 \\", f"--model_name_or_path {standin} \\")
     command = command.replace("--fp16 True \\", "--fp16 False \\")
-    return command + f" \\\n    --use_cpu True \\\n    --max_steps {steps}" + extra
+    if "--nproc_per_node 1 " not in command:
+        command += " \\\n    --use_cpu True"
+    return command + f" \\\n    --max_steps {steps}" + extra
 
 
 def _shell_environment() -> dict:

@@ -81,8 +81,8 @@ def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.Path
         (Path(folder) / config.deepspeed_file_name).write_text(config.deepspeed_json())
     rendering = commands.Rendering(CPU_OUTPUT_DIR, model_path=str(resolve_model(config.model)))
     command = commands.resume_command(config, rendering, answer.platform.previous_output_dirs)
-    # without it HF runs two CPU processes as two independent copies, not one data-parallel run
-    command += " \\\n    --use_cpu True"
+    if config.num_processes > 1:  # without it HF runs CPU processes as independent copies, not data-parallel
+        command += " \\\n    --use_cpu True"
     return YourRun(command, CPU_OUTPUT_DIR, f"{answer.title}, sized for this CPU: the stand-in {config.model}, "
                                             f"{cpu_steps} steps at small lengths, fp32")
 

@@ -421,9 +421,9 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
         return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
 
     cut = result.cut or MODEL_MAX_LEN
-    # the passages' tokens an epoch trains: cut at ``cut``, less each bucket's share of lines left out
-    trained = sum(b.passage_tokens * b.steps(processes) * b.batch * processes / b.lines for b in held)
-    bucketed = EpochCost("per-length batches", cut, trained / max(1, sum(result.lengths.values())), result.epoch_steps(),
+    # the passages' tokens an epoch trains: cut at ``cut``, times the share of the lines it trains
+    trained = sum(b.steps(processes) * b.batch * processes for b in held) / max(1, lines)
+    bucketed = EpochCost("per-length batches", cut, _kept(result.lengths, cut) * trained, result.epoch_steps(),
                          seconds([(b.steps(processes), b.report) for b in held]),
                          max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
     seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
