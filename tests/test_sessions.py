@@ -25,6 +25,15 @@ def test_with_an_estimate_a_checkpoint_lands_every_half_hour_of_the_slow_estimat
     assert "at most 30 min of training at the slow estimate" in "\n".join(plan.describe())
 
 
+def test_a_run_shorter_than_half_an_hour_still_saves_halfway(report):
+    config = TrainConfig.common_t4_advice(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=1)
+    quick = dataclasses.replace(steptime.step_time(report), slowest_seconds=1.0)  # 600 steps: 10 min
+    plan = sessions.plan(config, report, records=300, platform=platform_for("colab-t4"), time=quick)
+    assert plan.save_steps == 300 and "halfway at the latest" in "\n".join(plan.describe())
+    odd = sessions.plan(config, report, records=301, platform=platform_for("colab-t4"), time=quick)
+    assert odd.steps == 602 and odd.save_steps == 301
+
+
 def test_without_an_estimate_a_checkpoint_lands_every_tenth_of_the_run_and_the_plan_says_why(report):
     config = TrainConfig.common_t4_advice(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=1)
     plan = sessions.plan(config, report, records=300, platform=platform_for("colab-t4"), time=None)

@@ -87,18 +87,34 @@ def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.Path
                                             f"{cpu_steps} steps at small lengths, fp32")
 
 
-def run(command: str, cwd: str | os.PathLike = ".", log=print) -> int:
-    """Run ``command`` in a shell, printing its output as it comes. Interrupted (the notebook's stop
-    button), it stops the run and says how to go on; the newest checkpoint stays."""
+# What the run's output shows as it goes (everything: ``run(..., everything=True)``): m3lab's lines, the
+# loss each logging step, the checkpoints saved, the end
+SHOWN = ("m3lab:", "{'loss'", "{'train_runtime'", "Saving model checkpoint")
+
+
+def run(command: str, cwd: str | os.PathLike = ".", log=print, everything: bool = False) -> int:
+    """Run ``command`` in a shell, printing its progress as it comes (``SHOWN``; if it fails, its last
+    lines). Interrupted (the notebook's stop button), it stops the run and says how to go on; the newest
+    checkpoint stays."""
+    from collections import deque
+
     bin_dir = str(Path(sys.executable).parent)  # torchrun, installed with torch, beside this Python
     env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
            "TOKENIZERS_PARALLELISM": "false"}
     child = subprocess.Popen(["bash", "-c", command], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env, start_new_session=True)
+    last = deque(maxlen=60)
     try:
         for line in child.stdout:
-            log(line.rstrip("\n"))
-        return child.wait()
+            last.append(line.rstrip("\n"))
+            if everything or any(mark in line for mark in SHOWN):
+                log(line.rstrip("\n").split("\r")[-1].strip())
+        code = child.wait()
+        if code != 0 and not everything:
+            log(f"the run failed (exit status {code}); its last lines:")
+            for line in last:
+                log(line)
+        return code
     except KeyboardInterrupt:
         os.killpg(child.pid, signal.SIGINT)
         try:

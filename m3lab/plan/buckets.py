@@ -103,16 +103,17 @@ class BucketPlan:
 
     def config(self, folder: str) -> TrainConfig:
         """The run: the bucket files in ``folder`` (as the working folder sees it), each batched at its
-        size; a checkpoint at least every half hour of the slowest bucket's steps (estimated), or every tenth
-        of the run where the card has no step-time estimate."""
+        size; a checkpoint at least every half hour of the slowest bucket's steps (estimated) and halfway
+        at the latest, or every tenth of the run where the card has no step-time estimate."""
         from m3lab.plan import sessions
         from m3lab.predict import steptime
 
         held = [b for b in self.buckets if b.batch]
         times = [steptime.step_time(b.report) for b in held]
-        if all(times):
+        total = math.ceil(self.epoch_steps() * self.base.num_train_epochs)
+        if all(times):  # as sessions.plan: every half hour at the slow estimate, and halfway at the latest
             slowest = max(time.slowest_seconds for time in times)
-            save_steps = max(1, int(sessions.CHECKPOINT_EVERY_S // slowest))
+            save_steps = max(1, min(-(-total // 2), int(sessions.CHECKPOINT_EVERY_S // slowest)))
         else:
             save_steps = max(1, int(self.epoch_steps() * self.base.num_train_epochs) // sessions.CHECKPOINTS_WITHOUT_ESTIMATE)
         return self.base.replace(train_data=[folder], same_dataset_within_batch=True, query_instruction_for_retrieval="",

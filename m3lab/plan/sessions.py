@@ -2,8 +2,8 @@
 needs and the step each one goes on from.
 
 The time is ``m3lab.predict.steptime``'s range over the run's optimizer steps; the plan takes the slow end,
-so that a checkpoint lands at least every ``CHECKPOINT_EVERY_S`` of training and no session is
-planned past its end. Where the card has no time estimate, a checkpoint lands every
+so that a checkpoint lands at least every ``CHECKPOINT_EVERY_S`` of training (and halfway through a
+shorter run: a session can end early) and no session is planned past its end. Where the card has no time estimate, a checkpoint lands every
 ``1 / CHECKPOINTS_WITHOUT_ESTIMATE`` of the run instead, and the plan says so. Each session keeps ``SESSION_SETUP_S`` for installing, loading the model and
 resuming. A checkpoint is the model's weights as the run holds them and the optimizer's states
 (HF Trainer and DeepSpeed save both, to go on exactly where they stopped), estimated from the
@@ -75,7 +75,8 @@ class SessionPlan:
             lines.append(f"sessions, at the slow estimate: {self.sessions} of at most {self.session_hours:g} h (each "
                          f"keeps {SESSION_SETUP_S // 60} min to set up)"
                          + (f"; later ones resume from step {', '.join(str(s) for s in resumes)}" if resumes else ""))
-        cadence = (f"at most {CHECKPOINT_EVERY_S // 60} min of training at the slow estimate" if self.time is not None
+        cadence = (f"at most {CHECKPOINT_EVERY_S // 60} min of training at the slow estimate, and halfway at the latest"
+                   if self.time is not None
                    else f"a {CHECKPOINTS_WITHOUT_ESTIMATE}th of the run: no step-time estimate for this card")
         lines.append(f"a checkpoint every {self.save_steps} steps ({cadence}), the last {KEEP_CHECKPOINTS} kept: about "
                      f"{self.checkpoint_bytes / GB:.1f} GB each, estimated, two on disk while the next is written")
@@ -103,7 +104,9 @@ def plan(config, report, records: int, platform: Platform, time: StepTime | None
     if time is None:
         every = max(1, steps // CHECKPOINTS_WITHOUT_ESTIMATE)
     else:
-        every = max(1, min(steps, int(CHECKPOINT_EVERY_S / time.slowest_seconds)))
+        # at least halfway too: a session can end early (Colab ends idle or busy sessions before 12 h), and
+        # a run shorter than half an hour would otherwise save only at its end
+        every = max(1, min(-(-steps // 2), int(CHECKPOINT_EVERY_S / time.slowest_seconds)))
     return SessionPlan(steps, per_epoch, config.num_train_epochs, time, every, checkpoint_bytes(report),
                        platform.session_hours)
 
