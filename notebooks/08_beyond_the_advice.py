@@ -371,18 +371,18 @@ plots.epoch_costs(bucket_costs["colab-t4"], title="One epoch on your data, free 
 
 # %%
 # The files and the commands to copy: each platform's files go to their own folder here
-# (the batches differ), and each command runs from this notebook's folder.
+# (the batches differ), and each command runs from this notebook's folder, with its resume command.
 for platform, plan in bucket_plans.items():
     plan.write(f"buckets-{platform}")
     print(f"## {plan.platform.describe()}")
-    print(plan.command(f"buckets-{platform}"), end="\n\n")
+    print(plan.instructions(f"buckets-{platform}"), end="\n\n")
 
 # %% [markdown]
 # **What per-length batches buy.** With m3lab's sparse head a T4 holds every passage of this data
 # whole: six buckets, groups of 6 (group 8 does not hold the 4,097 to 8,192-token bucket one query at
 # a time), batches per process from 32 for the shortest passages down to 1 for the longest on free
 # Colab (16 down to 1 on each of Kaggle's two T4s). One epoch trains on 100% of the passages' tokens
-# in 92 steps on free Colab, where the seed's advice (64/392 tokens) trains on 58% of them. The
+# in 94 steps on free Colab, where the seed's advice (64/392 tokens) trains on 58% of them. The
 # estimated time of the epoch is the same as one batch for every line at full length: the estimate
 # counts FLOPs, and the texts are the same; what the batches change is how busy the card is, which a
 # count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice

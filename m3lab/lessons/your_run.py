@@ -79,7 +79,12 @@ def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.Path
     shutil.rmtree(Path(folder) / CPU_OUTPUT_DIR, ignore_errors=True)
     if config.deepspeed_stage is not None:
         (Path(folder) / config.deepspeed_file_name).write_text(config.deepspeed_json())
-    rendering = commands.Rendering(CPU_OUTPUT_DIR, model_path=str(resolve_model(config.model)))
+    # the stand-in, linked beside the output folder: the command names it as this folder sees it
+    model = Path(CPU_OUTPUT_DIR).parent / config.model
+    (Path(folder) / model).parent.mkdir(parents=True, exist_ok=True)
+    (Path(folder) / model).unlink(missing_ok=True)
+    (Path(folder) / model).symlink_to(resolve_model(config.model), target_is_directory=True)
+    rendering = commands.Rendering(CPU_OUTPUT_DIR, model_path=str(model))
     command = commands.resume_command(config, rendering, answer.platform.previous_output_dirs)
     if config.num_processes > 1:  # without it HF runs CPU processes as independent copies, not data-parallel
         command += " \\\n    --use_cpu True"
