@@ -11,6 +11,12 @@ from m3lab.config import TrainConfig
 from m3lab.predict import fake_cache_key
 
 
+@pytest.fixture(autouse=True)
+def _traced_here(monkeypatch):
+    """These tests look inside the trace (the fake-tensor cache's counters, its keys): every prediction
+    traces afresh, none is read back from the saved traces (tests/conftest.py, for tests that patch)."""
+
+
 def test_agrees_with_pytorch_on_sample_arguments():
     assert fake_cache_key.builds_torch_keys()
 
@@ -20,6 +26,9 @@ def compared_keys(monkeypatch):
     """Every key built during the block is also built by PyTorch's own code and compared."""
     seen = {"calls": 0, "tensor_args": 0, "mismatches": []}
     fast = fake_cache_key.cache_key_args
+    # decided once a process, before the spy below swaps in PyTorch's keys (with them, views do not share
+    # entries, and the check would say so for every later test)
+    fake_cache_key.builds_torch_keys(), fake_cache_key.places_views_right()
 
     def both(mode, result, args, state, id_hashed_objects):
         start = len(result)
