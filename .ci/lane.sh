@@ -18,7 +18,7 @@
 # - The install cell is taken from notebooks/00_setup_and_data.py and run as a learner's kernel runs
 #   it; M3LAB_SOURCE makes it clone this repository's HEAD instead of GitHub.
 # - `pip freeze` before and after go to build/<platform>/; tests/test_platform_lanes.py compares them.
-# - The fast tests but the planner's (below), then the notebooks.
+# - The fast tests of what the platform's versions decide (LANE_TESTS, below), then the notebooks.
 # - NOTEBOOKS=0 leaves out executing the notebooks (CI, for its 90 minutes; docs/colab-and-kaggle.md
 #   gives the last full run's result and date).
 set -euo pipefail
@@ -77,12 +77,18 @@ fi
 # The tests, from the clone the install cell made (as on Colab: m3lab-repo/ beside the notebook)
 cd "$OUT/content/m3lab-repo"
 export M3LAB_LANE="$OUT" M3LAB_LANE_PLATFORM="$PLATFORM" M3LAB_CACHE="$OUT/cache"
-# The planner's tests (fit searches, per-length plans, the answers) are left out here: they make the same
-# predictor calls the other tests make, dozens of times over, and take most of the fast tier's time;
-# the lane checks that the platform's stack runs the predictor, the trainer and the levers.
-"$LANE/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" tests --durations=5 \
-    --ignore=tests/test_fit.py --ignore=tests/test_recipes.py --ignore=tests/test_buckets.py \
-    --ignore=tests/test_answers.py
+# The tests of what the platform's versions decide (LANE_TESTS=all: every fast test, as `make test-colab`
+# by hand may): the install's packages (platform_lanes), every reach into third-party internals
+# (compat), upstream's traps, the stand-in built and loaded, FlagEmbedding's own argument parsing of the
+# commands (config, paste, cli: full-size predictions through the transformers patch), the data checks,
+# the saved model in BGEM3FlagModel and sentence-transformers, the resume. The predictor's and the
+# planner's own tests (many full-size traces, the same code on every stack) stay with CI's lock.
+LANE_TESTS=${LANE_TESTS:-"tests/test_platform_lanes.py tests/test_compat.py tests/test_traps.py tests/test_standin.py
+    tests/test_config.py tests/test_paste.py tests/test_cli.py tests/test_data.py tests/test_use.py
+    tests/test_saved_model.py tests/test_resume.py"}
+if [ "$LANE_TESTS" = all ]; then LANE_TESTS=tests; fi
+# shellcheck disable=SC2086 (a list of files)
+"$LANE/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" $LANE_TESTS --durations=5
 
 # The notebooks, executed top to bottom. Their checked outputs were written on CI's lock, and on this
 # stack two things legitimately differ (the stand-in's random weights: transformers 5 initialises in
