@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast setup clean notebooks device-wheels lock test-colab test-kaggle
+.PHONY: run test test-fast setup clean notebooks device-wheels lock test-colab test-kaggle test-fresh
 
 # pyproject.toml states the ranges m3lab works with; constraints/ci.txt is the exact set CI tests.
 $(VENV)/.installed: pyproject.toml constraints/ci.txt
@@ -43,6 +43,10 @@ test-colab:
 
 test-kaggle:
 	bash .ci/lane.sh kaggle
+
+# What a fresh pip resolves today on a learner's own machine (no platform package set)
+test-fresh:
+	bash .ci/lane.sh fresh
 
 # Maintainers: the lessons' sources are notebooks/NN_*.py (jupytext percent files). This writes their
 # cells into the paired .ipynb and executes it top to bottom, so that the committed outputs (which

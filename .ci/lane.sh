@@ -2,13 +2,15 @@
 # A platform lane (make test-colab, make test-kaggle): the platform's runtime as far as this machine
 # can have it, the notebooks' own install cell run on top of it, then the tests in the clone that cell made.
 #
-#   bash .ci/lane.sh colab|kaggle
+#   bash .ci/lane.sh colab|kaggle|fresh
 #
 # - colab: Colab's published GPU `pip freeze` (.ci/colab/, Python 3.13, torch 2.11.0+cu128).
 # - kaggle: what is known of Kaggle's image (.ci/kaggle/): Colab's GPU freeze of 2026-05-08, from which
 #   Kaggle's image is built (Python 3.12, torch 2.10.0+cu128, transformers 5.0.0 (Kaggle then installs the
 #   newest 5.x when it builds), accelerate 1.13, peft 0.19.1, numpy 2.0.2), with protobuf at the 5.29.5
 #   Kaggle forces.
+# - fresh: a learner's own machine: nothing but the CPU torch below, so the install cell gets what a
+#   fresh pip resolves today (transformers 5.25, sentence-transformers 6.3 on 2026-12-07).
 # - The tests run on Python 3.11 with the CPU build of torch 2.13.0 on this disk standing in for the
 #   platform's CUDA torch (a CUDA build would be several GB); the platform's own Python gets a dry run
 #   of the same install against the platform's versions (pip reads the wheels' metadata, so no CUDA
@@ -24,12 +26,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PLATFORM=${1:?usage: bash .ci/lane.sh colab|kaggle}
+PLATFORM=${1:?usage: bash .ci/lane.sh colab|kaggle|fresh}
 case "$PLATFORM" in
+    fresh) FREEZE=""; DRY_PYTHON=""; DRY_TORCH=""; FORCED="" ;;
     colab) FREEZE=.ci/colab/pip-freeze.gpu.2026-08-19.txt; DRY_PYTHON=3.13; DRY_TORCH=2.11.0; FORCED="" ;;
     kaggle) FREEZE=.ci/kaggle/base-image-pip-freeze.gpu.2026-05-08.txt; DRY_PYTHON=3.12; DRY_TORCH=2.10.0
             FORCED="protobuf==5.29.5" ;;
-    *) echo "unknown platform $PLATFORM: colab or kaggle" >&2; exit 2 ;;
+    *) echo "unknown platform $PLATFORM: colab, kaggle or fresh" >&2; exit 2 ;;
 esac
 LANE=$ROOT/.venv-$PLATFORM
 OUT=$ROOT/build/$PLATFORM
@@ -39,10 +42,14 @@ rm -rf "$LANE" "$OUT"
 mkdir -p "$OUT"
 "$PYTHON" -m venv "$LANE"
 # torch and what it pins, and setuptools (older than this torch needs), are left to the stand-in torch
-grep -v -E '^(torch|torchaudio|torchvision|torchcodec|setuptools|protobuf)==' "$FREEZE" > "$OUT/constraints.txt"
-grep -E '^protobuf==' "$FREEZE" | sed "s/^protobuf==.*/${FORCED:-&}/" >> "$OUT/constraints.txt"
+if [ -n "$FREEZE" ]; then
+    grep -v -E '^(torch|torchaudio|torchvision|torchcodec|setuptools|protobuf)==' "$FREEZE" > "$OUT/constraints.txt"
+    grep -E '^protobuf==' "$FREEZE" | sed "s/^protobuf==.*/${FORCED:-&}/" >> "$OUT/constraints.txt"
+else
+    : > "$OUT/constraints.txt"  # a fresh machine: no constraints
+fi
 "$LANE/bin/pip" install --quiet torch==2.13.0
-"$LANE/bin/pip" install --quiet -c "$OUT/constraints.txt" -r .ci/preinstalled.txt
+[ -z "$FREEZE" ] || "$LANE/bin/pip" install --quiet -c "$OUT/constraints.txt" -r .ci/preinstalled.txt
 "$LANE/bin/pip" freeze --all --exclude-editable > "$OUT/before.txt"
 
 # The install cell, verbatim, in a fresh interpreter (a kernel) whose working folder is $OUT/content
@@ -53,9 +60,11 @@ mkdir -p "$OUT/content"
 
 # The platform's own Python: the same install must resolve to the platform's exact versions there
 DRY=""
-for candidate in "python$DRY_PYTHON" "$(pyenv root 2>/dev/null)"/versions/$DRY_PYTHON*/bin/python$DRY_PYTHON; do
-    if "$candidate" -c "" 2>/dev/null; then DRY=$candidate; break; fi
-done
+if [ -n "$DRY_PYTHON" ]; then
+    for candidate in "python$DRY_PYTHON" "$(pyenv root 2>/dev/null)"/versions/$DRY_PYTHON*/bin/python$DRY_PYTHON; do
+        if "$candidate" -c "" 2>/dev/null; then DRY=$candidate; break; fi
+    done
+fi
 if [ -n "$DRY" ]; then
     rm -rf "$OUT/dry" && "$DRY" -m venv "$OUT/dry"
     # the platform's torch comes from PyTorch's own CUDA index; PyPI's release of the same version stands in
@@ -67,7 +76,7 @@ if [ -n "$DRY" ]; then
         -c "$OUT/constraints-dry.txt" "torch==$DRY_TORCH" "$ROOT"
     "$OUT/dry/bin/python" -m compileall -q "$ROOT/m3lab" > /dev/null
     echo "Python $DRY_PYTHON: the install resolves to $PLATFORM's versions; m3lab compiles"
-else
+elif [ -n "$DRY_PYTHON" ]; then
     echo "Python $DRY_PYTHON not found: its dry run is skipped"
 fi
 

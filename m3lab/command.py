@@ -184,6 +184,31 @@ FLAGS: tuple[Flag, ...] = (
     "previous_output_dirs"))
 BY_NAME = {flag.name: flag for flag in FLAGS}
 LEVERS = tuple(flag.name for flag in FLAGS if flag.lever)
+
+
+@dataclass(frozen=True)
+class UpstreamFlagChange:
+    """A flag of FlagEmbedding's example (m3.sh) that a newer transformers no longer takes as written."""
+
+    flag: str
+    since: str  # the transformers version that changed it
+    refused: bool  # True: FlagEmbedding stops at the flag; False: it runs, with a deprecation warning
+    instead: str  # what m3lab's commands write instead, and why that is the same run
+
+
+# m3.sh's training flags against today's transformers (tests/test_traps.py holds each to the installed one)
+UPSTREAM_FLAG_CHANGES = (
+    UpstreamFlagChange("--overwrite_output_dir", "5.0", True,
+                       "left out: the output folder is written as it is (FlagEmbedding refuses a full one only with "
+                       "--do_train False)"),
+    UpstreamFlagChange("--warmup_ratio 0.1", "5.15", True,
+                       "--warmup_steps N, the tenth of the run's steps that HF counted from the ratio (5.0 to 5.14 "
+                       "warn that it goes)"),
+    UpstreamFlagChange("--gradient_checkpointing", "5.23", False,
+                       "--gradient_checkpointing True, which transformers 4.57 to 5.25 all take (5.23 and later warn "
+                       "that --activation_checkpointing replaces it in transformers 6)"),
+)
+
 # TrainingArguments of transformers 4 that transformers 5 removed; on 5 FlagEmbedding refuses them
 # ("Some specified arguments are not used by the HfArgumentParser"), which the reading says.
 GONE_IN_TRANSFORMERS_5 = {"warmup_ratio", "overwrite_output_dir", "logging_dir", "save_safetensors", "no_cuda",

@@ -64,7 +64,10 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # upstream ships it, with its `ds_stage0.json` (DeepSpeed stage 0 and DeepSpeed's own FusedAdam), on
 # one T4. Each later lesson changes one knob from where the lesson before left it. The command and
 # the JSON file it names, to copy (the JSON verbatim from FlagEmbedding, `data/upstream/`), and what
-# was adapted:
+# was adapted. Three of the example's flags meet a newer transformers than the one it was written
+# for: Colab's (5.15) and a fresh install's stop FlagEmbedding at `--overwrite_output_dir` and
+# `--warmup_ratio` ("Some specified arguments are not used by the HfArgumentParser"), so every command
+# here writes them otherwise, as the last lines below say.
 
 # %%
 from m3lab.command import Rendering, shell_command
@@ -75,6 +78,12 @@ print(shell_command(example_8192, Rendering(deepspeed_json_path="ds_stage0.json"
 print("\n# ds_stage0.json (FlagEmbedding's examples/finetune/ds_stage0.json, verbatim)")
 print(ledger.baseline_json())
 print("\nadapted from m3.sh: " + "; ".join(ledger.ADAPTED))
+from m3lab.command import UPSTREAM_FLAG_CHANGES
+
+print("\nm3.sh's flags that newer transformers take otherwise (FlagEmbedding hands them to HF as they are):")
+for change in UPSTREAM_FLAG_CHANGES:
+    print(f"  {change.flag}: {'refused' if change.refused else 'deprecated'} since transformers {change.since}; "
+          f"instead {change.instead}")
 
 # %%
 configs = {"example, passage 8192": example_8192,

@@ -131,3 +131,34 @@ def test_m3labs_runner_loads_each_part_of_a_flagembedding_checkpoint_where_it_wa
     load_m3_checkpoint(fresh, str(tmp_path))
     for (name, mine), (_, theirs) in zip(fresh.state_dict().items(), trained.state_dict().items()):
         assert torch.equal(mine, theirs), name
+
+
+def test_flagembeddings_example_flags_meet_the_installed_transformers_as_the_lessons_say():
+    """m3.sh's training flags, verbatim, through FlagEmbedding's own parser: on the installed transformers
+    exactly the changes ``UPSTREAM_FLAG_CHANGES`` dates at or before it are refused or warned (the lanes
+    run this on Colab's 5.15, Kaggle's 5.0 and a fresh install's newest; CI's lock is 4.57.6)."""
+    import warnings
+
+    import transformers
+    from packaging.version import Version
+
+    from m3lab.command import FLAGEMBEDDING_M3_MODULE, UPSTREAM_FLAG_CHANGES, _argument_parser
+
+    installed = Version(transformers.__version__)
+    script = (REPO / "data" / "upstream" / "m3.sh").read_text()
+    for change in UPSTREAM_FLAG_CHANGES:
+        assert f"    {change.flag} \\\n" in script, f"m3.sh no longer has {change.flag}"
+    arguments = ["--model_name_or_path", "BAAI/bge-m3", "--train_data", str(REPO / "data" / "train.jsonl"),
+                 "--output_dir", "out"]
+    arguments += [word for change in UPSTREAM_FLAG_CHANGES for word in change.flag.split()]
+    parser = _argument_parser(FLAGEMBEDDING_M3_MODULE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *_, leftover = parser.parse_args_into_dataclasses(arguments, return_remaining_strings=True)
+        parser.parse_args_into_dataclasses(["--model_name_or_path", "m", "--train_data", str(REPO / "data" / "train.jsonl"), "--output_dir", "o",
+                                            "--gradient_checkpointing"])
+    refused = {word for word in leftover if word.startswith("--")}
+    expected = {c.flag.split()[0] for c in UPSTREAM_FLAG_CHANGES if c.refused and installed >= Version(c.since)}
+    assert refused == expected, f"transformers {installed} refuses {refused}"
+    warned = any("gradient_checkpointing" in str(w.message) and "deprecated" in str(w.message) for w in caught)
+    assert warned == (installed >= Version("5.23")), f"transformers {installed}: the deprecation warning {warned}"
