@@ -207,9 +207,7 @@ if os.environ.get("HF_TOKEN") and not repository.startswith("your-name/"):
 # %%
 print(f"retrieval on the held-out split, {env.model}; with the stand-in's random weights these figures say the "
       "pipeline runs, not how good a model is")
-print(f"{'mode':9} {'MRR@10':>14} {'R@1':>14} {'R@5':>14} {'R@10':>14}   (before -> after)")
-for b, a in zip(before.rows(), after.rows()):
-    print(f"{b['mode']:9} " + " ".join(f"{b[k]:6.3f}->{a[k]:6.3f}" for k in ("MRR@10", "R@1", "R@5", "R@10")))
+print(before.table(after))
 from m3lab.use.evaluate import verdict
 
 print(f"did it help ({env.model}):", *verdict(before, after), sep="\n  ")
@@ -340,11 +338,14 @@ for answer in stock_answers.values():
     print("\n".join(answer.figures()), end="\n\n")
 
 # %%
-# The commands to copy: run each from this notebook's folder (in a cell, after !, or in a terminal).
-# The DeepSpeed JSON a command names, if any, is written here, beside it.
+# What each answer changes from FlagEmbedding's example (lesson 01), flag by flag. The series ends with
+# one answer per platform, printed in full to copy, at the end of lesson 08, which weighs this one
+# against the levers' and against every text whole.
+from m3lab.plan.choice import changes
+
 for answer in stock_answers.values():
-    answer.write_deepspeed_json(".")
-    print(answer.instructions(), end="\n\n")
+    print(f"## {answer.title}, against FlagEmbedding's example")
+    print("\n".join(changes(ledger.baseline(), answer.config)), end="\n\n")
 
 # %% [markdown]
 # ## Context: every text at its full length, per-length batches

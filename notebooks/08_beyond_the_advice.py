@@ -337,13 +337,6 @@ for answer in lever_answers.values():
     print(f"## {answer.title}")
     print("\n".join(answer.figures()), end="\n\n")
 
-# %%
-# The commands to copy: run each from this notebook's folder (in a cell, after !, or in a terminal).
-# The DeepSpeed JSON a command names, if any, is written here, beside it.
-for answer in lever_answers.values():
-    answer.write_deepspeed_json(".")
-    print(answer.instructions(), end="\n\n")
-
 # %% [markdown]
 # ## Context: every text at its full length, per-length batches
 #
@@ -370,12 +363,10 @@ for platform, plan in bucket_plans.items():
 plots.epoch_costs(bucket_costs["colab-t4"], title="One epoch on your data, free Colab");
 
 # %%
-# The files and the commands to copy: each platform's files go to their own folder here
-# (the batches differ), and each command runs from this notebook's folder, with its resume command.
+# Each platform's files, written into their own folder here (the batches differ)
 for platform, plan in bucket_plans.items():
-    plan.write(f"buckets-{platform}")
-    print(f"## {plan.platform.describe()}")
-    print(plan.instructions(f"buckets-{platform}"), end="\n\n")
+    written = plan.write(f"buckets-{platform}")
+    print(f"buckets-{platform}: {', '.join(path.name for path in written)}")
 
 # %% [markdown]
 # **What per-length batches buy.** With m3lab's sparse head a T4 holds every passage of this data
@@ -386,18 +377,60 @@ for platform, plan in bucket_plans.items():
 # estimated time of the epoch is the same as one batch for every line at full length: the estimate
 # counts FLOPs, and the texts are the same; what the batches change is how busy the card is, which a
 # count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice
-# is a larger group or every text whole. FlagEmbedding as it is cannot make it (lesson 07). Run the
-# command for your platform from this folder, with its bucket files beside it.
+# is a larger group or every text whole; FlagEmbedding as it is cannot make it (lesson 07). The next
+# section makes it, by a rule.
+
+# %% [markdown]
+# ## The answer, one per platform
+#
+# The series found three runs for your data on each platform: lesson 07's (FlagEmbedding as it is),
+# this lesson's (m3lab's levers), and every text whole in per-length batches. One of them is the
+# answer, chosen by this rule, in this order (`m3lab.plan.choice`):
+
+# %%
+from m3lab.plan import choice
+
+print("\n".join(choice.RULE))
+print(choice.QUALITY_NOTE)
+
+# %% [markdown]
+# Each platform's three candidates by the figures the rule reads (memory predicted, times estimated),
+# then the answer in full, to copy, and each other candidate as the flags it changes against the
+# answer. The command is the same in every session: it goes on from the newest checkpoint (on Kaggle
+# also in the last version's output, added as input), or starts from the beginning when there is none.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+stock_answers = {platform: recipes.answer_for(platform, stock=True, data=MY_DATA)
+                 for platform in ("colab-t4", "kaggle-t4x2")}
+choices = {}
+for platform, plan in bucket_plans.items():
+    candidates = [choice.from_answer("FlagEmbedding as it is (07)", stock_answers[platform], plan.lengths,
+                                     len(my_records)),
+                  choice.from_answer("m3lab's levers (08)", lever_answers[platform], plan.lengths, len(my_records)),
+                  choice.from_buckets("every text whole, per-length batches (08)", plan, f"buckets-{platform}",
+                                      bucket_costs[platform])]
+    choices[platform] = choice.choose(plan.platform, candidates)
+    print(choices[platform].table(), end="\n\n")
+
+# %%
+# The answers to copy, one per platform: run it from this notebook's folder (in a cell, after !, or in a
+# terminal). A DeepSpeed JSON the command names is written here, beside it.
+for platform, chosen in choices.items():
+    chosen.chosen.write_deepspeed_json(".")
+    print(chosen.card(), end="\n\n")
+    print(chosen.others(), end="\n\n")
 
 # %% [markdown]
 # ## Run it
 #
-# The answer for the platform this notebook runs on, run from here. Every session, the first one too,
-# runs the same cells in order: the install cell at the top, the cell below (it mounts Google Drive on
-# Colab; on Kaggle it checks `/kaggle/working`), your data (`MY_DATA` above), the answers above, then the
-# run. The run goes on from the newest checkpoint it finds (on Kaggle also in the last version's output,
-# added as input), or starts from the beginning when there is none; the stop button stops it, and
-# running the cell again goes on. On a machine without a GPU the same cells train the offline stand-in
+# The answer for the platform this notebook runs on, run from here. A new session (the first one too)
+# runs the install cell at the top, then `MY_DATA` above, then the cells from "The answer, one per
+# platform" on, and the checklist below says whether each step is done: m3lab installed, the run's
+# folder kept (Google Drive mounted on Colab; `/kaggle/working` on Kaggle, saved as a version's
+# output), your data valid, and where the run goes on from (the newest checkpoint it finds, on Kaggle
+# also in the last version's output added as input, or the beginning). The stop button stops the run;
+# running its cell again goes on. On a machine without a GPU the same cells train the offline stand-in
 # for a few steps, only to show that they run.
 
 # %%
@@ -407,16 +440,22 @@ here = your_run.platform_here()
 print(your_run.keep_outputs(here))
 
 # %%
-mine = your_run.your_run(lever_answers[here or "colab-t4"], env)
+answer = choices[here or "colab-t4"]
+mine = your_run.your_run(answer.chosen, env)
 print(mine.what)
 print(mine.command)
+
+# %%
+# A new session's checklist: each item checked here, now
+for check in your_run.checklist(mine, MY_DATA, here, answer.platform.previous_output_dirs):
+    print(check.line())
 
 # %%
 finished = your_run.run(mine.command)
 print(f"the run ended with exit status {finished}; its folder: {mine.output_dir}")
 
 # %% [markdown]
-# **In one line.** With m3lab's levers, on your data: groups of 11 at 2,704-token passages, no
-# DeepSpeed, fused AdamW: 10.93 GiB peak and 2.98 GiB to spare on a T4 (predicted); two epochs in 58
-# min to 1.6 h on free Colab, 29 to 47 min on Kaggle (estimated). Or every text whole, in per-length
-# batches with groups of 6.
+# **In one line.** The answer on your data, on free Colab and on Kaggle alike: m3lab's levers, groups of
+# 11 at 2,704-token passages, no DeepSpeed, fused AdamW: 10.93 GiB peak and 2.98 GiB to spare on a T4
+# (predicted); two epochs in 1.0 to 1.6 h on free Colab, 29 to 47 min on Kaggle (estimated). The other
+# two candidates are shown as the flags they change.

@@ -191,7 +191,10 @@ def test_the_lessons_run_cell_trains_the_answer_here_and_ends_with_a_checkpoint(
     assert your_run.platform_here() is None and not env.on_gpu
     assert your_run.keep_outputs(None) == "no GPU platform here: the run goes to results/your-run (nothing to mount)"
     (tmp_path / "my_train.jsonl").write_text(TRAIN.read_text())
-    mine = your_run.your_run(answers_for_my_file["kaggle-t4x2"], env, folder=tmp_path)
+    from m3lab.plan import choice
+
+    kaggle = choice.from_answer("FlagEmbedding as it is", answers_for_my_file["kaggle-t4x2"], {}, lines=251)
+    mine = your_run.your_run(kaggle, env, folder=tmp_path)
     assert "--nproc_per_node 2" in mine.command and "--resume_from_checkpoint latest" in mine.command
     printed = []
     assert your_run.run(mine.command, cwd=tmp_path, log=printed.append) == 0, "\n".join(printed[-40:])

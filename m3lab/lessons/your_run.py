@@ -55,6 +55,54 @@ def keep_outputs(platform: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One item of a new session's checklist: done or not, and what it found (or what to do)."""
+
+    item: str
+    done: bool
+    found: str
+
+    def line(self) -> str:
+        return f"{'[x]' if self.done else '[ ]'} {self.item}: {self.found}"
+
+
+def checklist(run: YourRun, data: str | os.PathLike, platform: str | None,
+              previous_output_dirs: tuple[str, ...] = ()) -> list[Check]:
+    """What a new session must have done before the run, each item checked here: m3lab installed, the
+    run's folder kept (Drive mounted on Colab; /kaggle/working on Kaggle), the data valid, and where the
+    run goes on from."""
+    import importlib.metadata
+
+    from m3lab.data.jsonl import DataError, load_jsonl
+    from m3lab.train.resume import latest_checkpoint, where_it_looked
+
+    installed = Check("install (the first cell)", True, f"m3lab {importlib.metadata.version('m3lab')}, FlagEmbedding "
+                                                         f"{importlib.metadata.version('FlagEmbedding')}")
+    if platform == "colab-t4":
+        mounted = os.path.ismount(COLAB_DRIVE)
+        kept = Check("mount Drive (the cell above)", mounted, f"{COLAB_DRIVE} " + (
+            "is mounted" if mounted else "is not mounted: run the cell above, or the run is lost with the session"))
+    elif platform == "kaggle-t4x2":
+        writable = os.access(KAGGLE_WORKING, os.W_OK)
+        kept = Check("/kaggle/working (the cell above)", writable, f"{KAGGLE_WORKING} is "
+                     + ("writable" if writable else "not writable: run this as a notebook on Kaggle"))
+    else:
+        kept = Check("where the run goes", True, f"{run.output_dir}, on this machine (no platform to mount)")
+    try:
+        data_check = Check("your data (MY_DATA)", True, f"{data}: {len(load_jsonl(data))} valid lines")
+    except DataError as error:
+        more = f" (and {len(error.problems) - 1} more: run the data cell)" if len(error.problems) > 1 else ""
+        data_check = Check("your data (MY_DATA)", False, f"{error.problems[0]}{more}")
+    except (ValueError, OSError) as error:
+        data_check = Check("your data (MY_DATA)", False, str(error).splitlines()[0])
+    found = latest_checkpoint(run.output_dir, list(previous_output_dirs))
+    resume = Check("resume", True, f"goes on from step {found.step} ({found.folder})" if found else
+                   f"no checkpoint yet in {where_it_looked(run.output_dir, list(previous_output_dirs))}: "
+                   "starts from the beginning")
+    return [installed, kept, data_check, resume]
+
+
+@dataclass(frozen=True)
 class YourRun:
     """The command to run here and what it is."""
 
@@ -64,13 +112,12 @@ class YourRun:
 
 
 def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.PathLike = ".") -> YourRun:
-    """The answer's run as this machine runs it (see the module docstring), from ``folder``; its
-    DeepSpeed JSON, if it names one, is written there. On a CPU, ``cpu_steps`` steps into a fresh
-    ``CPU_OUTPUT_DIR``, a checkpoint every 2."""
+    """The answer's run (a ``m3lab.plan.choice.Candidate``) as this machine runs it (see the module
+    docstring), from ``folder``; its DeepSpeed JSON, if it names one, is written there. On a CPU,
+    ``cpu_steps`` steps into a fresh ``CPU_OUTPUT_DIR``, a checkpoint every 2."""
     if env.on_gpu:
         answer.write_deepspeed_json(folder)
-        return YourRun(answer.resume_command(), answer.output_dir,
-                       f"{answer.title}: the printed resume command, as it is")
+        return YourRun(answer.command, answer.output_dir, f"{answer.title}: the printed command, as it is")
     config = env.sized(answer.config, **CPU_SIZES, train_group_size=min(answer.config.train_group_size, 4),
                        max_steps=cpu_steps, save_steps=2)
     if "bnb" in config.optim:  # bitsandbytes' 8-bit AdamW runs on a GPU only

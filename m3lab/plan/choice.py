@@ -9,11 +9,15 @@ host, predicted), and the run's time (estimated, a range).
 
 from __future__ import annotations
 
+import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 from m3lab import command as commands
 from m3lab.config import TrainConfig
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
+from m3lab.plan.buckets import MODEL_MAX_LEN
 from m3lab.plan.platforms import Platform
 
 # The rule, in the order it decides; the lesson prints it.
@@ -28,6 +32,9 @@ RULE = (
     "FlagEmbedding's own example trains with 7 (group 8).",
     "5. Then the most of the data's passage tokens an epoch trains; then the shortest run.",
 )
+SAME_COMMAND = ("# Every session, the first included, runs this one command from this folder: it goes on from the "
+                "newest checkpoint, or starts from the beginning when there is none yet (m3lab's runner: "
+                "FlagEmbedding 1.4.2's own cannot resume an M3 checkpoint without DeepSpeed)")
 QUALITY_NOTE = ("What the quality evidence says: a real pretrained encoder fine-tuned through the same code on the "
                 "series' data got better (lesson 07); nothing here measured a larger group against longer texts, "
                 "so rules 4 and 5 are a judgement, not a measurement.")
@@ -35,15 +42,41 @@ QUALITY_NOTE = ("What the quality evidence says: a real pretrained encoder fine-
 
 @dataclass(frozen=True)
 class Candidate:
-    """One run for the platform and the data, by the figures the rule reads."""
+    """One run for the platform and the data, by the figures the rule reads, and what running it takes."""
 
     name: str
+    platform: Platform
     config: TrainConfig
     spare_bytes: int  # the GPU's usable memory minus what the tightest step needs (predicted)
     host_fits: bool
     tokens_kept: float  # of the data's passage tokens (each passage once), the share an epoch trains
     run_seconds: tuple[float, float] | None  # the whole run, estimated (fastest, slowest); None: no estimate
-    instructions: str  # the files, the command and its resume command, to copy
+    figures: tuple[str, ...]  # what it costs, each figure labelled
+    output_dir: str
+    command: str  # the one command for every session: from the newest checkpoint, or from the beginning
+
+    @property
+    def title(self) -> str:
+        return f"{self.platform.describe()}; {self.name}"
+
+    def write_deepspeed_json(self, folder: str | os.PathLike = ".") -> Path | None:
+        """The DeepSpeed JSON the command names, written into ``folder`` (None without DeepSpeed)."""
+        from m3lab.io import write_text_atomic
+
+        if self.config.deepspeed_stage is None:
+            return None
+        path = Path(folder) / self.config.deepspeed_file_name
+        write_text_atomic(path, self.config.deepspeed_json())
+        return path
+
+    def instructions(self) -> str:
+        """Where the files go, and the one command, to copy."""
+        lines = [f"# Before you run it: {self.platform.storage}."] if self.platform.storage else []
+        lines += [SAME_COMMAND, self.command]
+        if self.config.deepspeed_stage is not None:
+            lines += ["", f"# {self.config.deepspeed_file_name} (write it beside the command)",
+                      self.config.deepspeed_json().rstrip()]
+        return "\n".join(lines)
 
     @property
     def group(self) -> int:
@@ -88,9 +121,9 @@ def from_answer(name: str, answer, lengths: dict[str, int], lines: int) -> Candi
     """A candidate from a ``recipes.Answer`` (lesson 07's or 08's); ``lengths``: every passage's tokens."""
     config, report = answer.config, answer.report
     share = _trained_share(lines, config.per_device_train_batch_size, config.num_processes)
-    return Candidate(name, config, report.usable_bytes - report.total_bytes,
+    return Candidate(name, answer.platform, config, report.usable_bytes - report.total_bytes,
                      answer.fitted.best.host_fits, kept(lengths, config.passage_max_len) * share,
-                     answer.plan.seconds, answer.instructions())
+                     answer.plan.seconds, tuple(answer.figures()), answer.output_dir, answer.resume_command())
 
 
 def from_buckets(name: str, plan, folder: str, costs) -> Candidate:
@@ -103,8 +136,14 @@ def from_buckets(name: str, plan, folder: str, costs) -> Candidate:
     per_length = costs[-1]
     epochs = plan.base.num_train_epochs
     seconds = None if per_length.seconds is None else tuple(s * epochs for s in per_length.seconds)
-    return Candidate(name, plan.config(folder), tightest.usable_bytes - tightest.total_bytes, host_fits,
-                     per_length.tokens_kept, seconds, plan.instructions(folder))
+    figures = (f"{plan.base.train_group_size} per group, every passage up to {plan.cut or MODEL_MAX_LEN:,} tokens, in "
+               f"{len(held)} files (written into {folder}), batches per GPU from {held[0].batch} down to {held[-1].batch}",
+               f"GPU, {tightest.provenance}, the tightest file: peak {tightest.peak_allocated_bytes / GIB:.2f} GiB, "
+               f"needs {tightest.total_bytes / GIB:.2f} GiB of {tightest.usable_bytes / GIB:.2f}: {tightest.short_verdict}",
+               f"{plan.epoch_steps()} steps an epoch, {plan.lines_left_out()} lines left out of each",
+               "two epochs, estimated: " + ("no estimate" if seconds is None else _hours(seconds)))
+    return Candidate(name, plan.platform, plan.config(folder), tightest.usable_bytes - tightest.total_bytes, host_fits,
+                     per_length.tokens_kept, seconds, figures, plan.platform.output_dir, plan.resume_command(folder))
 
 
 @dataclass(frozen=True)
@@ -126,6 +165,10 @@ class Choice:
     def chosen_report_provenance(self) -> str:
         return f"predicted for {self.platform.gpu.name}"
 
+    def card(self) -> str:
+        """The answer in full: its title, its figures, then its instructions."""
+        return "\n".join([f"## {self.chosen.title}", *self.chosen.figures, "", self.chosen.instructions()])
+
     def changes(self, other: Candidate) -> list[str]:
         """What ``other`` changes against the answer, flag by flag (its data and output folders aside)."""
         return changes(self.chosen.config, other.config)
@@ -143,19 +186,19 @@ class Choice:
         return "\n\n".join(blocks)
 
 
-IGNORED = {"train_data", "output_dir", "save_steps", "warmup_steps", "save_total_limit"}
+IGNORED = {"output_dir", "save_strategy", "save_steps", "warmup_steps", "save_total_limit"}
 
 
 def changes(base: TrainConfig, other: TrainConfig) -> list[str]:
     """The flags ``other``'s command writes differently from ``base``'s, as ``--flag base -> other``
-    (the data, the output folder, and the checkpoint and warm-up counts that follow the data, aside)."""
+    (the output folder, and the checkpoint and warm-up counts that follow the run's steps, aside)."""
     mine, theirs = commands.written_flags(base), commands.written_flags(other)
     lines = []
     for name in list(mine) + [n for n in theirs if n not in mine]:
         if name in IGNORED or mine.get(name) == theirs.get(name):
             continue
-        before = " ".join(mine[name]) if name in mine else "(not given)"
-        after = " ".join(theirs[name]) if name in theirs else "(not given)"
+        before = " ".join(map(shlex.quote, mine[name])) if name in mine else "(not given)"
+        after = " ".join(map(shlex.quote, theirs[name])) if name in theirs else "(not given)"
         lines.append(f"--{name}: {before} -> {after}")
     if base.uses_m3lab_levers != other.uses_m3lab_levers:
         runner = {True: commands.M3LAB_M3_MODULE, False: commands.FLAGEMBEDDING_M3_MODULE}

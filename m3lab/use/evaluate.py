@@ -1,4 +1,4 @@
-"""Retrieval evaluation on the held-out split: MRR@10 and Recall@k for BGE-M3's three scores.
+"""Retrieval evaluation on the held-out split: MRR@10, nDCG@10 and Recall@k for BGE-M3's three scores.
 
 Queries and corpus are encoded with FlagEmbedding's own ``BGEM3FlagModel`` (dense, sparse and
 ColBERT outputs at once) and scored with its own functions; "combined" is the weighted sum that
@@ -26,7 +26,7 @@ COMBINED_WEIGHTS = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
 
 @dataclass
 class RetrievalScores:
-    """Per scoring mode: MRR@10 and Recall@k over the held-out queries."""
+    """Per scoring mode: MRR@10, nDCG@10 (binary relevance) and Recall@k over the held-out queries."""
 
     model: str
     queries: int
@@ -38,10 +38,21 @@ class RetrievalScores:
     # model, #1547, gives the base's)
     empty_sparse_share: float = 0.0
     dense_start: list[float] = field(default_factory=list)
+    ndcg_at_10: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
-        return [{"mode": mode, "MRR@10": round(self.mrr_at_10[mode], 4),
+        return [{"mode": mode, "MRR@10": round(self.mrr_at_10[mode], 4), "nDCG@10": round(self.ndcg_at_10[mode], 4),
                  **{f"R@{k}": round(v, 4) for k, v in self.recall[mode].items()}} for mode in MODES]
+
+    def table(self, after: RetrievalScores | None = None, columns=("MRR@10", "nDCG@10", "R@1", "R@10", "R@100")) -> str:
+        """One row per score; with ``after``, each figure as before -> after."""
+        width = 15 if after else 7
+        lines = [f"{'score':9} " + " ".join(f"{c:>{width}}" for c in columns) + ("   (before -> after)" if after else "")]
+        for index, b in enumerate(self.rows()):
+            a = after.rows()[index] if after else None
+            lines.append(f"{b['mode']:9} " + " ".join(
+                f"{b[c]:6.3f} -> {a[c]:5.3f}" if a else f"{b[c]:7.3f}" for c in columns))
+        return "\n".join(lines)
 
 
 def load_corpus(path: str | Path = "data/corpus.jsonl") -> list[str]:
@@ -59,16 +70,27 @@ def load_corpus(path: str | Path = "data/corpus.jsonl") -> list[str]:
     return texts
 
 
-def _rank_metrics(scores: np.ndarray, relevant: list[set[int]], ks: tuple[int, ...]) -> tuple[float, dict[int, float]]:
+@dataclass(frozen=True)
+class RankMetrics:
+    mrr_at_10: float
+    ndcg_at_10: float
+    recall: dict[int, float]
+
+
+def _rank_metrics(scores: np.ndarray, relevant: list[set[int]], ks: tuple[int, ...]) -> RankMetrics:
+    """MRR@10, nDCG@10 (each positive relevance 1) and Recall@k, averaged over the queries."""
     order = np.argsort(-scores, axis=1, kind="stable")
-    reciprocal, recall = [], {k: [] for k in ks}
+    reciprocal, ndcg, recall = [], [], {k: [] for k in ks}
+    discount = 1.0 / np.log2(np.arange(2, 12))  # ranks 1..10
     for row, wanted in zip(order, relevant):
         hits = np.flatnonzero(np.isin(row, list(wanted)))
         first = hits[0] + 1 if hits.size else None
         reciprocal.append(1.0 / first if first is not None and first <= 10 else 0.0)
+        gains = np.isin(row[:10], list(wanted)).astype(float)
+        ndcg.append(float(gains @ discount[:len(gains)] / discount[:min(len(wanted), 10)].sum()))
         for k in ks:
             recall[k].append(len(wanted & set(row[:k].tolist())) / len(wanted))
-    return float(np.mean(reciprocal)), {k: float(np.mean(v)) for k, v in recall.items()}
+    return RankMetrics(float(np.mean(reciprocal)), float(np.mean(ndcg)), {k: float(np.mean(v)) for k, v in recall.items()})
 
 
 def _held_out(eval_path, corpus_path) -> tuple[list[dict], list[str], list[set[int]]]:
@@ -87,7 +109,7 @@ def _held_out(eval_path, corpus_path) -> tuple[list[dict], list[str], list[set[i
 
 
 def evaluate_retrieval(model: str | Path, eval_path: str | Path = "data/eval.jsonl",
-                       corpus_path: str | Path = "data/corpus.jsonl", ks: tuple[int, ...] = (1, 5, 10),
+                       corpus_path: str | Path = "data/corpus.jsonl", ks: tuple[int, ...] = (1, 5, 10, 100),
                        max_length: int = 512, device: str | None = None) -> RetrievalScores:
     """Score every held-out query against the whole corpus with each of BGE-M3's scores.
 
@@ -106,9 +128,14 @@ def evaluate_retrieval(model: str | Path, eval_path: str | Path = "data/eval.jso
         if child.returncode != 0:
             raise RuntimeError(f"scoring {model} failed (exit {child.returncode}):\n" + child.stderr[-3000:])
         saved = json.loads(out.read_text())
-    return RetrievalScores(str(model), saved["queries"], saved["corpus"], saved["mrr_at_10"],
+    return from_json(saved)
+
+
+def from_json(saved: dict) -> RetrievalScores:
+    """Scores as ``dataclasses.asdict`` wrote them (JSON turns the recall's k into strings)."""
+    return RetrievalScores(saved["model"], saved["queries"], saved["corpus"], saved["mrr_at_10"],
                            {mode: {int(k): v for k, v in recall.items()} for mode, recall in saved["recall"].items()},
-                           saved["empty_sparse_share"], saved["dense_start"])
+                           saved["empty_sparse_share"], saved["dense_start"], saved.get("ndcg_at_10", {}))
 
 
 NO_CHANGE = 0.01  # MRR@10 moved by less than this: no change (50 held-out queries: one query's rank is 0.02)
@@ -158,7 +185,9 @@ def _score(model_path: str, eval_path: str, corpus_path: str, ks: tuple[int, ...
                              empty_sparse_share=float(np.mean([not any(w.values()) for w in p["lexical_weights"]])),
                              dense_start=[round(float(v), 6) for v in np.asarray(p["dense_vecs"])[0, :8]])
     for mode in MODES:
-        result.mrr_at_10[mode], result.recall[mode] = _rank_metrics(scores[mode], relevant, ks)
+        metrics = _rank_metrics(scores[mode], relevant, ks)
+        result.mrr_at_10[mode], result.ndcg_at_10[mode], result.recall[mode] = (metrics.mrr_at_10, metrics.ndcg_at_10,
+                                                                                metrics.recall)
     return result
 
 
@@ -169,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", default="data/eval.jsonl")
     parser.add_argument("--corpus", default="data/corpus.jsonl")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 100])
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     scores = _score(args.model, args.eval, args.corpus, tuple(args.ks), args.max_length, args.device)
