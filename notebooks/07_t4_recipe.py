@@ -194,7 +194,15 @@ for row in use.score(model_dir, query, passages):
           f"combined {row.combined:6.3f}  {row.passage[:60]}")
 print(f"(scored by {run_config.model} after {len(run.steps)} steps; with the stand-in's random weights these say "
       "the model loads and scores, not how well)")
-# To share it: log in once (`hf auth login`, a token with write access), name your repository, upload
+# To share it: log in once (`hf auth login`, a token with write access), name your repository, upload.
+# The folder goes with its card (README.md, the hub's model page): the base model, your data, the command,
+# how to load it, and the held-out scores before and after (below), saying where they were measured.
+from m3lab.data.jsonl import resolve_data_path
+from m3lab.use.card import TrainingRecord, write_model_card
+
+card = write_model_card(model_dir, TrainingRecord(run_config.model, resolve_data_path(run_config.train_data[0]), run.command,
+                                                  before, after, run.provenance.removeprefix("measured on ")))
+print(f"the model card: {card.name}, {len(card.read_text().splitlines())} lines")
 repository = "your-name/bge-m3-finetuned"
 print(use.push_command(model_dir, repository))
 if os.environ.get("HF_TOKEN") and not repository.startswith("your-name/"):

@@ -100,10 +100,9 @@ class Candidate:
 
 
 def _hours(seconds: tuple[float, float]) -> str:
-    low, high = (s / 60 for s in seconds)
-    if high < 90:
-        return f"{low:.0f} to {high:.0f} min"
-    return f"{low / 60:.1f} to {high / 60:.1f} h"
+    from m3lab.plan.sessions import duration_range
+
+    return duration_range(*seconds)
 
 
 def _trained_share(lines: int, batch: int, processes: int) -> float:

@@ -69,7 +69,7 @@ class SessionPlan:
         lines = [f"{self.steps} optimizer steps: {self.epochs:g} epoch(s) of {self.steps_per_epoch} steps on this data"]
         if self.seconds is not None:
             fast, slow = self.seconds
-            lines.append(f"training time, estimated: {_duration(fast)} to {_duration(slow)}")
+            lines.append(f"training time, estimated: {duration_range(fast, slow)}")
         if self.session_hours is not None and self.time is not None:
             resumes = self.resume_steps()
             lines.append(f"sessions, at the slow estimate: {self.sessions} of at most {self.session_hours:g} h (each "
@@ -85,6 +85,11 @@ class SessionPlan:
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def duration_range(fast: float, slow: float) -> str:
+    """"58 min to 1.6 h": an estimate's range, each end in minutes below an hour, else hours."""
+    return f"{_duration(fast)} to {_duration(slow)}"
 
 
 def checkpoint_bytes(report) -> int:
