@@ -112,7 +112,22 @@ def test_the_readmes_short_answer_quotes_lessons_07_and_08():
     section = readme.split("## The answer, in short", 1)[1].split("\n## ", 1)[0].replace("\n", " ")
     answers = sorted(NOTEBOOKS.glob("0[78]_*.ipynb"))
     missing = set(_unchecked_figures(section, answers[0])) & set(_unchecked_figures(section, answers[1]))
-    assert len(answers) == 2 and "12.53" in section and not missing, f"README's answer quotes {missing}"
+    assert len(answers) == 2 and "10.93" in section and not missing, f"README's answer quotes {missing}"
+
+
+def test_the_readmes_commands_are_lesson_08s_answers():
+    """The README's two commands are the ones lesson 08 prints for each platform, word for word but the
+    data's path (the lesson runs in notebooks/, the README from the repository's folder)."""
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    section = readme.split("## The answer, in short", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(torchrun .*?)\n```", section, re.S)
+    (lesson,) = NOTEBOOKS.glob("08_*.ipynb")
+    printed = "\n".join(output.get("text", "") for cell in nbformat.read(lesson, as_version=4).cells
+                        if cell.cell_type == "code" for output in cell.get("outputs", []))
+    assert len(commands) == 2 and "--nproc_per_node 1" in commands[0] and "--nproc_per_node 2" in commands[1]
+    for command in commands:
+        assert "--train_data data/train.jsonl" in command
+        assert command.replace("--train_data data/train.jsonl", "--train_data ../data/train.jsonl") in printed
 
 
 @pytest.mark.parametrize("lesson", [p for p in LESSONS if p.stem[:2] != "00"], ids=lambda p: p.stem)

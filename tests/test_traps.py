@@ -162,3 +162,29 @@ def test_flagembeddings_example_flags_meet_the_installed_transformers_as_the_les
     assert refused == expected, f"transformers {installed} refuses {refused}"
     warned = any("gradient_checkpointing" in str(w.message) and "deprecated" in str(w.message) for w in caught)
     assert warned == (installed >= Version("5.23")), f"transformers {installed}: the deprecation warning {warned}"
+
+
+def test_flagembeddings_evaluation_scores_the_dense_vector_only_and_caches_by_the_folders_last_name():
+    """FlagEmbedding's `python -m FlagEmbedding.evaluation.custom` (read in its code: importing it needs
+    faiss and pytrec_eval, which m3lab does not install): its retriever is dense only, its results are
+    kept under the model folder's last name (`os.path.basename` of the model's path) and reused while
+    `--overwrite` is False, its default; so a base model and a fine-tuned one in folders of the same
+    name share results without a word. Lesson 07 says so; m3lab's evaluation scores all three heads
+    and keeps nothing between runs."""
+    import ast
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("FlagEmbedding").origin).parent / "abc" / "evaluation"
+    searcher = (root / "searcher.py").read_text()
+    assert "return os.path.basename(self.embedder.model.config._name_or_path)" in searcher
+    assert 'corpus_emb = corpus_emb["dense_vecs"]' in searcher and "lexical_weights" not in searcher
+    runner = (root / "runner.py").read_text()
+    assert "retriever = EvalDenseRetriever(" in runner and "EvalSparseRetriever" not in runner
+    evaluator = (root / "evaluator.py").read_text()
+    assert "search_results_save_dir, str(retriever), \"NoReranker\"" in evaluator
+    assert "if not os.path.exists(split_no_reranker_search_results_save_path) or self.overwrite:" in evaluator
+    arguments = ast.parse((root / "arguments.py").read_text())
+    (overwrite,) = [node for node in ast.walk(arguments) if isinstance(node, ast.AnnAssign)
+                    and getattr(node.target, "id", "") == "overwrite"]
+    default = [k.value.value for k in overwrite.value.keywords if k.arg == "default"]
+    assert default == [False]
