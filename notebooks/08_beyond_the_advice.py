@@ -303,16 +303,29 @@ plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("08")));
 #
 # As in lesson 07: name your training file as this notebook's folder sees it (Colab: `/content/...` or
 # `/content/drive/MyDrive/...`; Kaggle: `/kaggle/input/<dataset>/<file>.jsonl`). Left as it is, the
-# series' sample is used.
+# series' sample is used. To judge the fine-tune at the end, some queries must stay out of training:
+# name your own held-out file (`query` and `pos`, as the training file) and, if you have one, the
+# corpus to retrieve from (`{"text": ...}` a line; without it, every passage of your files). Left as
+# `None`, a tenth of your file is held out (the series' sample has its own held-out split), and the
+# answer trains on the rest.
 
 # %%
 MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my_train.jsonl"
+MY_EVAL = None  # your held-out queries, e.g. "/content/my_eval.jsonl"; None: a tenth of MY_DATA
+MY_CORPUS = None  # the passages they are retrieved from; None: every passage of your files
+
+# %%
+from m3lab.data import held_out
+
+judged = held_out.prepare(MY_DATA, MY_EVAL, MY_CORPUS)
+print(judged.describe())
+TRAIN_DATA = judged.train  # what the answer trains on
 
 # %%
 # NBVAL_CHECK_OUTPUT
 from m3lab.data.jsonl import load_jsonl
 
-my_records = load_jsonl(MY_DATA)  # every bad line, as file:line: what is wrong; what to do
+my_records = load_jsonl(TRAIN_DATA)  # every bad line, as file:line: what is wrong; what to do
 print(f"{len(my_records)} training lines, all valid; the fewest negatives on a line: "
       f"{min(len(r['neg']) for r in my_records)}")
 
@@ -328,7 +341,7 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # %%
 from m3lab.plan import recipes
 
-lever_answers = {platform: recipes.answer_for(platform, stock=False, data=MY_DATA)
+lever_answers = {platform: recipes.answer_for(platform, stock=False, data=TRAIN_DATA)
                  for platform in ("colab-t4", "kaggle-t4x2")}
 
 # %%
@@ -352,7 +365,7 @@ for answer in lever_answers.values():
 # NBVAL_CHECK_OUTPUT
 from m3lab.plan import buckets
 
-bucket_plans = {platform: buckets.plan(MY_DATA, platform) for platform in ("colab-t4", "kaggle-t4x2")}
+bucket_plans = {platform: buckets.plan(TRAIN_DATA, platform) for platform in ("colab-t4", "kaggle-t4x2")}
 bucket_costs = {platform: buckets.epoch_costs(plan) for platform, plan in bucket_plans.items()}
 for platform, plan in bucket_plans.items():
     print(plan.table())
@@ -401,7 +414,7 @@ print(choice.QUALITY_NOTE)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-stock_answers = {platform: recipes.answer_for(platform, stock=True, data=MY_DATA)
+stock_answers = {platform: recipes.answer_for(platform, stock=True, data=TRAIN_DATA)
                  for platform in ("colab-t4", "kaggle-t4x2")}
 choices = {}
 for platform, plan in bucket_plans.items():
@@ -447,12 +460,35 @@ print(mine.command)
 
 # %%
 # A new session's checklist: each item checked here, now
-for check in your_run.checklist(mine, MY_DATA, here, answer.platform.previous_output_dirs):
+for check in your_run.checklist(mine, TRAIN_DATA, here, answer.platform.previous_output_dirs):
     print(check.line())
 
 # %%
 finished = your_run.run(mine.command)
 print(f"the run ended with exit status {finished}; its folder: {mine.output_dir}")
+
+# %% [markdown]
+# ## Did it help?
+#
+# The model before the run and the model it saved at its end, scored on your held-out queries with
+# each of BGE-M3's three scores and their weighted sum (the evaluation of lesson 07), and a verdict.
+# On a T4 this is BGE-M3 before and after your fine-tune. On a machine without a GPU it is the offline
+# stand-in before and after its few steps: random weights, so the figures say only that the cells
+# run. A run stopped before its end has saved no model yet: run the run cell again, then this one.
+
+# %%
+from m3lab.use.evaluate import evaluate_retrieval, verdict
+
+tuned = mine.finished_model()
+if tuned is None:
+    print(f"no finished model in {mine.output_dir} yet: the run has not reached its end")
+else:
+    base_scores = evaluate_retrieval(mine.model, judged.eval, judged.corpus)
+    tuned_scores = evaluate_retrieval(tuned, judged.eval, judged.corpus)
+    label = "" if env.on_gpu else " (the stand-in: the pipeline runs, not quality)"
+    print(f"before: {mine.model}; after: {tuned}{label}")
+    print(base_scores.table(tuned_scores))
+    print(*verdict(base_scores, tuned_scores), sep="\n")
 
 # %% [markdown]
 # **In one line.** The answer on your data, on free Colab and on Kaggle alike: m3lab's levers, groups of

@@ -140,7 +140,8 @@ def test_retrieval_is_scored_in_a_child_process(monkeypatch):
     scores = evaluate_retrieval("tiny-bge-m3")
     assert (scores.queries, scores.corpus) == (50, 303)
     assert set(scores.mrr_at_10) == set(MODES) and all(0 <= v <= 1 for v in scores.mrr_at_10.values())
-    assert set(scores.recall["dense"]) == {1, 5, 10}
+    assert set(scores.recall["dense"]) == {1, 5, 10, 100}
+    assert set(scores.ndcg_at_10) == set(MODES) and all(0 <= v <= 1 for v in scores.ndcg_at_10.values())
 
 
 def test_memory_curve_zooms_on_the_card_and_writes_what_is_above(two_reports):

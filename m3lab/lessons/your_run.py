@@ -109,6 +109,12 @@ class YourRun:
     command: str
     output_dir: str
     what: str
+    model: str = ""  # the model it fine-tunes, as this folder reaches it (the "before" of its judgement)
+
+    def finished_model(self) -> Path | None:
+        """The fine-tuned model the run saved at its end (None: it has not finished)."""
+        folder = Path(self.output_dir)
+        return folder if (folder / "config.json").is_file() and (folder / "sparse_linear.pt").is_file() else None
 
 
 def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.PathLike = ".") -> YourRun:
@@ -117,9 +123,11 @@ def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.Path
     ``cpu_steps`` steps into a fresh ``CPU_OUTPUT_DIR``, a checkpoint every 2."""
     if env.on_gpu:
         answer.write_deepspeed_json(folder)
-        return YourRun(answer.command, answer.output_dir, f"{answer.title}: the printed command, as it is")
+        return YourRun(answer.command, answer.output_dir, f"{answer.title}: the printed command, as it is",
+                       answer.config.model)
+    # the answer's warm-up counts its own steps: a few steps take one, or they would barely move the weights
     config = env.sized(answer.config, **CPU_SIZES, train_group_size=min(answer.config.train_group_size, 4),
-                       max_steps=cpu_steps, save_steps=2)
+                       max_steps=cpu_steps, save_steps=2, warmup_steps=1)
     if "bnb" in config.optim:  # bitsandbytes' 8-bit AdamW runs on a GPU only
         config = config.replace(optim="adamw_torch")
     # a demonstration: each time the lesson runs on a CPU it starts afresh
@@ -136,7 +144,7 @@ def your_run(answer, env: Environment, cpu_steps: int = 4, folder: str | os.Path
     if config.num_processes > 1:  # without it HF runs CPU processes as independent copies, not data-parallel
         command += " \\\n    --use_cpu True"
     return YourRun(command, CPU_OUTPUT_DIR, f"{answer.title}, sized for this CPU: the stand-in {config.model}, "
-                                            f"{cpu_steps} steps at small lengths, fp32")
+                                            f"{cpu_steps} steps at small lengths, fp32", str(model))
 
 
 # What the run's output shows as it goes (everything: ``run(..., everything=True)``): m3lab's lines, the
