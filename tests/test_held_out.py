@@ -30,7 +30,7 @@ def test_a_tenth_of_the_learners_file_is_held_out_the_same_way_each_time(tmp_pat
     records, corpus, relevant = _held_out(judged.eval, judged.corpus)  # the evaluation reads them as they are
     assert len(records) == 25 and len(corpus) == len(set(corpus)) and all(relevant)
     assert judged.how == "25 of 251 lines held out (seed 42)"
-    again = prepare(mine, folder=tmp_path / "again")
+    prepare(mine, folder=tmp_path / "again")
     assert (tmp_path / "again" / "my file.eval.jsonl").read_text() == (tmp_path / "split" / "my file.eval.jsonl").read_text()
 
 

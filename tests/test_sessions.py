@@ -34,6 +34,20 @@ def test_a_run_shorter_than_half_an_hour_still_saves_halfway(report):
     assert odd.steps == 602 and odd.save_steps == 301
 
 
+def test_kaggles_weekly_gpu_hours_are_counted_beside_the_sessions(report):
+    config = TrainConfig.common_t4_advice(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=1,
+                                          num_processes=2)
+    slow = dataclasses.replace(steptime.step_time(report), slowest_seconds=60.0)
+    kaggle = sessions.plan(config, report, records=600, platform=platform_for("kaggle-t4x2"), time=slow)
+    # 600 one-minute steps: 10 h, one session of 12 h, with its 30 min of set-up
+    assert kaggle.steps == 600 and kaggle.sessions == 1
+    assert ("GPU time a week: about 30 h allowed; this run takes 10.5 h of it at the slow estimate, set-up "
+            "included") in kaggle.describe()
+    colab = sessions.plan(config.replace(num_processes=1), report, records=300, platform=platform_for("colab-t4"),
+                          time=slow)
+    assert not any(line.startswith("GPU time a week") for line in colab.describe())
+
+
 def test_without_an_estimate_a_checkpoint_lands_every_tenth_of_the_run_and_the_plan_says_why(report):
     config = TrainConfig.common_t4_advice(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=1)
     plan = sessions.plan(config, report, records=300, platform=platform_for("colab-t4"), time=None)

@@ -142,7 +142,11 @@ def test_flagembeddings_example_flags_meet_the_installed_transformers_as_the_les
     import transformers
     from packaging.version import Version
 
-    from m3lab.command import FLAGEMBEDDING_M3_MODULE, UPSTREAM_FLAG_CHANGES, _argument_parser
+    from m3lab.command import (
+        FLAGEMBEDDING_M3_MODULE,
+        UPSTREAM_FLAG_CHANGES,
+        _argument_parser,
+    )
 
     installed = Version(transformers.__version__)
     script = (REPO / "data" / "upstream" / "m3.sh").read_text()

@@ -35,6 +35,7 @@ class SessionPlan:
     save_steps: int
     checkpoint_bytes: int  # one checkpoint, estimated
     session_hours: float | None  # the platform's longest session (None: not limited)
+    weekly_gpu_hours: float | None = None  # the GPU time the platform allows a week (None: none published)
 
     @property
     def seconds(self) -> tuple[float, float] | None:
@@ -75,6 +76,10 @@ class SessionPlan:
             lines.append(f"sessions, at the slow estimate: {self.sessions} of at most {self.session_hours:g} h (each "
                          f"keeps {SESSION_SETUP_S // 60} min to set up)"
                          + (f"; later ones resume from step {', '.join(str(s) for s in resumes)}" if resumes else ""))
+        if self.weekly_gpu_hours is not None and self.seconds is not None:
+            used = self.sessions * SESSION_SETUP_S + self.seconds[1]
+            lines.append(f"GPU time a week: about {self.weekly_gpu_hours:g} h allowed; this run takes {_duration(used)} "
+                         "of it at the slow estimate, set-up included")
         cadence = (f"at most {CHECKPOINT_EVERY_S // 60} min of training at the slow estimate, and halfway at the latest"
                    if self.time is not None
                    else f"a {CHECKPOINTS_WITHOUT_ESTIMATE}th of the run: no step-time estimate for this card")
@@ -113,5 +118,5 @@ def plan(config, report, records: int, platform: Platform, time: StepTime | None
         # a run shorter than half an hour would otherwise save only at its end
         every = max(1, min(-(-steps // 2), int(CHECKPOINT_EVERY_S / time.slowest_seconds)))
     return SessionPlan(steps, per_epoch, config.num_train_epochs, time, every, checkpoint_bytes(report),
-                       platform.session_hours)
+                       platform.session_hours, platform.weekly_gpu_hours)
 
