@@ -61,13 +61,9 @@ class Candidate:
 
     def write_deepspeed_json(self, folder: str | os.PathLike = ".") -> Path | None:
         """The DeepSpeed JSON the command names, written into ``folder`` (None without DeepSpeed)."""
-        from m3lab.io import write_text_atomic
+        from m3lab.plan.recipes import write_deepspeed_json
 
-        if self.config.deepspeed_stage is None:
-            return None
-        path = Path(folder) / self.config.deepspeed_file_name
-        write_text_atomic(path, self.config.deepspeed_json())
-        return path
+        return write_deepspeed_json(self.config, folder)
 
     def instructions(self) -> str:
         """Where the files go, and the one command, to copy."""

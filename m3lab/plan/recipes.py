@@ -40,6 +40,17 @@ def as_seen_from_here(path: str | os.PathLike) -> str:
     return os.path.relpath(resolve_data_path(path))
 
 
+def write_deepspeed_json(config: TrainConfig, folder: str | os.PathLike = ".") -> Path | None:
+    """The DeepSpeed JSON ``config``'s command names, written into ``folder`` (None without DeepSpeed)."""
+    from m3lab.io import write_text_atomic
+
+    if config.deepspeed_stage is None:
+        return None
+    path = Path(folder) / config.deepspeed_file_name
+    write_text_atomic(path, config.deepspeed_json())
+    return path
+
+
 @dataclass
 class Answer:
     """One platform's run for the data, and what it costs."""
@@ -70,14 +81,7 @@ class Answer:
         return commands.resume_command(self.config, self.rendering, self.platform.previous_output_dirs)
 
     def write_deepspeed_json(self, folder: str | os.PathLike = ".") -> Path | None:
-        """The DeepSpeed JSON the command names, written into ``folder`` (None without DeepSpeed)."""
-        from m3lab.io import write_text_atomic
-
-        if self.config.deepspeed_stage is None:
-            return None
-        path = Path(folder) / self.config.deepspeed_file_name
-        write_text_atomic(path, self.config.deepspeed_json())
-        return path
+        return write_deepspeed_json(self.config, folder)
 
     def figures(self) -> list[str]:
         """What the run costs, every figure labelled predicted or estimated."""
