@@ -65,7 +65,7 @@ print(", ".join(f"{name} {version}" for name, version in lessons.versions().item
 # one T4. Each later lesson changes one knob from where the lesson before left it. The command and
 # the JSON file it names, to copy (the JSON verbatim from FlagEmbedding, `data/upstream/`), and what
 # was adapted. Three of the example's flags meet a newer transformers than the one it was written
-# for: Colab's (5.15) and a fresh install's stop FlagEmbedding at `--overwrite_output_dir` and
+# for: Colab's and a fresh install's stop FlagEmbedding at `--overwrite_output_dir` and
 # `--warmup_ratio` ("Some specified arguments are not used by the HfArgumentParser"), so every command
 # here writes them otherwise, as the last lines below say.
 

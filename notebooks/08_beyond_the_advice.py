@@ -485,12 +485,11 @@ if tuned is None:
 else:
     base_scores = evaluate_retrieval(mine.model, judged.eval, judged.corpus)
     tuned_scores = evaluate_retrieval(tuned, judged.eval, judged.corpus)
-    label = "" if env.on_gpu else " (the stand-in: the pipeline runs, not quality)"
-    print(f"before: {mine.model}; after: {tuned}{label}")
+    label = your_run.scores_label(env)
+    print(f"before: {mine.model}; after: {tuned}; {label}")
     print(base_scores.table(tuned_scores))
     print(*verdict(base_scores, tuned_scores), sep="\n")
-    plots.retrieval_before_after(base_scores, tuned_scores, f"measured on {'the GPU' if env.on_gpu else 'CPU'} "
-                                 f"with {env.model}" + label, title="Your held-out queries, before and after");
+    plots.retrieval_before_after(base_scores, tuned_scores, label, title="Your held-out queries, before and after");
 
 # %% [markdown]
 # **In one line.** The answer on your data, on free Colab and on Kaggle alike: m3lab's levers, groups of

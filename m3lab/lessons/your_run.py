@@ -54,6 +54,13 @@ def keep_outputs(platform: str | None) -> str:
     return f"no GPU platform here: the run goes to {CPU_OUTPUT_DIR} (nothing to mount)"
 
 
+def scores_label(env: Environment) -> str:
+    """Where the learner's before/after was measured, and what it can say."""
+    if env.on_gpu:
+        return f"measured on {env.gpu_name} with {env.model}"
+    return f"measured on CPU with the stand-in {env.model}: the pipeline runs, not quality"
+
+
 @dataclass(frozen=True)
 class Check:
     """One item of a new session's checklist: done or not, and what it found (or what to do)."""
