@@ -101,8 +101,9 @@ plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measu
 # as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`) and longer passages than the
 # advice's 392, every parameter trained; its figures are in the ledger below. How long: 1,024-token
 # passages run out of memory in the second step (the sparse head's request finds the allocator's
-# cache cut into gaps too small for it), so the path takes 768. The path's own command (the series'
-# thread; the answer for your data, per platform, comes at the end):
+# cache cut into gaps too small for it), so the path takes 768. The path's run, as the flags it changes
+# from FlagEmbedding's example (the series' thread; the answer for your data, per platform, to copy,
+# comes at the end of lesson 08):
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -115,9 +116,9 @@ print(lessons.prediction_table(lengths))
 print(f"1,024: {lengths['the path at 1,024-token passages'].verdict}")
 
 # %%
-from m3lab.command import shell_command
+from m3lab.plan.choice import changes
 
-print(shell_command(recipe))
+print("\n".join(changes(ledger.baseline(), recipe)))
 
 # %% [markdown]
 # ## Context: FlagEmbedding's `--sub_batch_size` on real data
@@ -356,8 +357,6 @@ for answer in stock_answers.values():
 # What each answer changes from FlagEmbedding's example (lesson 01), flag by flag. The series ends with
 # one answer per platform, printed in full to copy, at the end of lesson 08, which weighs this one
 # against the levers' and against every text whole.
-from m3lab.plan.choice import changes
-
 for answer in stock_answers.values():
     print(f"## {answer.title}, against FlagEmbedding's example")
     example = ledger.baseline().replace(train_data=answer.config.train_data)  # the same data, as this folder sees it
@@ -388,8 +387,9 @@ print(buckets.cost_table(buckets.epoch_costs(stock_buckets)))
 # **What they keep.** FlagEmbedding as it is holds no passage beyond 2,560 tokens on a T4, even one
 # query at a time with groups of 2: its sparse head's (passages x tokens x vocabulary) tensor grows
 # with every token. So its per-length batches keep 94% of the passages' tokens, about what the answer
-# above keeps, where the seed's advice (64/392 tokens) keeps 58%. The answer stays the command above;
-# lesson 08's sparse head is what lets a T4 hold every text whole.
+# above keeps, where the seed's advice (64/392 tokens) keeps 58%. With FlagEmbedding as it is the
+# answer stays the run above; lesson 08's sparse head is what lets a T4 hold every text whole, and
+# lesson 08 weighs the three and prints the one to run.
 
 # %% [markdown]
 # **In one line.** With FlagEmbedding as it is, on your data: no DeepSpeed, fused AdamW, groups of 2

@@ -176,9 +176,9 @@ for g, result in side_by_side.items():
 # %% [markdown]
 # ## Context: the goal
 #
-# Its prediction in full, what its step costs in compute, then its command, and the same check from
-# the shell: `m3lab predict -- <command>` takes any M3 training command as you would type it (prefix
-# yours the same way).
+# Its prediction in full, what its step costs in compute, then the flags it changes from the path's
+# run. The same check from the shell: `m3lab predict -- <command>` takes any M3 training command as
+# you would type it.
 
 # %%
 goal = path["+ grad cache (the goal)"]
@@ -196,9 +196,10 @@ for label in ("+ efficient sparse head", "+ grad cache (the goal)"):
     print(f"{label:24} {steptime.describe(path_reports[label])}")
 
 # %%
-from m3lab.command import shell_command
+# the goal, as the flags it changes from the path's run (the answer for your data, to copy, is at the end)
+from m3lab.plan.choice import changes
 
-print("m3lab predict --gpu t4 -- " + shell_command(goal))
+print("\n".join(changes(start, goal)))
 
 # %% [markdown]
 # ## Context: a real run with the levers
