@@ -401,7 +401,8 @@ class EpochCost:
     verdict: str  # the predictor's, for the run's largest step
 
 
-def _kept(lengths: dict[str, int], cut: int) -> float:
+def kept(lengths: dict[str, int], cut: int) -> float:
+    """The share of the passages' tokens (each passage once) that ``cut`` keeps."""
     return sum(min(n, cut) for n in lengths.values()) / max(1, sum(lengths.values()))
 
 
@@ -424,7 +425,7 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
     cut = result.cut or MODEL_MAX_LEN
     # the passages' tokens an epoch trains: cut at ``cut``, times the share of the lines it trains
     trained = sum(b.steps(processes) * b.batch * processes for b in held) / max(1, lines)
-    bucketed = EpochCost("per-length batches", cut, _kept(result.lengths, cut) * trained, result.epoch_steps(),
+    bucketed = EpochCost("per-length batches", cut, kept(result.lengths, cut) * trained, result.epoch_steps(),
                          seconds([(b.steps(processes), b.report) for b in held]),
                          max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
     seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
@@ -432,11 +433,11 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
     seed_report = predict(seed, result.platform.gpu)
     seed_steps = lines // processes
     truncating = EpochCost("the seed's T4 advice (64/392 tokens, group 6, ZeRO-1)", seed.passage_max_len,
-                           _kept(result.lengths, seed.passage_max_len), seed_steps,
+                           kept(result.lengths, seed.passage_max_len), seed_steps,
                            seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
     fixed_batch = held[-1].batch if held else 0
     fixed = EpochCost(f"one batch ({fixed_batch} a process) at " + ("full length" if cut == MODEL_MAX_LEN else
-                                                                   f"{cut:,} tokens"), cut, _kept(result.lengths, cut),
+                                                                   f"{cut:,} tokens"), cut, kept(result.lengths, cut),
                       lines // max(1, fixed_batch * processes),
                       seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
                       if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")

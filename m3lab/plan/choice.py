@@ -17,7 +17,7 @@ from pathlib import Path
 from m3lab import command as commands
 from m3lab.config import TrainConfig
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
-from m3lab.plan.buckets import MODEL_MAX_LEN
+from m3lab.plan.buckets import MODEL_MAX_LEN, kept
 from m3lab.plan.platforms import Platform
 
 # The rule, in the order it decides; the lesson prints it.
@@ -105,11 +105,6 @@ def _trained_share(lines: int, batch: int, processes: int) -> float:
     """The share of the lines an epoch trains: the last short batch is dropped."""
     per_step = batch * processes
     return (lines // per_step) * per_step / max(1, lines)
-
-
-def kept(lengths: dict[str, int], max_len: int) -> float:
-    """The share of the passages' tokens (each passage once) that ``max_len`` keeps."""
-    return sum(min(n, max_len) for n in lengths.values()) / max(1, sum(lengths.values()))
 
 
 def from_answer(name: str, answer, lengths: dict[str, int], lines: int) -> Candidate:
