@@ -30,6 +30,12 @@ class GPU:
     # a source is named (m3lab.predict.steptime uses them for step-time estimates)
     peak_flops_half: float | None = None
     peak_flops_fp32: float | None = None
+    card: str = ""  # one card's own name where ``name`` adds the platform and the count ("Tesla T4")
+
+    @property
+    def card_name(self) -> str:
+        """One card's name, without the platform or the count."""
+        return self.card or self.name
 
     @property
     def allocator_limit_bytes(self) -> int:
@@ -57,9 +63,10 @@ def _gib(x: float) -> int:
 PROFILES: dict[str, GPU] = {g.key: g for g in [
     # T4 throughput: NVIDIA T4 Tensor Core GPU datasheet: 65 TFLOPS mixed precision (FP16/FP32),
     # 8.1 TFLOPS single precision
-    GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5), peak_flops_half=65e12, peak_flops_fp32=8.1e12),
+    GPU("t4", "Tesla T4 (Colab)", _gib(14.74), _gib(0.40), (7, 5), peak_flops_half=65e12, peak_flops_fp32=8.1e12,
+        card="Tesla T4"),
     GPU("t4x2", "2 x Tesla T4 (Kaggle)", _gib(14.74), _gib(0.40), (7, 5), count=2, peak_flops_half=65e12,
-        peak_flops_fp32=8.1e12),
+        peak_flops_fp32=8.1e12, card="Tesla T4"),
     # L4 and A100 peaks: NVIDIA's datasheets, dense (the half-precision figures without sparsity)
     GPU("l4", "NVIDIA L4 24 GB", _gib(22.17), _gib(0.45), (8, 9), peak_flops_half=121e12, peak_flops_fp32=30.3e12),
     GPU("a10g", "NVIDIA A10G 24 GB", _gib(22.19), _gib(0.45), (8, 6)),

@@ -23,7 +23,7 @@
 # what machine is this, what does the training data look like, is it valid, and how long are its texts?
 # The last question decides `query_max_len` and `passage_max_len`, the first knobs of lesson 02.
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -129,9 +129,10 @@ by_field = {s.field: s for s in stats}
 print(f"max lengths that keep 95% of texts whole: query {length_covering(by_field['query'])}, "
       f"passage {length_covering(by_field['passage'])}")
 passages = list(dict.fromkeys(t for r in train_records for t in r["pos"] + r["neg"]))
-print(f"max lengths that keep 95% of tokens (what m3lab fit takes): query "
-      f"{length_covering_tokens(token_lengths([r['query'] for r in train_records], tokenizer))}, "
+query_tokens = token_lengths([r["query"] for r in train_records], tokenizer)
+print(f"max lengths that keep 95% of tokens (m3lab fit's passage length): query {length_covering_tokens(query_tokens)}, "
       f"passage {length_covering_tokens(token_lengths(passages, tokenizer))}")
+print(f"every query whole (the answers' query length, where the run still fits): {length_covering_tokens(query_tokens, 1.0)}")
 
 # %%
 plots.token_length_histogram({"query": token_lengths([r["query"] for r in train_records], tokenizer).tolist(),
@@ -144,7 +145,10 @@ plots.token_length_histogram({"query": token_lengths([r["query"] for r in train_
 # committed outputs were made offline, with the stand-in's. Queries are short: 64 tokens keeps nearly all of them whole. Passages are
 # long-tailed: the common advice's 392 tokens cuts nearly a quarter of the passages (23.3%) and 42.1%
 # of passage tokens. Two 95% figures come up in the series, and they differ: the length that keeps 95% of
-# the *texts* whole (printed above), and the longer one that keeps 95% of the *tokens*, which
-# `m3lab fit` takes in lesson 07 (long passages hold most of the tokens, so keeping their tokens
-# needs more length than keeping most passages whole). Lesson 02 shows what each max length costs
+# the *texts* whole, and the length that keeps 95% of the *tokens*. For passages the second is the longer
+# one, and it is the passage length `m3lab fit` takes in lesson 07: long passages hold most of the
+# tokens, so keeping their tokens needs more length than keeping most passages whole. Queries are
+# different: a query costs little memory (one per group of passages), so the answers keep every query
+# whole where the run still fits, at the length printed last above (lengths are rounded up to a
+# multiple of 8). Lesson 02 shows what each max length costs
 # in memory, so the cut can be a decision rather than a default.

@@ -22,7 +22,7 @@
 # fp16, gradient checkpointing, DeepSpeed stage 0, unified fine-tuning with self-distillation), run
 # at BGE-M3's long context on a 16 GB T4. Why can it not fit, and what exactly is too big?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -101,7 +101,7 @@ plots.breakdown_bars(reports, title="FlagEmbedding's example on a T4");
 # NBVAL_CHECK_OUTPUT
 
 for label, report in reports.items():
-    print(f"{label}: peak in {report.peak_phase} at {report.peak_op} ({report.peak_module}); "
+    print(f"{label}: peak in {report.peak_phase}, at {report.peak_in_words}; "
           f"temporaries {report.breakdown['temporaries'] / GIB:.2f} GiB, "
           f"activations {report.breakdown['activations'] / GIB:.2f} GiB")
 # FlagEmbedding's sparse head in training mode builds a (passages, tokens, vocabulary) tensor
@@ -177,10 +177,15 @@ plots.evidence(rows);
 # runs but one: without gradient checkpointing the simulated cache holds 16.84 GiB where the card
 # reserved 14.93 (the cause is not found; the simulation errs on the safe side there). Under a T4's
 # limit the card ran what the verdicts say fits and ran out of memory where they say it does: on the
-# same 3.82 GiB request, with the same 11.72 GiB in use. The spare a verdict gives depends on the
-# order in which a run's blocks come and go: the advice with ZeRO-1 under a T4's limit has 2.68 GiB
-# to spare here, simulated as the H200 ran it (its first update skipped by fp16 loss scaling), and
-# less with two healthy steps (lesson 04). What no measurement here covers: a real T4's CUDA context
+# same 3.82 GiB request, with the same 11.72 GiB in use. That run is short by 5.08 GiB here and the
+# example at 512 tokens by 5.13 in the first table: the measured run is predicted as it was set up for
+# the check (three steps, DeepSpeed told to use PyTorch's own Adam), which leaves PyTorch's cache a
+# little less cut up. The spare a verdict gives depends on the order in which a run's blocks come and
+# go: the advice with ZeRO-1 under a T4's limit has 2.68 GiB to spare here, simulated as the H200 ran
+# it, and less with two ordinary steps (lesson 04). The H200's first update was skipped: in fp16
+# training, gradients are multiplied by a large "loss scale" so that small ones do not round to zero;
+# when that overflows, the step is thrown away and the scale lowered, so the optimizer's state is
+# only made in the second step. What no measurement here covers: a real T4's CUDA context
 # (the estimate above), and two T4s at once.
 
 # %% [markdown]

@@ -21,7 +21,7 @@
 # The first piece of common advice: cut `query_max_len`/`passage_max_len` (e.g. 64/392). How does
 # peak memory move with each, and what does the cut cost in text?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -102,12 +102,12 @@ lessons.print_commands({**passage_configs, **query_configs}, "02")
 # **What it shows.** Passage length is the strong knob while the sparse head's (passages x tokens x
 # vocabulary) tensor makes the peak: from 8,192 down to 512 tokens the peak falls from 136.54 to
 # 15.54 GiB, still out of memory by 5.08 GiB. The advice's 392 peaks at 13.64 GiB and is out of
-# memory too, by 2.40: the sparse head's big requests find the allocator's cache cut into gaps, and the
-# step needs 17.14 GiB of the card. At 256 and below the peak is flat at 12.71 GiB, because it is now
+# memory too, by 2.40: the sparse head's big requests find PyTorch's cache of freed memory cut into pieces too small for
+# them, and the step needs 17.14 GiB of the card. At 256 and below the peak is flat at 12.71 GiB, because it is now
 # the optimizer step (ZeRO-0: fp32 master weights, Adam moments and their update temporaries), which
 # no length changes. There 256 fits, with 0.71 GiB to spare, and 128, whose blocks land worse, does
-# not (short by 0.51): near the card's limit the allocator's gaps decide, which is why every verdict
-# counts them. So the advice's 392 is not the knee; 256 is, at the price of more text cut (52.0% of
+# not (short by 0.51): near the card's limit where those unusable pieces fall decides, which is why every
+# verdict counts them. So the advice's 392 is not the knee; 256 is, at the price of more text cut (52.0% of
 # passage tokens instead of 42.1%, counted with the tokenizer printed above, the stand-in's when
 # offline). Query length hardly matters (13.64 to 13.70 GiB from 32 to 512 tokens): queries are one
 # text per group.
@@ -142,7 +142,7 @@ plots.memory_curve(passage_lengths, list(by_passage.values()), "passage_max_len 
 # %% [markdown]
 # **What it shows.** Where the sparse head's tensor makes the peak, one passage at a time takes it
 # away: from 392 up to 2,048 tokens the peak falls to the optimizer step's floor, 12.71 GiB (at 2,048
-# from 39.74), but with the allocator's gaps each of them is out of memory by about half a GiB, like
+# from 39.74), but with the cache's unusable pieces each of them is out of memory by about half a GiB, like
 # the example's own 128; at 4,096 and 8,192 the encoder's own activations are left (15.98 and 23.44
 # GiB). On paper that is five times the text of the advice's 392 for a lower peak. Two catches keep it
 # out of the path: with unified fine-tuning (the example's dense + sparse + ColBERT) FlagEmbedding

@@ -21,7 +21,7 @@
 # Next piece of advice: a smaller `train_group_size` (e.g. 6) and per-device batch 1; and
 # `negatives_cross_device` off. What do they change, and what does `same_dataset_within_batch` do?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -116,9 +116,8 @@ lessons.print_commands({**group_configs, **batch_configs, **cross_configs}, "03"
 # tensors of a step have the same shapes, and the predicted peak is the same. With one training file,
 # as here, it changes nothing at all. To see what it does, this series' training file split in two (the
 # records whose longest passage has the fewest characters in `short.jsonl`, the rest in `long.jsonl`) and the first
-# batches of 4 queries that FlagEmbedding's own datasets draw from them (`m3lab.data.batching` asks
-# FlagEmbedding's `AbsEmbedderTrainDataset` and `AbsEmbedderSameDatasetTrainDataset`, seeded as the
-# trainer seeds them):
+# batches of 4 queries that FlagEmbedding's own data loading draws from them, with the flag off and
+# on, seeded as its trainer seeds it:
 
 # %%
 import json

@@ -22,7 +22,7 @@
 # the optimizer states (fp32 master weights and the two Adam moments, 12 bytes per parameter)
 # across GPUs. What does it do on **one** T4?
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -95,7 +95,7 @@ print("; ".join(f"{p.name} has {p.host_ram_bytes / GB:.1f} GB = {p.host_ram_byte
 # Where each one-T4 run peaks, and what is alive there (GiB)
 for label, report in reports.items():
     if label.startswith("1 x T4") and "offload" not in label:
-        print(f"{label:34} {report.peak_phase} at {report.peak_op:22} "
+        print(f"{label:34} {report.peak_phase} at {report.peak_in_words:30} "
               + ", ".join(f"{k} {v / GIB:.2f}" for k, v in report.breakdown.items() if v >= 0.005 * GIB))
 
 # %%
@@ -160,7 +160,11 @@ plots.memory_bars(list(measured), [r.optimizer_state_bytes(0) for r in measured.
 # holding exactly half the Adam bytes), which is the saving the advice promises: 6.70 GiB peak and
 # 6.86 GiB to spare. Without DeepSpeed each GPU holds everything, as on one (9.42 GiB); ZeRO-2, which
 # with FlagEmbedding's M3 model needs checkpointing off (lesson 05), partitions the gradients too and,
-# without checkpointing, peaks at 8.46 GiB. One more measured detail: in full precision (the CPU
+# without checkpointing, peaks at 8.46 GiB. So ZeRO-1 is memory in reserve on two T4s, not a must: the
+# planner in lesson 07 tries each run without DeepSpeed first (one program fewer between you and the
+# trainer, and no extra traffic between the GPUs for the split optimizer state; that it is faster is an
+# assumption, not a measurement) and takes ZeRO-1 only where that does not fit, which is why the answers
+# for Kaggle in lessons 07 and 08 run without it. One more measured detail: in full precision (the CPU
 # runs), ZeRO-1 keeps an fp32 master copy that ZeRO-0 does not need; with fp16 on a GPU both keep one.
 #
 # **Offload** takes states and update off the GPU entirely (4.50 GiB peak, 9.61 to spare), at the
@@ -224,4 +228,5 @@ plots.ledger(so_far, **lessons.gpu_measurements(ledger.path("04")));
 
 # %% [markdown]
 # **In one line.** On one T4, drop DeepSpeed: 9.42 GiB peak and 3.59 GiB to spare with fused AdamW;
-# on two T4s ZeRO-1 is the one that helps (6.70 GiB per GPU, 6.86 to spare), all predicted.
+# on two T4s ZeRO-1 saves the most (6.70 GiB per GPU, 6.86 to spare), memory to spend only where a run
+# does not fit without DeepSpeed, all predicted.

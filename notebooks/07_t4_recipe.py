@@ -24,7 +24,7 @@
 # sections before the answer are context: the candidates for one T4, the path's own recipe, a trap,
 # and a real run with its model used.
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -98,7 +98,8 @@ plots.breakdown_bars(reports, title="Candidates for one T4", **lessons.gpu_measu
 # platform's host RAM cannot hold.
 #
 # The path (`m3lab.plan.ledger`, drawn at the end) spends free Colab's room on text, with FlagEmbedding
-# as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`) and longer passages than the
+# as it is: no DeepSpeed, 8-bit AdamW (`--optim adamw_bnb_8bit`: an option of HF's Trainer that
+# FlagEmbedding's command passes on; it needs the bitsandbytes package) and longer passages than the
 # advice's 392, every parameter trained; its figures are in the ledger below. How long: 1,024-token
 # passages run out of memory in the second step (the sparse head's request finds the allocator's
 # cache cut into gaps too small for it), so the path takes 768. The path's run, as the flags it changes
@@ -271,10 +272,10 @@ plots.retrieval_before_after(measured.before, measured.after, measured.label);
 #
 # Every T4 figure in this series is predicted. On a GPU, `m3lab.evidence.gpu_check` holds the predictor to
 # account with batches that are full length: it trains a BGE-M3-shaped model (the real shapes,
-# random weights, built here in about a minute: memory depends on shapes, not values) for three
-# steps per configuration and sets `torch.cuda.max_memory_allocated` beside the prediction. The
-# project's tests keep every prediction within 5% of the measurements committed under
-# `data/measurements/`, and lesson 01 shows them beside their predictions. A file measured on a real
+# random weights: memory depends on shapes, not values) for three steps per configuration and sets
+# `torch.cuda.max_memory_allocated` beside the prediction. The project's tests hold every prediction to
+# the measurements committed under `data/measurements/`, and lesson 01 shows each beside its
+# prediction, with how far apart they are. A file measured on a real
 # T4 (`results/gpu_check/gpu_check.json`) is the most useful thing you can send back: no T4 has
 # measured the CUDA context the verdicts estimate. `python -m m3lab.evidence.gpu_check --out DIR` runs all of
 # the configurations.
@@ -338,8 +339,22 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # (GPU and host RAM), the fastest memory setting that holds it, never a close call; then the run: two
 # epochs, the warm-up counted on your data, a checkpoint at least every half hour of training, in the
 # folder that outlives the session. Every figure is labelled: the GPU's and the host's are predicted,
-# the times estimated from the step's counted FLOPs over what published BERT-large runs reached on a
-# T4 (`m3lab.predict.steptime`; nothing here ran on a T4), as a range.
+# the times estimated (nothing here ran on a T4), as a range.
+#
+# **How a time is estimated.** The predictor counts the step's arithmetic (its floating-point
+# operations, FLOPs) with every text at its max length; FlagEmbedding pads a batch only to its longest
+# text, so the count is scaled to the lengths batches drawn from your data really pad to. A T4 does
+# that work at some share of its datasheet's 65 TFLOPS. The share comes from a published *training* run
+# on a free Colab T4 (Unsloth's BGE-M3 notebook: short texts, a small adapter trained, so a rough guide
+# to a full fine-tune of long texts), and its top is capped by published *inference* on a T4, which a
+# training step does not beat. On Kaggle's two T4s each step also sends every gradient from one GPU to
+# the other. The figures behind the range:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.predict import steptime
+
+print("\n".join(steptime.basis()))
 
 # %%
 from m3lab.plan import recipes
@@ -371,7 +386,7 @@ for answer in stock_answers.values():
 # that way: with `--same_dataset_within_batch True` every batch comes from one file, at the
 # `batch_size` its lines carry. `m3lab fit --buckets DIR --stock --data FILE` makes the files and
 # finds each one's batch with the predictor (every passage at its bucket's longest length, never a
-# close call), and compares one epoch three ways: the seed's T4 advice (64/392 tokens), one batch for
+# close call), and compares one epoch three ways: the common T4 advice (64/392 tokens), one batch for
 # every line at full length, and the per-length batches. Memory is predicted, times estimated.
 
 # %%
@@ -384,10 +399,12 @@ print()
 print(buckets.cost_table(buckets.epoch_costs(stock_buckets)))
 
 # %% [markdown]
-# **What they keep.** FlagEmbedding as it is holds no passage beyond 2,560 tokens on a T4, even one
-# query at a time with groups of 2: its sparse head's (passages x tokens x vocabulary) tensor grows
-# with every token. So its per-length batches keep 94% of the passages' tokens, about what the answer
-# above keeps, where the seed's advice (64/392 tokens) keeps 58%. With FlagEmbedding as it is the
+# **What they keep.** With FlagEmbedding as it is, the per-length batches stop at 2,560-token
+# passages: the planner tries lengths in steps of 256, and the next, 2,816, does not fit even one query
+# at a time with groups of 2 (its sparse head's passages x tokens x vocabulary tensor grows with every
+# token). The answer above cuts at the length that keeps 95% of the tokens, 2,704, between the two,
+# and that fits. So the per-length batches keep 94% of the passages' tokens, about what the answer
+# above keeps, where the common advice (64/392 tokens) keeps 58%. With FlagEmbedding as it is the
 # answer stays the run above; lesson 08's sparse head is what lets a T4 hold every text whole, and
 # lesson 08 weighs the three and prints the one to run.
 

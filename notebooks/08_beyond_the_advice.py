@@ -22,20 +22,22 @@
 # 8,192 tokens. This lesson reaches for the whole thing on one T4: **every parameter trained** (word
 # embeddings included; dense, sparse and ColBERT heads; self-distillation on), passages of 8,192 tokens,
 # queries of 512, groups of 8, and not a close call (the series' margin, lesson 01).
-# m3lab adds five levers, each one flag, each traced by the predictor:
+# Five levers, each one flag, each traced by the predictor. Three are m3lab's own; two are options
+# FlagEmbedding's command already passes on to HF's Trainer and DeepSpeed (lesson 07's path already uses
+# 8-bit AdamW):
 #
-# | lever | flag (`m3lab predict`) | TrainConfig field |
-# |---|---|---|
-# | memory-efficient sparse head, O(batch × vocab) | `--efficient-sparse-head` | `efficient_sparse_head=True` |
-# | frozen word embeddings (256M parameters) | `--freeze-word-embeddings` | `freeze_word_embeddings=True` |
-# | 8-bit AdamW (bitsandbytes), via HF Trainer | `--optim adamw_bnb_8bit` | `optim="adamw_bnb_8bit"` |
-# | DeepSpeed optimizer offload to the CPU | `--offload-optimizer` | `offload_optimizer=True` |
-# | gradient caching of the M3 loss | `--grad-cache-chunk-size N` | `grad_cache_chunk_size=N` |
+# | lever | whose | flag (`m3lab predict`) | TrainConfig field |
+# |---|---|---|---|
+# | memory-efficient sparse head, O(batch × vocab) | m3lab | `--efficient-sparse-head` | `efficient_sparse_head=True` |
+# | frozen word embeddings (256M parameters) | m3lab | `--freeze-word-embeddings` | `freeze_word_embeddings=True` |
+# | gradient caching of the M3 loss | m3lab | `--grad-cache-chunk-size N` | `grad_cache_chunk_size=N` |
+# | 8-bit AdamW (bitsandbytes) | HF Trainer | `--optim adamw_bnb_8bit` | `optim="adamw_bnb_8bit"` |
+# | optimizer state moved to the CPU's RAM (offload) | DeepSpeed | `--offload-optimizer` | `offload_optimizer=True` |
 #
-# Training runs with any of the first, second or last go through `torchrun -m m3lab.run_m3`, which is
+# Training runs with any of m3lab's three go through `torchrun -m m3lab.run_m3`, which is
 # FlagEmbedding's M3 runner and trainer with the model subclassed (same arguments, plus these).
 #
-# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which traces FlagEmbedding's real training step on fake tensors, and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the traced peak of live tensors; *needs* is what the step needs of the card: PyTorch's caching allocator is simulated under the card's limit, as it runs there (when a request does not fit, it gives back its unused cache and tries again; only then is it out of memory), and *needs* counts the memory it cannot give back at the tightest moment (the live tensors and the gaps between them) plus the CUDA context, an estimate. The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
 
 # %%
 # Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
@@ -119,7 +121,7 @@ path_reports = lessons.predict_all(path)
 
 print(lessons.prediction_table(path_reports))
 for label, report in path_reports.items():
-    print(f"{label:30} peak in {report.peak_phase:9} ({report.peak_op})")
+    print(f"{label:30} peak in {report.peak_phase:9} at {report.peak_in_words}")
 
 # %%
 plots.breakdown_bars(path_reports, title="From 07's run to the goal (8,192/512 tokens, group 8, all trained)");
@@ -358,7 +360,7 @@ for answer in lever_answers.values():
 # into files, each batched at the largest size the card holds (`--same_dataset_within_batch True`,
 # each line carrying its `batch_size`). With m3lab's sparse head the card holds much longer passages.
 # For each platform (`m3lab fit --buckets DIR --platform PLATFORM --data FILE`): the buckets and their
-# batches (per process), one epoch against the seed's truncating advice and against one batch at full
+# batches (per process), one epoch against the common advice's truncation and against one batch at full
 # length, the files written into this folder, and the command that trains on them. Memory predicted,
 # times estimated.
 
@@ -374,7 +376,9 @@ for platform, plan in bucket_plans.items():
     print(buckets.cost_table(bucket_costs[platform]), end="\n\n")
 
 # %%
-plots.epoch_costs(bucket_costs["colab-t4"], title="One epoch on your data, free Colab");
+answer_cost = buckets.answer_cost("this lesson's answer (levers, one length)", lever_answers["colab-t4"],
+                                  bucket_plans["colab-t4"].lengths)
+plots.epoch_costs(bucket_costs["colab-t4"] + [answer_cost], title="One epoch on your data, free Colab");
 
 # %%
 # Each platform's files, written into their own folder here (the batches differ)
@@ -387,7 +391,7 @@ for platform, plan in bucket_plans.items():
 # whole: six buckets, groups of 6 (group 8 does not hold the 4,097 to 8,192-token bucket one query at
 # a time), batches per process from 32 for the shortest passages down to 1 for the longest on free
 # Colab (16 down to 1 on each of Kaggle's two T4s). One epoch trains on 100% of the passages' tokens
-# in 94 steps on free Colab, where the seed's advice (64/392 tokens) trains on 58% of them. The
+# in 94 steps on free Colab, where the common advice (64/392 tokens) trains on 58% of them. The
 # estimated time of the epoch is the same as one batch for every line at full length: the estimate
 # counts FLOPs, and the texts are the same; what the batches change is how busy the card is, which a
 # count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice

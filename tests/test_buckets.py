@@ -159,7 +159,7 @@ def test_the_command_line_writes_the_files_and_a_command_for_two_processes(outsi
     assert files and sum(len(load_jsonl(f)) for f in files) == len(load_jsonl(outside))
     assert "--nproc_per_node 2" in run.stdout and "--train_data my-buckets" in run.stdout
     assert run.stdout.rstrip().endswith("--resume_from_checkpoint latest \\\n    --previous_output_dirs /kaggle/input")
-    assert "per-length batches" in run.stdout and "the seed's T4 advice" in run.stdout
+    assert "per-length batches" in run.stdout and "the common T4 advice" in run.stdout
 
 
 def test_what_the_command_line_cannot_do_is_one_sentence_and_status_2(tmp_path):

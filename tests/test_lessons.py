@@ -123,6 +123,8 @@ def test_memory_curve_compares_labelled_series(two_reports):
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert "cached: peak allocated, predicted for Tesla T4 (Colab)" in labels
     assert "plain: peak allocated, predicted for Tesla T4 (Colab)" in labels
+    # every series drawn with what it needs of the card, the figure its verdict reads
+    assert any(label.startswith("plain: what the step needs of the card") for label in labels)
     plain = next(line for line in ax.get_lines() if line.get_label().startswith("plain"))
     assert list(plain.get_ydata()) == [r.peak_allocated_bytes / 2**30 for r in reports[::-1]]
 
@@ -169,3 +171,37 @@ def test_the_verdict_says_helped_no_change_or_worse_and_what_the_guards_found():
     assert worse[2].startswith("guard: 90% of the passages have all-zero sparse weights")
     same = verdict(scores(0.40), scores(0.40))
     assert any(line.startswith("guard: the fine-tuned dense vectors equal the base model's") for line in same)
+
+
+def test_the_ledgers_bar_height_and_colour_come_from_the_same_figure(two_reports):
+    """A bar is as tall as what the step needs of the card, and coloured by the verdict. Every figure drawn (bars, peak ticks, measured
+    marks) lies inside an axis the reader sees, the tall ones in the upper band of a broken axis."""
+    import dataclasses
+
+    small, big = two_reports.values()
+    huge = dataclasses.replace(big, peak_allocated_bytes=56 * 2**30, total_bytes=77 * 2**30)
+    reports = {"small": small, "huge": huge}
+    figure = plots.ledger(reports, measured={"small": small.peak_allocated_bytes})
+    upper, lower = figure.axes[:2]
+    bars = {round(p.get_height(), 6): p for ax in (upper, lower) for p in ax.patches}
+    for report in reports.values():
+        bar = bars[round(report.total_bytes / 2**30, 6)]
+        colour = plots.VERDICT_COLOURS[report.kind]
+        assert bar.get_facecolor()[:3] == pytest.approx(__import__("matplotlib").colors.to_rgb(colour))
+
+    def seen(value):
+        return any(ax.get_ylim()[0] <= value <= ax.get_ylim()[1] for ax in (upper, lower))
+
+    for report in reports.values():
+        assert seen(report.total_bytes / 2**30) and seen(report.peak_allocated_bytes / 2**30)
+    # each figure written above everything drawn at its step, so no mark covers it
+    for text, report in zip(sorted(upper.texts + lower.texts, key=lambda t: t.xy[0]), reports.values()):
+        assert text.xy[1] >= max(report.total_bytes, report.peak_allocated_bytes) / 2**30
+
+
+def test_a_cpu_ledger_does_not_call_its_axis_gpu_memory(two_reports):
+    import dataclasses
+
+    cpu = {k: dataclasses.replace(r, usable_bytes=0) for k, r in two_reports.items()}
+    figure = plots.ledger(cpu)
+    assert "GPU" not in figure.axes[0].get_ylabel() and "CPU" in figure.axes[0].get_ylabel()

@@ -278,3 +278,20 @@ def length_covering_tokens(lengths, share: float = 0.95, multiple_of: int = 8) -
         if np.minimum(lengths, limit).sum() >= share * total:
             return limit
     return int(-(-lengths[-1] // multiple_of) * multiple_of)
+
+
+@dataclass(frozen=True)
+class LineLengths:
+    """One training line's texts in tokens: what a batch holding it pads to."""
+
+    query: int
+    pos: tuple[int, ...]
+    neg: tuple[int, ...]
+
+
+def line_lengths(records: list[dict], tokenizer) -> tuple[LineLengths, ...]:
+    """Every line's query, positives and negatives in tokens (each distinct text tokenized once)."""
+    texts = list(dict.fromkeys(t for r in records for t in [r["query"], *r["pos"], *r.get("neg", [])]))
+    tokens = dict(zip(texts, token_lengths(texts, tokenizer).tolist()))
+    return tuple(LineLengths(tokens[r["query"]], tuple(tokens[t] for t in r["pos"]),
+                             tuple(tokens[t] for t in r.get("neg", []))) for r in records)

@@ -7,6 +7,7 @@ pass ``usable_bytes`` to draw the card's usable-memory line.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless machines fall back to Agg on their own
@@ -84,20 +85,20 @@ def _usable_line(ax, usable_bytes: float | None, label: str = "T4 usable memory"
 
 
 def _bar_axes(totals: list[float], usable_gib: float, width: float):
-    """One axis from 0, or, when some bars dwarf the card (FlagEmbedding's example at 8,192 tokens:
-    137 GiB against 14.74), a broken axis: the card's band below, the tall bars' tops above. A log
+    """One axis from 0, or, when some figures pass twice the card (FlagEmbedding's example at 8,192
+    tokens: 137 GiB against 14.74), a broken axis: the card's band below, every taller figure above. A log
     axis would make stacked bars lie about their parts."""
     if not usable_gib:  # a CPU's live bytes: no card, no band to break around
         usable_gib = max(totals)
-    band = max([t for t in totals if t <= 4 * usable_gib] + [usable_gib]) * 1.15
-    tall = [t for t in totals if t > 4 * usable_gib]
+    band = max([t for t in totals if t <= 2 * usable_gib] + [usable_gib]) * 1.15
+    tall = [t for t in totals if t > 2 * usable_gib]  # each of these drawn in the upper band
     if not tall:
         fig, ax = plt.subplots(figsize=(width, 4.4))
         ax.set_ylim(0, band)
         return fig, [ax]
     fig, (upper, lower) = plt.subplots(2, 1, sharex=True, figsize=(width, 5.2),
                                        gridspec_kw={"height_ratios": [1, 2.2], "hspace": 0.08})
-    upper.set_ylim(min(tall) * 0.85, max(tall) * 1.06)
+    upper.set_ylim(min(tall) * 0.85, max(tall) * 1.12)
     lower.set_ylim(0, band)
     upper.spines["bottom"].set_visible(False)
     lower.spines["top"].set_visible(False)
@@ -165,31 +166,35 @@ VERDICT_COLOURS = {Verdict.FITS: "tab:green", Verdict.CLOSE_CALL: "tab:orange",
 
 
 def ledger(reports: dict, path: str | Path | None = None,
-           title: str = "The path so far: the predicted peak after each knob", measured: dict | None = None,
+           title: str = "The path so far: what each knob does to memory", measured: dict | None = None,
            measured_provenance: str = "measured"):
-    """The series' ledger (``m3lab.plan.ledger``): one bar per step, one knob each, from zero to the
-    predicted peak of live tensors after it, coloured by the verdict (fits, close call, out of
-    memory), with what the step needs of the card as a marker, the peak written over each bar with
-    its change from the step before, and the card's usable memory as a line; a broken axis where a
-    step dwarfs the card. ``measured`` ({label: bytes}) adds measured peaks as black diamonds."""
+    """The series' ledger (``m3lab.plan.ledger``): one bar per step, one knob each. A bar's height is
+    what the step needs of the card and its colour the verdict that figure gives (fits, close call,
+    out of memory), so height and colour never disagree; a tick inside marks the peak of live tensors,
+    written over the bar with its change from the step before; the card's usable memory is a line, and
+    the axis breaks where a step dwarfs the card. ``measured`` ({label: bytes}) adds measured peaks as
+    black diamonds (beside the ticks they measure)."""
     labels = list(reports)
     first = next(iter(reports.values()))
+    on_card = bool(first.usable_bytes)
     peaks = [reports[k].peak_allocated_bytes / GIB for k in labels]
     needs = [reports[k].total_bytes / GIB for k in labels]
-    fig, axes = _bar_axes([max(p, n) for p, n in zip(peaks, needs)], first.usable_bytes / GIB,
-                          max(7.0, 0.95 * len(labels) + 3.5))
+    tops = [max(n, p, (measured or {}).get(k, 0) / GIB) for k, n, p in zip(labels, needs, peaks)]
+    fig, axes = _bar_axes(tops + peaks, first.usable_bytes / GIB, max(7.0, 0.95 * len(labels) + 3.5))
     kinds = [reports[k].kind for k in labels]
+    need_words = "what the step needs of the card" if on_card else "live tensors on the CPU"
     for ax in axes:
-        for i, (peak, kind) in enumerate(zip(peaks, kinds)):
-            ax.bar(i, peak, color=VERDICT_COLOURS[kind], alpha=0.75, label=f"peak allocated; {kind.value}")
-        ax.scatter(range(len(labels)), needs, color="black", marker="_", s=300, zorder=5,
-                   label="what the step needs of the card (with the allocator's gaps and the CUDA context)")
+        for i, (need, kind) in enumerate(zip(needs, kinds)):
+            ax.bar(i, need, color=VERDICT_COLOURS[kind], alpha=0.75, label=f"{need_words}; {kind.value}")
+        ax.scatter(range(len(labels)), peaks, color="black", marker="_", s=300, zorder=5,
+                   label="peak of live tensors (the figure written over the bar)")
         _measured_diamonds(ax, labels, measured, measured_provenance)
         _usable_line(ax, first.usable_bytes)
-    for i, peak in enumerate(peaks):
+    for i, (peak, top) in enumerate(zip(peaks, tops)):  # over everything drawn at that step
         change = "" if i == 0 else f"\n{peak - peaks[i - 1]:+.2f}"
-        axes[0 if len(axes) > 1 and peak > axes[-1].get_ylim()[1] else -1].annotate(
-            f"{peak:.2f}{change}", (i, peak), ha="center", va="bottom", fontsize=7)
+        axes[0 if len(axes) > 1 and top > axes[-1].get_ylim()[1] else -1].annotate(
+            f"{peak:.2f}{change}", (i, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+            fontsize=7)
     handles, names = axes[-1].get_legend_handles_labels()
     unique = dict(zip(names, handles))
     axes[0].legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -197,7 +202,7 @@ def ledger(reports: dict, path: str | Path | None = None,
     axes[-1].set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
-    ylabel = "GPU memory (GiB)"
+    ylabel = "GPU memory (GiB)" if on_card else "memory on the CPU (GiB)"
     fig.supylabel(ylabel, fontsize=10) if len(axes) > 1 else axes[0].set_ylabel(ylabel)
     axes[0].set_title(f"{title}\n({provenance})")
     return _save(fig, path)
@@ -205,11 +210,11 @@ def ledger(reports: dict, path: str | Path | None = None,
 
 def evidence(rows: list, path: str | Path | None = None,
              title: str = "Predicted against measured, every GPU run"):
-    """Each measured run (``m3lab.evidence.compare.Evidence``) as points: predicted against measured peak
-    allocated (filled) and reserved (hollow), on log axes with the line where they would be equal;
-    a run under a T4's limit is ringed in its outcome's colour (ran, or out of memory: then its
-    bytes in use when it failed)."""
-    fig, ax = plt.subplots(figsize=(6.8, 5.2))
+    """Each measured run (``m3lab.evidence.compare.Evidence``) as points: how far the prediction is
+    from the measurement, in percent on a linear axis (the difference is the point), against the
+    measured GiB: peak allocated (filled), reserved (hollow), the bytes in use at an out-of-memory
+    (a cross). A run under a T4's limit is ringed in the colour of the predicted verdict."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
     points = []
     for row in rows:
         run, report = row.run, row.report
@@ -221,25 +226,26 @@ def evidence(rows: list, path: str | Path | None = None,
             points.append((run.oom_allocated_bytes, oom.allocated_bytes if oom else report.peak_allocated_bytes,
                            "X", "tab:red", "in use at the out-of-memory (under a T4's limit)"))
         if run.limit_bytes and run.ran:
-            ax.scatter(run.peak_allocated_bytes / GIB, report.peak_allocated_bytes / GIB, s=220, facecolors="none",
+            error = 100 * (report.peak_allocated_bytes / run.peak_allocated_bytes - 1)
+            ax.scatter(run.peak_allocated_bytes / GIB, error, s=220, facecolors="none",
                        edgecolors=VERDICT_COLOURS[Verdict.FITS if report.fits else Verdict.OUT_OF_MEMORY], linewidths=1.5,
                        label="ran under a T4's limit; ring: the predicted verdict")
     for measured, predicted, marker, colour, label in points:
-        ax.scatter(measured / GIB, predicted / GIB, marker=marker, s=40, label=label,
+        error = 100 * (predicted / measured - 1)
+        ax.scatter(measured / GIB, error, marker=marker, s=40, label=label, zorder=5,
                    facecolors=colour, edgecolors="tab:red" if marker == "X" else "tab:blue")
-    values = [v / GIB for p in points for v in p[:2]]
-    low, high = min(values) * 0.8, max(values) * 1.25
-    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="predicted = measured")
+        if abs(error) > 2:  # what the text names: every point beyond the reserved bytes' 2%
+            ax.annotate(f"{error:+.1f}%", (measured / GIB, error), xytext=(6, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+    ax.axhline(0, color="grey", linestyle="--", linewidth=1, label="predicted = measured")
+    ax.axhspan(-2, 2, color="grey", alpha=0.12, label="within 2%")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(low, high)
-    ax.set_ylim(low, high)
-    ax.set_xlabel(f"measured (GiB), {rows[0].run.provenance.headline}")
-    ax.set_ylabel(f"predicted (GiB), {rows[0].report.provenance}")
+    ax.set_xlabel(f"measured (GiB, log scale), {rows[0].run.provenance.headline}")
+    ax.set_ylabel("predicted - measured (% of measured)")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
-    ax.set_title(title)
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{title}\n(predicted for {rows[0].report.provenance.removeprefix('predicted for ')})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
@@ -268,26 +274,35 @@ def memory_curve(xs: list, reports: list, xlabel: str, path: str | Path | None =
     first = reports[0]
     fig, ax = plt.subplots(figsize=(6.8, 4.0))
     name = f"{label}: " if label else ""
-    ax.plot(xs, [r.peak_allocated_bytes / GIB for r in reports], marker="o",
+    ax.plot(xs, [r.peak_allocated_bytes / GIB for r in reports], marker="o", color="tab:blue",
             label=f"{name}peak allocated, {first.provenance}")
-    for other, other_reports in (compare or {}).items():
-        ax.plot(xs, [r.peak_allocated_bytes / GIB for r in other_reports], marker="s", linestyle="--",
+    needs = "what the step needs of the card (allocator simulated, CUDA context estimated)"
+    ax.plot(xs, [r.total_bytes / GIB for r in reports], marker=".", linestyle=":", color="tab:blue",
+            label=f"{name}{needs}")
+    for (other, other_reports), colour in zip((compare or {}).items(), ("tab:orange", "tab:purple", "tab:brown")):
+        ax.plot(xs, [r.peak_allocated_bytes / GIB for r in other_reports], marker="s", linestyle="--", color=colour,
                 label=f"{other}: peak allocated, {other_reports[0].provenance}")
-    ax.plot(xs, [r.total_bytes / GIB for r in reports], marker=".", linestyle=":",
-            label=f"{name}what the step needs of the card (allocator simulated, CUDA context estimated)")
+        ax.plot(xs, [r.total_bytes / GIB for r in other_reports], marker=".", linestyle=":", color=colour,
+                label=f"{other}: {needs}")
     if measured:
         ax.scatter(measured[0], [b / GIB for b in measured[1]], color="black", marker="D", zorder=5,
                    label=f"peak allocated, {measured[2]}")
+    # an out-of-memory verdict is marked where its peak is drawn, whatever line it sits on
+    failed = [(x, r.peak_allocated_bytes / GIB) for series in [reports, *(compare or {}).values()]
+              for x, r in zip(xs, series) if r.kind is Verdict.OUT_OF_MEMORY]
+    if failed:
+        ax.scatter(*zip(*failed), marker="x", s=90, color="tab:red", zorder=6, linewidths=2,
+                   label="out of memory (what it needs is over the usable line)")
     _usable_line(ax, first.usable_bytes)
     _zoom_on_the_card(ax, xs, [reports, *(compare or {}).values()], first.usable_bytes)
     if log_x:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("GPU memory (GiB)")
-    ax.set_title(title)
+    ax.set_ylabel("GPU memory (GiB)" if first.usable_bytes else "memory on the CPU (GiB)")
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: over no point
     return _save(fig, path)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab.config import TrainConfig
+from m3lab.data.jsonl import LineLengths
 from m3lab.errors import ConfigError
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.plan.platforms import Platform, platform_for
@@ -42,7 +43,6 @@ class Bucket:
     passage_tokens: int  # of the passages these lines hold (each counted once, cut at the bound)
     batch: int = 0  # per process; 0: not yet found (or none fits)
     report: object = None  # the prediction at ``batch`` (a MemoryReport)
-    single: object = None  # a quick prediction at batch 1 (its counted FLOPs give the step's time)
 
     @property
     def lines(self) -> int:
@@ -66,6 +66,18 @@ class BucketPlan:
     buckets: list[Bucket] = field(default_factory=list)
     cut: int | None = None  # the longest passage the card holds, where below 8,192; None: nothing cut
     lengths: dict[str, int] = field(default_factory=dict, repr=False)  # every passage's tokens
+    query_lengths: dict[str, int] = field(default_factory=dict, repr=False)  # every query's tokens
+
+    def line_lengths(self, records: list[dict]) -> tuple[LineLengths, ...]:
+        """These lines' texts in tokens: what their batches pad to (the step time's basis)."""
+        return tuple(LineLengths(self.query_lengths[r["query"]], tuple(self.lengths[t] for t in r["pos"]),
+                                 tuple(self.lengths[t] for t in r.get("neg", []))) for r in records)
+
+    def step_time(self, bucket: Bucket):
+        """A bucket's step at its batch, estimated at the lengths its lines pad to (None: no estimate)."""
+        from m3lab.predict import steptime
+
+        return steptime.step_time(bucket.report, lines=self.line_lengths(bucket.records)) if bucket.report else None
 
     @property
     def processes(self) -> int:
@@ -80,25 +92,24 @@ class BucketPlan:
         return sum(b.lines - b.steps(self.processes) * b.batch * self.processes for b in self.buckets)
 
     def table(self) -> str:
-        from m3lab.predict import steptime
-
         header = f"{'bucket (tokens)':>16} {'lines':>6} {'batch':>6} {'steps':>6} {'peak':>8} {'needs':>8}  step time"
         lines = [header, "-" * len(header)]
         for bucket in self.buckets:
             report = bucket.report
-            time = steptime.step_time(report) if report is not None else None
+            time = self.step_time(bucket)
             lines.append(f"{bucket.low + 1:>7}-{bucket.bound:<8} {bucket.lines:6d} {bucket.batch:6d} "
                          f"{bucket.steps(self.processes):6d} {report.peak_allocated_bytes / GIB:6.2f} G "
                          f"{report.total_bytes / GIB:6.2f} G  "
                          + (f"{time.fastest_seconds:.1f} to {time.slowest_seconds:.1f} s" if time else "no estimate"))
-        lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated "
-                     f"(m3lab.predict.steptime); tokens counted with {self.tokenizer}")
+        lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated at the lengths "
+                     f"each bucket's batches pad to; tokens counted with {self.tokenizer}")
         total = sum(b.lines for b in self.buckets)
         lines.append(f"lines left out of each epoch: {self.lines_left_out()} of {total} (FlagEmbedding drops each "
                      "file's last short batch, other lines each epoch; a bucket's extra lines go up to the next one)")
         if self.cut:
-            lines.append(f"{'FlagEmbedding as it is holds' if self.stock else 'The levers hold'} no passage beyond "
-                         f"{self.cut:,} tokens even one query at a time: longer ones are cut there")
+            lines.append(f"{'FlagEmbedding as it is' if self.stock else 'With the levers, the card'} holds one query at "
+                         f"a time with passages of {self.cut:,} tokens and not {self.cut + LENGTH_STEP:,} (tried in "
+                         f"steps of {LENGTH_STEP}): longer passages are cut at {self.cut:,}")
         return "\n".join(lines)
 
     def config(self, folder: str) -> TrainConfig:
@@ -106,10 +117,9 @@ class BucketPlan:
         size; a checkpoint at least every half hour of the slowest bucket's steps (estimated) and halfway
         at the latest, or every tenth of the run where the card has no step-time estimate."""
         from m3lab.plan import sessions
-        from m3lab.predict import steptime
 
         held = [b for b in self.buckets if b.batch]
-        times = [steptime.step_time(b.report) for b in held]
+        times = [self.step_time(b) for b in held]
         total = math.ceil(self.epoch_steps() * self.base.num_train_epochs)
         if all(times):  # as sessions.plan: every half hour at the slow estimate, and halfway at the latest
             slowest = max(time.slowest_seconds for time in times)
@@ -235,8 +245,6 @@ def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int,
     def holds(batch: int) -> bool:
         report = predict(at(bucket, batch), gpu, exact=False)
         peaks[batch] = report.peak_allocated_bytes
-        if batch == 1:
-            bucket.single = report
         return _live_room(report, margin) >= 0
 
     low, high = 0, cap + 1
@@ -321,8 +329,9 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     # one read of the data, each text tokenized once (queries kept whole: the longest, rounded as fit rounds it)
     texts = sorted({t for r in records for t in r["pos"] + r.get("neg", [])})
     lengths = dict(zip(texts, token_lengths(texts, tokenizer).tolist()))
-    longest_query = min(length_covering_tokens(token_lengths([r["query"] for r in records], tokenizer), 1.0),
-                        MODEL_MAX_LEN)
+    queries = sorted({r["query"] for r in records})
+    query_lengths = dict(zip(queries, token_lengths(queries, tokenizer).tolist()))
+    longest_query = min(length_covering_tokens(list(query_lengths.values()), 1.0), MODEL_MAX_LEN)
     group = group or max(2, min(8, min(len(r.get("neg", [])) for r in records) + 1))
     # 8-bit AdamW, no DeepSpeed (FlagEmbedding's same-dataset path sets the micro-batch itself, which a
     # DeepSpeed JSON fixes); with the levers, m3lab's sparse head. Not the gradient cache: one run takes
@@ -335,7 +344,7 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     held_group = _largest_group(base.replace(passage_max_len=buckets[-1].bound), group, where.gpu, margin)
     # where no group holds the longest bucket, group 2: the most text the card holds, the rest cut
     base = base.replace(train_group_size=held_group or 2)
-    result = BucketPlan(where, stock, base, name, buckets, lengths=lengths)
+    result = BucketPlan(where, stock, base, name, buckets, lengths=lengths, query_lengths=query_lengths)
     log(f"{where.describe()}: {len(records)} lines in {len(buckets)} buckets "
         f"({', '.join(f'{b.bound}: {b.lines}' for b in buckets)}); group {base.train_group_size}; queries whole "
         f"({longest_query} tokens); tokens counted with {name}"
@@ -384,7 +393,7 @@ def _cut(result: BucketPlan, base: TrainConfig, gpu, margin: int, lengths: dict[
         result.buckets = held
         return
     result.cut, report = found
-    last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report, single=report)
+    last = Bucket(low, result.cut, [r for b in dropped for r in b.records], 0, batch=1, report=report)
     result.buckets = held + [last]
 
 
@@ -407,17 +416,18 @@ def kept(lengths: dict[str, int], cut: int) -> float:
 
 
 def epoch_costs(result: BucketPlan) -> list[EpochCost]:
-    """The bucketed epoch beside the seed's truncating recipe (FlagEmbedding's T4 advice: 64/392 tokens,
+    """The bucketed epoch beside the common T4 advice's truncating recipe (64/392 tokens,
     group 6, ZeRO-1, batch 1) and one fixed batch at full length (the batch the longest bucket holds,
-    for every line; its time counts each line at its bucket's length, a lower bound, as a random batch
-    pads to its longest line). Figures predicted for the platform's card; times estimated."""
+    for every line). Figures predicted for the platform's card; every time estimated on one basis, the
+    lengths its batches pad to: a bucket's own lines, or all of them for the two runs that mix them."""
     from m3lab.predict import predict, steptime
 
     processes, lines = result.processes, sum(b.lines for b in result.buckets)
     held = [b for b in result.buckets if b.batch]
+    every_line = result.line_lengths([r for b in result.buckets for r in b.records])
 
-    def seconds(parts: list[tuple[int, object]]) -> tuple[float, float] | None:
-        times = [(steps, steptime.step_time(report)) for steps, report in parts]
+    def seconds(parts: list[tuple[int, object, tuple]]) -> tuple[float, float] | None:
+        times = [(steps, steptime.step_time(report, lines=padded_to)) for steps, report, padded_to in parts]
         if any(time is None for _, time in times):
             return None
         return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
@@ -426,22 +436,32 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
     # the passages' tokens an epoch trains: cut at ``cut``, times the share of the lines it trains
     trained = sum(b.steps(processes) * b.batch * processes for b in held) / max(1, lines)
     bucketed = EpochCost("per-length batches", cut, kept(result.lengths, cut) * trained, result.epoch_steps(),
-                         seconds([(b.steps(processes), b.report) for b in held]),
+                         seconds([(b.steps(processes), b.report, result.line_lengths(b.records)) for b in held]),
                          max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
-    seed = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
-                                        negatives_cross_device=processes > 1)
-    seed_report = predict(seed, result.platform.gpu)
-    seed_steps = lines // processes
-    truncating = EpochCost("the seed's T4 advice (64/392 tokens, group 6, ZeRO-1)", seed.passage_max_len,
-                           kept(result.lengths, seed.passage_max_len), seed_steps,
-                           seconds([(seed_steps, seed_report)]) if seed_report.fits else None, seed_report.short_verdict)
+    advice = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
+                                          negatives_cross_device=processes > 1)
+    advice_report = predict(advice, result.platform.gpu)
+    advice_steps = lines // processes
+    truncating = EpochCost("the common T4 advice (64/392 tokens, group 6, ZeRO-1)", advice.passage_max_len,
+                           kept(result.lengths, advice.passage_max_len), advice_steps,
+                           seconds([(advice_steps, advice_report, every_line)]) if advice_report.fits else None,
+                           advice_report.short_verdict)
     fixed_batch = held[-1].batch if held else 0
     fixed = EpochCost(f"one batch ({fixed_batch} a process) at " + ("full length" if cut == MODEL_MAX_LEN else
                                                                    f"{cut:,} tokens"), cut, kept(result.lengths, cut),
                       lines // max(1, fixed_batch * processes),
-                      seconds([(b.lines // max(1, fixed_batch * processes), b.single) for b in result.buckets])
+                      seconds([(lines // max(1, fixed_batch * processes), held[-1].report, every_line)])
                       if fixed_batch else None, held[-1].report.short_verdict if held else "nothing holds")
     return [truncating, fixed, bucketed]
+
+
+def answer_cost(name: str, answer, lengths: dict[str, int]) -> EpochCost:
+    """A fitted answer's epoch (``m3lab.plan.recipes.Answer``) on the same footing as the buckets':
+    the share of the passages' tokens it keeps, its steps and its estimated time."""
+    config, plan = answer.config, answer.plan
+    seconds = plan.time.seconds_for(plan.steps_per_epoch) if plan.time else None
+    return EpochCost(name, config.passage_max_len, kept(lengths, config.passage_max_len), plan.steps_per_epoch,
+                     seconds, answer.report.short_verdict)
 
 
 def cost_table(costs: list[EpochCost]) -> str:

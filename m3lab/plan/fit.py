@@ -87,6 +87,7 @@ class FitResult:
     tokens_kept: float | None = None
     best: Trial | None = None
     trials: list[Trial] = field(default_factory=list)
+    lines: tuple = field(default=(), repr=False)  # the data's lines in tokens (LineLengths): the step time's basis
 
     @property
     def gpu(self) -> str:
@@ -156,6 +157,7 @@ class DataLengths:
     tokenizer: str
     longest_query: int  # the longest query, rounded up to a multiple of 8
     passage_tokens: tuple[int, ...] = ()  # each passage's length in tokens (each passage once)
+    lines: tuple = ()  # every line's texts in tokens (m3lab.data.jsonl.LineLengths): what batches pad to
 
     def passage_tokens_kept(self, max_len: int) -> float:
         """The share of the passages' tokens that ``max_len`` keeps."""
@@ -164,7 +166,7 @@ class DataLengths:
 
 def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> DataLengths:
     """The lengths that keep ``coverage`` of the data's tokens, and what else the data decides."""
-    from m3lab.data.jsonl import length_covering_tokens, load_jsonl, token_lengths
+    from m3lab.data.jsonl import length_covering_tokens, line_lengths, load_jsonl, token_lengths
 
     # the data first: bad data is reported before the tokenizer (and the stand-in) is loaded and talks
     records = load_jsonl(data)
@@ -182,7 +184,7 @@ def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> Dat
         passage_max_len=min(length_covering_tokens(passage_lengths, coverage), MODEL_MAX_LEN),
         fewest_negatives=min(len(r.get("neg", [])) for r in records), tokenizer=name,
         longest_query=min(length_covering_tokens(query_lengths, 1.0), MODEL_MAX_LEN),
-        passage_tokens=tuple(int(n) for n in passage_lengths))
+        passage_tokens=tuple(int(n) for n in passage_lengths), lines=line_lengths(records, tokenizer))
 
 
 class _Search:
@@ -272,7 +274,7 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE
     # too few, which adds memory and no information, so the data's fewest negatives cap the group
     cap = max(2, min(max_group, lengths.fewest_negatives + 1))
     result = FitResult(where, int(margin_gib * GIB), lengths.query_max_len, lengths.passage_max_len, lengths.tokenizer,
-                       coverage, cap, stock, lengths.longest_query)
+                       coverage, cap, stock, lengths.longest_query, lines=lengths.lines)
     log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({lengths.tokenizer}): "
         f"query_max_len {lengths.query_max_len}, passage_max_len {lengths.passage_max_len}; train_group_size up to "
         f"{cap} (every line has {lengths.fewest_negatives} negatives)")

@@ -10,6 +10,7 @@ those too, with the lesson's reason.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from m3lab.command import Rendering, written_flags
@@ -144,7 +145,12 @@ def lesson_changes(lesson: str) -> list[str]:
         if step.lesson != lesson:
             continue
         flags = changed_flags(config, previous)
-        change = " ".join(flags) if flags else ("the baseline" if config == baseline() else "nothing changes")
-        lines.append(f"{step.lesson}: {step.knob}: {change}")
+        # the flags the knob's own words do not already say ("no --deepspeed" says "(remove --deepspeed)")
+        unsaid = [flag for flag in flags if flag not in step.knob
+                  and not ((gone := re.fullmatch(r"\(remove (--\w+)\)", flag)) and f"no {gone.group(1)}" in step.knob)]
+        if not flags:
+            lines.append(f"{step.lesson}: {step.knob}: " + ("the baseline" if config == baseline() else "nothing changes"))
+        else:
+            lines.append(f"{step.lesson}: {step.knob}" + (f"; with it: {' '.join(unsaid)}" if unsaid else ""))
         previous = config
     return lines

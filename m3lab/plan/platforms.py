@@ -33,8 +33,7 @@ class Platform:
 
     def describe(self) -> str:
         host = f"{self.host_ram_bytes / GB:.1f} GB host RAM" if self.host_ram_bytes else "host RAM not given"
-        card = self.gpu.name.split(" (")[0].removeprefix(f"{self.gpu.count} x ")
-        return f"{self.name}: {self.gpu.count} x {card}, {host}"
+        return f"{self.name}: {self.gpu.count} x {self.gpu.card_name}, {host}"
 
 
 PLATFORMS: dict[str, Platform] = {p.key: p for p in [

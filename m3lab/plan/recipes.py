@@ -96,7 +96,7 @@ class Answer:
             f"GPU, {report.provenance}: peak {report.peak_allocated_bytes / GIB:.2f} GiB, needs "
             f"{report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
             f"host, predicted: {report.host.total_bytes / GIB:.2f} GiB" + host,
-            f"step time: {steptime.describe(report)}",
+            f"step time: {steptime.describe(report, lines=self.fitted.lines)}",
             *self.plan.describe(),
         ]
 
@@ -127,7 +127,7 @@ def answer(fitted: FitResult, records: int, output_dir: str | None = None, epoch
     best = fitted.best
     config = best.config.replace(train_data=[as_seen_from_here(p) for p in best.config.train_data],
                                  num_train_epochs=epochs, max_steps=-1)
-    time = steptime.step_time(best.report)
+    time = steptime.step_time(best.report, lines=fitted.lines)
     plan = sessions.plan(config, best.report, records, fitted.platform, time)
     config = config.replace(warmup_steps=config.warmup_steps_for(plan.steps), save_steps=plan.save_steps,
                             save_total_limit=sessions.KEEP_CHECKPOINTS)

@@ -28,6 +28,30 @@ class StepPeak:
     held_bytes: int = 0  # the allocator's peak of segments holding tensors: what the step needs of the card
 
 
+# PyTorch's operator names in the learner's words, first match wins (the names stay in --json and docs)
+_OPERATIONS = (
+    ("MaxBackward", "the sparse head's max over the vocabulary"),
+    ("scatter", "the sparse head's vocabulary-sized tensor"),
+    ("native_layer_norm", "a layer norm"),
+    ("_foreach_sqrt", "Adam's square roots"),
+    ("_foreach", "Adam's update"),
+    ("embedding_dense_backward", "the word embeddings' gradient"),
+    ("cat.", "joining tensors into one"),
+    ("_to_copy", "a copy to another precision"),
+    ("attention", "attention"),
+    ("softmax", "a softmax"),
+    ("gelu", "the feed-forward's activation"),
+    ("mm.", "a matrix product"),
+    ("linear", "a matrix product"),
+)
+
+
+def operation_in_words(op: str) -> str:
+    """What PyTorch was doing, for a learner: ``scatter.src (autograd MaxBackward0)`` -> "the sparse
+    head's max over the vocabulary"; an operator not listed keeps its name."""
+    return next((words for name, words in _OPERATIONS if name in op), f"the operation {op.split(' ')[0]}")
+
+
 class Verdict(Enum):
     """What the card would do: the one rule every verdict, table and plot colours by."""
 
@@ -63,6 +87,11 @@ class PeakFigures:
     @property
     def spare_bytes(self) -> int:
         return self.usable_bytes - self.total_bytes
+
+    @property
+    def peak_in_words(self) -> str:
+        """What the step was doing at its peak, in the learner's words (``peak_op`` keeps PyTorch's name)."""
+        return operation_in_words(self.peak_op)
 
     @property
     def kind(self) -> Verdict:
@@ -122,7 +151,7 @@ class MemoryReport(PeakFigures):
         if kind is Verdict.OUT_OF_MEMORY:
             oom = self.out_of_memory
             place = ", ".join(p for p in oom.where.split(":")[:2] if p)
-            return (f"out of memory in step {oom.step} at {oom.where.rsplit(':', 1)[-1]} ({place}): "
+            return (f"out of memory in step {oom.step} at {operation_in_words(oom.where.rsplit(':', 1)[-1])} ({place}): "
                     f"short by {-spare:.2f} GiB")
         if kind is Verdict.NO_CARD:
             return "no card: live tensor bytes on a CPU"
@@ -157,7 +186,7 @@ class MemoryReport(PeakFigures):
         host = (f"; offloaded optimizer: {self.host_peak_bytes / GIB:.2f} GiB of host memory at its peak"
                 if self.host_peak_bytes else "")
         return (f"{self.provenance}: peak allocated {self.peak_allocated_bytes / GIB:.2f} GiB (in {self.peak_phase}, "
-                f"{self.peak_module or 'outside modules'}, {self.peak_op}); needs {self.total_bytes / GIB:.2f} GiB "
+                f"{self.peak_module or 'outside modules'}, {operation_in_words(self.peak_op)}); needs {self.total_bytes / GIB:.2f} GiB "
                 f"of {self.usable_bytes / GIB:.2f} GiB (the allocator's segments {self.held_bytes / GIB:.2f} + CUDA "
                 f"context {self.context_bytes / GIB:.2f}, estimated): {self.verdict}{host}")
 
@@ -174,6 +203,7 @@ class MemoryReport(PeakFigures):
         estimate = steptime.step_time(self)  # None where no throughput is on record
         data["estimated_step_seconds"] = None if estimate is None else [estimate.fastest_seconds,
                                                                           estimate.slowest_seconds]
+        data["estimated_step_basis"] = "every text at its max length (an upper bound; m3lab.predict.steptime)"
         return data
 
     def save_snapshot(self, path: str | Path) -> None:
