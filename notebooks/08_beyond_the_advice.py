@@ -397,6 +397,25 @@ for platform, plan in bucket_plans.items():
 # count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice
 # is a larger group or every text whole; FlagEmbedding as it is cannot make it (lesson 07). The next
 # section makes it, by a rule.
+#
+# **How busy, measured.** A real epoch of the stand-in through FlagEmbedding's trainer, on this
+# project's CPU, on the buckets up to 1,024 tokens: once at the planned per-length batches, once with
+# one batch for every line (`python -m m3lab.evidence.bench_buckets`, its committed result):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.evidence import bench_buckets
+
+print("\n".join(bench_buckets.load().describe()))
+
+# %% [markdown]
+# On this CPU the per-length batches were *slower*: 0.56x the lines a second of one line at a time.
+# A batch pads every text to its longest, and one line alone pads only to its own longest passage, so
+# the batches carry more padding; and a CPU is as busy with one text as with thirty-two, so the larger
+# batches win nothing back. What this does not tell you is a T4's side: a GPU given one short text at
+# a time leaves most of its cores idle, which is the whole case for batching short texts together, and
+# no T4 has measured it here. So the per-length plan's gain on a T4 is unmeasured: the time estimates
+# above count each way's padded work, not how busy the card is, and on this machine batching cost time.
 
 # %% [markdown]
 # ## The answer, one per platform

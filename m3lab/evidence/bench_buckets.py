@@ -90,7 +90,7 @@ def measure(data: str = DEFAULT_TRAIN_DATA) -> BucketBench:
                                  per_device_train_batch_size=fixed_batch)
         runs = Path(scratch) / "runs"
         measured = (_throughput("per-length batches", train(bucketed, runs_root=runs)),
-                    _throughput(f"one batch of {fixed_batch} at full length", train(fixed, runs_root=runs)))
+                    _throughput(f"one batch of {fixed_batch} for every line", train(fixed, runs_root=runs)))
     import torch
 
     machine = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
