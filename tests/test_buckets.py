@@ -169,3 +169,39 @@ def test_what_the_command_line_cannot_do_is_one_sentence_and_status_2(tmp_path):
         run = _m3lab("fit", *args, cwd=tmp_path)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
         assert not (tmp_path / "b").exists()
+
+
+def test_each_buckets_step_time_is_estimated_at_the_lengths_its_own_lines_pad_to(small_plan):
+    """One basis for every time: a bucket's batches pad to its own lines' longest texts, so its step
+    is estimated at their padded share of the full-length FLOPs, never above them."""
+    for bucket in small_plan.buckets:
+        time = small_plan.step_time(bucket)
+        assert time.padded_share is not None and 0 < time.padded_share <= 1
+        lines = small_plan.line_lengths(bucket.records)
+        assert [line.query for line in lines] == [small_plan.query_lengths[r["query"]] for r in bucket.records]
+    assert "at the lengths each bucket's batches pad to" in small_plan.table()
+
+
+def test_an_answer_is_costed_on_the_same_footing_as_the_buckets(small_plan):
+    """``answer_cost``: the answer's kept share, steps an epoch and its plan's time for that epoch."""
+    from types import SimpleNamespace
+
+    from m3lab.predict.steptime import StepTime
+
+    time = StepTime(10**12, 0.5, 2.0, 3.0, "Tesla T4 (Colab)", 0.13, 0.24, "Tesla T4 (Colab)")
+    config = small_plan.base.replace(passage_max_len=32)
+    answer = SimpleNamespace(config=config, plan=SimpleNamespace(time=time, steps_per_epoch=18),
+                             report=small_plan.buckets[0].report)
+    cost = buckets.answer_cost("the answer", answer, small_plan.lengths)
+    assert cost.steps == 18 and cost.seconds == (36.0, 54.0)
+    assert cost.tokens_kept == pytest.approx(buckets.kept(small_plan.lengths, 32)) and cost.tokens_kept < 1
+
+
+def test_the_committed_benchmark_reads_back_and_says_where_it_was_measured():
+    from m3lab.evidence import bench_buckets
+
+    result = bench_buckets.load()
+    lines = result.describe()
+    assert lines[0].startswith("measured on CPU") and "the tiny stand-in" in lines[0]
+    ratio = result.bucketed.lines_per_second / result.fixed.lines_per_second
+    assert f"{ratio:.2f}x lines/s" in lines[-1] and result.bucketed.steps < result.fixed.steps

@@ -28,3 +28,10 @@ def test_a_card_without_a_profile_is_none_and_not_a_t4(device_name):
 def test_only_a_t4_is_a_t4():
     assert is_t4("Tesla T4")
     assert not is_t4("NVIDIA L4")
+
+
+def test_a_platforms_card_is_named_without_the_platform_or_the_count():
+    from m3lab.gpus import gpu_profile
+
+    assert gpu_profile("t4").card_name == gpu_profile("t4x2").card_name == "Tesla T4"
+    assert gpu_profile("l4").card_name == gpu_profile("l4").name

@@ -73,3 +73,14 @@ def test_the_predicted_path_runs_from_an_oom_to_a_recipe_that_fits_free_colab():
     figure = plots.ledger(reports)
     assert len(figure.axes) == 2  # the baseline's bar breaks the axis (no log scale)
     assert all(ax.get_yscale() == "linear" for ax in figure.axes)
+
+
+def test_a_lessons_changes_name_each_flag_once():
+    """The knob's own words are not repeated as flags; what they do not say is added once."""
+    for lesson in ("02", "03", "04", "07", "08"):
+        for line in ledger.lesson_changes(lesson):
+            knob, _, added = line.partition("; with it: ")
+            for flag in added.split(" --"):
+                assert not flag or flag.strip("- ") not in knob, line
+    assert ledger.lesson_changes("04") == ["04: no --deepspeed (HF fp16; --optim adamw_torch_fused)"]
+    assert "--warmup_steps" in ledger.lesson_changes("03")[0]  # not in the knob's words: kept

@@ -205,3 +205,15 @@ def test_a_cpu_ledger_does_not_call_its_axis_gpu_memory(two_reports):
     cpu = {k: dataclasses.replace(r, usable_bytes=0) for k, r in two_reports.items()}
     figure = plots.ledger(cpu)
     assert "GPU" not in figure.axes[0].get_ylabel() and "CPU" in figure.axes[0].get_ylabel()
+
+
+@pytest.mark.parametrize("op, words", [("scatter.src (autograd MaxBackward0)", "the sparse head's max over the vocabulary"),
+                                       ("scatter.src", "the sparse head's vocabulary-sized tensor"),
+                                       ("native_layer_norm.default", "a layer norm"),
+                                       ("_foreach_sqrt.default", "Adam's square roots"),
+                                       ("embedding_dense_backward.default", "the word embeddings' gradient"),
+                                       ("something_new.default", "the operation something_new.default")])
+def test_where_a_step_peaks_is_said_in_words(op, words):
+    from m3lab.predict.report import operation_in_words
+
+    assert operation_in_words(op) == words
