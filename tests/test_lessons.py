@@ -205,6 +205,8 @@ def test_a_cpu_ledger_does_not_call_its_axis_gpu_memory(two_reports):
     cpu = {k: dataclasses.replace(r, usable_bytes=0) for k, r in two_reports.items()}
     figure = plots.ledger(cpu)
     assert "GPU" not in figure.axes[0].get_ylabel() and "CPU" in figure.axes[0].get_ylabel()
+    bars = plots.breakdown_bars(cpu, measured={"seq 64": 2**20}, measured_provenance="measured on CPU")
+    assert bars.axes[0].get_ylabel() == "memory on the CPU at the peak (MiB)"  # a few MiB: not 0.00x GiB
 
 
 @pytest.mark.parametrize("op, words", [("scatter.src (autograd MaxBackward0)", "the sparse head's max over the vocabulary"),

@@ -132,32 +132,39 @@ def breakdown_bars(reports: dict, path: str | Path | None = None, title: str = "
     markers, labelled ``measured_provenance`` (e.g. "measured on Tesla T4")."""
     labels = list(reports)
     first = next(iter(reports.values()))
-    totals = [reports[k].total_bytes / GIB for k in labels]
-    fig, axes = _bar_axes(totals, first.usable_bytes / GIB, max(6.4, 1.3 * len(labels) + 3))
+    on_card = bool(first.usable_bytes)
+    # a CPU's stand-in holds tens of MiB: drawn in MiB, and not called GPU memory
+    unit, unit_name = (GIB, "GiB") if on_card or max(r.total_bytes for r in reports.values()) >= GIB else (2**20, "MiB")
+    totals = [reports[k].total_bytes / unit for k in labels]
+    tops = [max(t, (measured or {}).get(k, 0) / unit) for k, t in zip(labels, totals)]
+    fig, axes = _bar_axes(tops, first.usable_bytes / unit, max(6.4, 1.3 * len(labels) + 3))
     for ax in axes:
         bottoms = [0.0] * len(labels)
         for category, colour in CATEGORY_COLOURS.items():
-            values = [reports[k].breakdown[category] / GIB for k in labels]
+            values = [reports[k].breakdown[category] / unit for k in labels]
             ax.bar(range(len(labels)), values, bottom=bottoms, color=colour, label=category.replace("_", " "))
             bottoms = [b + v for b, v in zip(bottoms, values)]
         extra = [t - b for t, b in zip(totals, bottoms)]
-        ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
-               label="what the card needs beyond them: the allocator's gaps + CUDA context (estimated)")
-        _measured_diamonds(ax, labels, measured, measured_provenance)
+        if any(e > 1e-9 for e in extra):
+            ax.bar(range(len(labels)), extra, bottom=bottoms, color="white", edgecolor="black", hatch="//",
+                   label="what the card needs beyond them: PyTorch's cache's unusable pieces + CUDA context (estimated)")
+        _measured_diamonds(ax, labels, measured, measured_provenance, unit)
         _usable_line(ax, first.usable_bytes)
-    for i, total in enumerate(totals):  # the figure itself, where the bar is too tall or too thin to read
-        axes[0 if len(axes) > 1 and total > axes[-1].get_ylim()[1] else -1].annotate(
-            _gib_or_mib(total), (i, total), ha="center", va="bottom", fontsize=8)
+    for i, (total, top) in enumerate(zip(totals, tops)):  # the figure itself, over every mark at that bar
+        axes[0 if len(axes) > 1 and top > axes[-1].get_ylim()[1] else -1].annotate(
+            _gib_or_mib(total * unit / GIB), (i, top), xytext=(0, 4), textcoords="offset points", ha="center",
+            va="bottom", fontsize=8)
     provenance = " / ".join(sorted({r.provenance for r in reports.values()} | ({measured_provenance} if measured else set())))
-    _finish_bars(fig, axes, labels, f"{title}\n({provenance})", "GPU memory at the peak (GiB)")
+    ylabel = f"GPU memory at the peak ({unit_name})" if on_card else f"memory on the CPU at the peak ({unit_name})"
+    _finish_bars(fig, axes, labels, f"{title}\n({provenance})", ylabel)
     return _save(fig, path)
 
 
-def _measured_diamonds(ax, labels: list[str], measured: dict | None, provenance: str) -> None:
+def _measured_diamonds(ax, labels: list[str], measured: dict | None, provenance: str, unit: int = GIB) -> None:
     """Measured peaks ({label: bytes}) as black diamonds over the bars they measure."""
     if measured:
         xs = [i for i, k in enumerate(labels) if k in measured]
-        ax.scatter(xs, [measured[labels[i]] / GIB for i in xs], color="black", marker="D", zorder=6,
+        ax.scatter(xs, [measured[labels[i]] / unit for i in xs], color="black", marker="D", zorder=6,
                    label=f"peak allocated, {provenance}")
 
 
