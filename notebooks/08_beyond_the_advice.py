@@ -459,6 +459,15 @@ for platform, chosen in choices.items():
     print(chosen.others(), end="\n\n")
 
 # %% [markdown]
+# The series' ledger, through to the answer: the path's steps as before, then the answer for free
+# Colab on your data, its tightest step.
+
+# %%
+answer_on_colab = choices["colab-t4"].chosen
+plots.ledger({**so_far, f"your answer, free Colab: {answer_on_colab.name}": answer_on_colab.report},
+             title="From FlagEmbedding's example to the answer", **lessons.gpu_measurements(ledger.path("08")));
+
+# %% [markdown]
 # ## Run it
 #
 # The answer for the platform this notebook runs on, run from here. A new session (the first one too)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3lab import command as commands
@@ -54,6 +54,7 @@ class Candidate:
     figures: tuple[str, ...]  # what it costs, each figure labelled
     output_dir: str
     command: str  # the one command for every session: from the newest checkpoint, or from the beginning
+    report: object = field(default=None, repr=False, compare=False)  # its tightest step's prediction
 
     @property
     def title(self) -> str:
@@ -113,7 +114,7 @@ def from_answer(name: str, answer, lengths: dict[str, int], lines: int) -> Candi
     share = _trained_share(lines, config.per_device_train_batch_size, config.num_processes)
     return Candidate(name, answer.platform, config, report.usable_bytes - report.total_bytes,
                      answer.fitted.best.host_fits, kept(lengths, config.passage_max_len) * share,
-                     answer.plan.seconds, tuple(answer.figures()), answer.output_dir, answer.resume_command())
+                     answer.plan.seconds, tuple(answer.figures()), answer.output_dir, answer.resume_command(), report)
 
 
 def from_buckets(name: str, plan, folder: str, costs) -> Candidate:
@@ -133,7 +134,8 @@ def from_buckets(name: str, plan, folder: str, costs) -> Candidate:
                f"{plan.epoch_steps()} steps an epoch, {plan.lines_left_out()} lines left out of each",
                "two epochs, estimated: " + ("no estimate" if seconds is None else _hours(seconds)))
     return Candidate(name, plan.platform, plan.config(folder), tightest.usable_bytes - tightest.total_bytes, host_fits,
-                     per_length.tokens_kept, seconds, figures, plan.platform.output_dir, plan.resume_command(folder))
+                     per_length.tokens_kept, seconds, figures, plan.platform.output_dir, plan.resume_command(folder),
+                     tightest)
 
 
 @dataclass(frozen=True)
