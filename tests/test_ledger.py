@@ -84,3 +84,14 @@ def test_a_lessons_changes_name_each_flag_once():
                 assert not flag or flag.strip("- ") not in knob, line
     assert ledger.lesson_changes("04") == ["04: no --deepspeed (HF fp16; --optim adamw_torch_fused)"]
     assert "--warmup_steps" in ledger.lesson_changes("03")[0]  # not in the knob's words: kept
+
+
+def test_a_changed_flag_pastes_into_a_shell_as_it_is_printed():
+    """A JSON value (DDP's checkpointing kwargs on two GPUs) is quoted as the full command quotes it."""
+    import shlex
+
+    advice = TrainConfig.common_t4_advice()
+    two = advice.replace(num_processes=2, deepspeed_stage=None, optim="adamw_torch_fused")
+    flags = ledger.changed_flags(two, advice)
+    kwargs = next(flag for flag in flags if flag.startswith("--gradient_checkpointing_kwargs"))
+    assert shlex.split(kwargs) == ["--gradient_checkpointing_kwargs", '{"use_reentrant": false}']

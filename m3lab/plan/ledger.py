@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 
 from m3lab.command import Rendering, written_flags
@@ -120,7 +121,8 @@ def changed_flags(config: TrainConfig, previous: TrainConfig) -> list[str]:
         except ConfigError:  # a combination the stage refuses: compare with the previous JSON as it was
             reference = previous
         inside = _json_changes(reference.deepspeed_config(), config.deepspeed_config())
-    changed = [" ".join([f"--{name}", *values]) for name, values in new.items() if old.get(name) != values]
+    # each value as a shell reads it back (a JSON value, an empty instruction): the words paste as they are
+    changed = [" ".join([f"--{name}", *map(shlex.quote, values)]) for name, values in new.items() if old.get(name) != values]
     return launcher + module + changed + [f"(remove --{name})" for name in sorted(old.keys() - new.keys())] + (
         [f"({config.deepspeed_file_name}: {', '.join(inside)})"] if inside else [])
 
