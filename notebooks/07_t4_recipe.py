@@ -402,7 +402,7 @@ print(buckets.cost_table(buckets.epoch_costs(stock_buckets)))
 # **What they keep.** With FlagEmbedding as it is, the per-length batches stop at 2,560-token
 # passages: the planner tries lengths in steps of 256, and the next, 2,816, does not fit even one query
 # at a time with groups of 2 (its sparse head's passages x tokens x vocabulary tensor grows with every
-# token). The answer above cuts at the length that keeps 95% of the tokens, 2,704, between the two,
+# token). The answer above cuts at the length that keeps most of the tokens (`--coverage 0.95`), 2,704, between the two,
 # and that fits. So the per-length batches keep 94% of the passages' tokens, about what the answer
 # above keeps, where the common advice (64/392 tokens) keeps 58%. With FlagEmbedding as it is the
 # answer stays the run above; lesson 08's sparse head is what lets a T4 hold every text whole, and
@@ -410,5 +410,5 @@ print(buckets.cost_table(buckets.epoch_costs(stock_buckets)))
 
 # %% [markdown]
 # **In one line.** With FlagEmbedding as it is, on your data: no DeepSpeed, fused AdamW, groups of 2
-# at 2,704-token passages: 12.53 GiB peak and 0.77 GiB to spare on a T4 (predicted); two epochs in 11
-# to 17 min on free Colab, 5 to 9 min on Kaggle's two T4s (estimated).
+# at 2,704-token passages: 12.53 GiB peak and 0.77 GiB to spare on a T4 (predicted); two epochs in 2
+# to 4 min on free Colab, 1 to 4 min on Kaggle's two T4s (estimated).

@@ -266,8 +266,8 @@ plots.breakdown_bars({"the goal": lessons.predict_run(sized["with the levers"], 
 #   (measured).
 # - **What they cost**, counted: the cache encodes every text twice (once without a graph, once
 #   with it) on top of checkpointing's recompute, so the goal's step is 490.6 TFLOP against 397.8
-#   without the cache: 31.6 to 51.2 s against 25.6 to 41.5 s a step on a T4 (estimated at 15% to 24%
-#   of the datasheet's peak, as published BERT-large runs on a T4 reached). 8-bit AdamW keeps Adam's
+#   without the cache: 31.6 to 57.8 s against 25.6 to 46.9 s a step on a T4 with every text at full
+#   length (estimated at 13% to 24% of the datasheet's peak, as lesson 07 sets out). 8-bit AdamW keeps Adam's
 #   moments block-quantised to 8 bits (HF keeps the word embeddings' in 32 bits); Dettmers et al.
 #   (2022, "8-bit Optimizers via Block-wise Quantization") report fine-tuning results on par with
 #   32-bit Adam.
@@ -391,12 +391,13 @@ for platform, plan in bucket_plans.items():
 # whole: six buckets, groups of 6 (group 8 does not hold the 4,097 to 8,192-token bucket one query at
 # a time), batches per process from 32 for the shortest passages down to 1 for the longest on free
 # Colab (16 down to 1 on each of Kaggle's two T4s). One epoch trains on 100% of the passages' tokens
-# in 94 steps on free Colab, where the common advice (64/392 tokens) trains on 58% of them. The
-# estimated time of the epoch is the same as one batch for every line at full length: the estimate
-# counts FLOPs, and the texts are the same; what the batches change is how busy the card is, which a
-# count of FLOPs does not see. Against this lesson's answer (groups of 11 at 2,704 tokens) the choice
-# is a larger group or every text whole; FlagEmbedding as it is cannot make it (lesson 07). The next
-# section makes it, by a rule.
+# in 94 steps on free Colab, where the common advice (64/392 tokens) trains on 58% of them. Its
+# estimated time is a little longer than one line at a time at full length (12 to 23 min against 10
+# to 18 an epoch on free Colab): the estimate counts the work at the lengths each batch pads to, and a
+# batch pads every text to its longest where one line alone pads only to its own. What the batches
+# change beyond that is how busy the card is, which a count of the work does not see. Against this
+# lesson's answer (groups of 11 at 2,704 tokens, the last bar) the choice is a larger group or every
+# text whole; FlagEmbedding as it is cannot make it (lesson 07). The next section makes it, by a rule.
 #
 # **How busy, measured.** A real epoch of the stand-in through FlagEmbedding's trainer, on this
 # project's CPU, on the buckets up to 1,024 tokens: once at the planned per-length batches, once with
@@ -527,5 +528,5 @@ else:
 # %% [markdown]
 # **In one line.** The answer on your data, on free Colab and on Kaggle alike: m3lab's levers, groups of
 # 11 at 2,704-token passages, no DeepSpeed, fused AdamW: 10.93 GiB peak and 2.98 GiB to spare on a T4
-# (predicted); two epochs in 1.0 to 1.6 h on free Colab, 29 to 47 min on Kaggle (estimated). The other
+# (predicted); two epochs in 32 to 59 min on free Colab, 16 to 31 min on Kaggle (estimated). The other
 # two candidates are shown as the flags they change.

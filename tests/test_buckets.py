@@ -188,7 +188,7 @@ def test_an_answer_is_costed_on_the_same_footing_as_the_buckets(small_plan):
 
     from m3lab.predict.steptime import StepTime
 
-    time = StepTime(10**12, 0.5, 2.0, 3.0, "Tesla T4 (Colab)", 0.13, 0.24, "Tesla T4 (Colab)")
+    time = StepTime(10**12, 0.5, 2.0, 3.0, "Tesla T4 (Colab)", 0.13, 0.24, None)
     config = small_plan.base.replace(passage_max_len=32)
     answer = SimpleNamespace(config=config, plan=SimpleNamespace(time=time, steps_per_epoch=18),
                              report=small_plan.buckets[0].report)

@@ -79,7 +79,8 @@ def test_the_anchors_by_hand():
     assert [round(a.shares[0], 3) for a in inference] == [0.147, 0.239]
     assert [round(s, 3) for s in training.shares] == [0.131, 0.262]
     low, high, on = steptime.shares("t4")
-    assert (round(low, 3), round(high, 3), on) == (0.131, 0.239, "Tesla T4 (Colab)")
+    assert (round(low, 3), round(high, 3), on) == (0.131, 0.239, None)  # the T4's own figures
+    assert steptime.shares("t4x2")[2] is None and steptime.shares("l4")[2] == "Tesla T4"
 
 
 def _line(query, pos, neg):
@@ -129,3 +130,9 @@ def test_two_gpus_add_the_gradients_exchange_at_the_slow_end_only():
     assert both.fastest_seconds == pytest.approx(one.fastest_seconds)
     assert both.slowest_seconds == pytest.approx(one.slowest_seconds + 0.4544, rel=1e-3)
     assert "0.5 s for the gradients' exchange" in both.describe()
+
+
+def test_kaggles_t4s_use_the_t4s_own_figures():
+    report = predictor.predict(hf_run(batch_size=2, seq_len=128, precision="fp16"), "t4")
+    kaggle = steptime.step_time(report, "t4x2")
+    assert kaggle.borrowed_from is None and "none is on record" not in kaggle.describe()

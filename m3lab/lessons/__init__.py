@@ -11,6 +11,7 @@ measured; on a CPU they train the tiny stand-in in fp32, at small lengths and fe
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -93,9 +94,19 @@ class Environment:
                                                  "; capped to a T4's 14.74 GiB to imitate one"))
 
 
+def _deepspeed_on_the_cpu_quietly() -> None:
+    """Without a GPU, DeepSpeed warns on stdout the first time it looks for its accelerator ("Setting
+    accelerator to CPU"), in whichever cell first reads a DeepSpeed JSON or traces a run. Named here
+    (DeepSpeed's own ``DS_ACCELERATOR``, unless already set), it is not looked for, and no lesson's
+    checked output depends on which cell that was. The training runs the lessons start inherit it, as
+    they would find the CPU anyway."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def environment() -> Environment:
     hardware = Hardware.detect()
     if hardware.device != "cuda":
+        _deepspeed_on_the_cpu_quietly()
         return Environment(False, None, 0, None)
     import torch
 

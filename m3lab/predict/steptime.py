@@ -108,9 +108,10 @@ ANCHORS = (
 )
 
 
-def shares(card: str) -> tuple[float, float, str] | None:
-    """(lowest, highest) share of the datasheet peak a training step reaches on ``card``, and the card
-    whose published figures gave them: the training runs' range, its top bounded by inference."""
+def shares(card: str) -> tuple[float, float, str | None] | None:
+    """(lowest, highest) share of the datasheet peak a training step reaches on ``card``, the training
+    runs' range, its top bounded by inference; and the card whose figures were borrowed (None: the
+    card's own)."""
     profile = gpu_profile(card)
     on_card = [a for a in ANCHORS if gpu_profile(a.card).compute_capability == profile.compute_capability
                and gpu_profile(a.card).peak_flops_half == profile.peak_flops_half]
@@ -123,7 +124,7 @@ def shares(card: str) -> tuple[float, float, str] | None:
     high = max(a.shares[1] for a in training)
     if inference:
         high = min(high, max(a.shares[1] for a in inference))
-    return low, max(low, high), gpu_profile(anchors[0].card).name
+    return low, max(low, high), None if on_card else gpu_profile(anchors[0].card).card_name
 
 
 def padded_share(lines: Sequence[LineLengths], batch: int, group: int, query_max_len: int, passage_max_len: int,
@@ -166,7 +167,7 @@ class StepTime:
     card: str
     lowest_share: float
     highest_share: float
-    calibrated_on: str  # the card whose published figures gave the shares
+    borrowed_from: str | None  # the card whose published figures gave the shares; None: this card's own
     exchange_seconds: float = 0.0  # the slow end's gradient all-reduce between GPUs, included above
 
     def describe(self) -> str:
@@ -174,8 +175,8 @@ class StepTime:
                    f"pad to ({self.padded_share:.0%} of {self.flops / 1e12:.1f} at full length)"
                    if self.padded_share is not None else
                    f"{self.flops / 1e12:.1f} TFLOP per step with every text at full length (an upper bound)")
-        where = ("" if self.calibrated_on == self.card else
-                 f"; the shares reached on {self.calibrated_on} (none is on record for {self.card})")
+        where = ("" if self.borrowed_from is None else
+                 f"; the shares reached on {self.borrowed_from} (none is on record for {self.card})")
         exchange = (f"; the slow end adds {self.exchange_seconds:.1f} s for the gradients' exchange between the GPUs"
                     if self.exchange_seconds else "")
         return (f"{counted}: {self.fastest_seconds:.1f} to {self.slowest_seconds:.1f} s per step on {self.card}, "
@@ -218,7 +219,7 @@ def step_time(report, gpu: str | None = None, lines: Sequence[LineLengths] | Non
     found = shares(key)
     if not peak or found is None:
         return None
-    low, high, calibrated_on = found
+    low, high, borrowed_from = found
     spec = report.spec
     share = None if lines is None or "passage_max_len" not in spec else padded_share(  # per micro-batch
         lines, spec["batch_size"], spec["train_group_size"], spec["query_max_len"], spec["passage_max_len"])
@@ -226,7 +227,7 @@ def step_time(report, gpu: str | None = None, lines: Sequence[LineLengths] | Non
     work = flops * (1.0 if share is None else share)
     exchange = exchange_seconds(report)
     return StepTime(flops, share, work / (peak * high), work / (peak * low) + exchange, profile.name, low, high,
-                    calibrated_on, exchange)
+                    borrowed_from, exchange)
 
 
 def describe(report, gpu: str | None = None, lines: Sequence[LineLengths] | None = None) -> str:
@@ -247,11 +248,11 @@ def basis(card: str = "t4") -> list[str]:
         lines.append(f"  {anchor.basis.value}, {anchor.what}: {share} of the datasheet peak")
     found = shares(card)
     if found:
-        low, high, on = found
+        low, high, borrowed = found
         peak = gpu_profile(card).peak_flops_half
-        lines.append(f"a training step on {gpu_profile(card).name}, estimated: {low:.0%} to {high:.0%} of its "
-                     f"{peak / 1e12:.0f} TFLOPS fp16 peak (the training run's range, its top bounded by inference; "
-                     f"shares reached on {on})")
+        lines.append(f"a training step on a {gpu_profile(card).card_name}, estimated: {low:.0%} to {high:.0%} of its "
+                     f"{peak / 1e12:.0f} TFLOPS fp16 peak (the training run's range, its top bounded by inference"
+                     + (f"; shares reached on {borrowed})" if borrowed else ")"))
     lines.append(f"two GPUs: each step's gradients exchanged over PCIe, hidden at the fast end, added at "
                  f"{PCIE_ALLREDUCE_BYTES_PER_S / 1e9:g} GB/s at the slow end (an assumption)")
     return ["published figures on a T4:", *lines]
