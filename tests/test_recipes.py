@@ -26,7 +26,9 @@ def test_card_names_the_platform_and_labels_every_figure(kaggle_stock):
     card = kaggle_stock.card()
     assert card.startswith("## Kaggle: 2 x Tesla T4, 29.0 GB host RAM; FlagEmbedding as it is")
     assert "GPU, predicted for 2 x Tesla T4 (Kaggle)" in card and "host, predicted:" in card
-    assert "estimated at 15% to 24% of its datasheet peak" in card and "training time, estimated:" in card
+    assert "estimated at 13% to 24% of its datasheet peak" in card and "training time, estimated:" in card
+    # the work counted at the lengths this data's batches pad to, and the two GPUs' gradient exchange
+    assert "at the lengths your data's batches pad to" in card and "the gradients' exchange between the GPUs" in card
     assert "torchrun --standalone --nproc_per_node 2" in card  # two T4s, two processes
     assert "--output_dir /kaggle/working/bge-m3-finetuned" in card and "Save Version" in card
     # the resume finds the newest checkpoint itself, also where Kaggle gives the last version's output back
