@@ -166,7 +166,12 @@ class DataLengths:
 
 def data_lengths(data: list[str], coverage: float = 0.95, tokenizer=None) -> DataLengths:
     """The lengths that keep ``coverage`` of the data's tokens, and what else the data decides."""
-    from m3lab.data.jsonl import length_covering_tokens, line_lengths, load_jsonl, token_lengths
+    from m3lab.data.jsonl import (
+        length_covering_tokens,
+        line_lengths,
+        load_jsonl,
+        token_lengths,
+    )
 
     # the data first: bad data is reported before the tokenizer (and the stand-in) is loaded and talks
     records = load_jsonl(data)
