@@ -11,8 +11,8 @@ Where a figure may come from (``SOURCES``):
 What a figure is, on each ``docs/*.md`` page:
 
 - a decimal (``136.20``), a comma-grouped count (``8,192``): matched as
-  ``test_notebook_files._unchecked_figures`` matches the README's figures (``_untraced`` is that
-  matching, and ``test_the_matching_is_the_notebook_tests`` holds the two together): found in a source
+  ``test_notebook_files.missing_from`` matches the lessons' and the README's figures (``_untraced``
+  calls it): found in a source
   to the precision the page gives it (``19.8`` is found in ``19.75``; a count as written or as a number);
 - a whole number of GiB or GB (``61 GiB``), matched the same way;
 - a percentage (``0.5%``): found in a source *as a percentage*, to the precision the page gives it
@@ -37,9 +37,8 @@ for the project's own figures.
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
-from test_notebook_files import _checked_numbers, _unchecked_figures
+from test_notebook_files import _checked_numbers, missing_from
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = sorted((REPO / "docs").glob("*.md"))
@@ -77,19 +76,8 @@ SOURCES = ([(nb.name, *_checked_numbers(nb)) for nb in NOTEBOOKS]
 
 
 def _untraced(prose: str, numbers: list[float], text: str) -> list[str]:
-    """``test_notebook_files._unchecked_figures``'s matching, on any source's numbers and text."""
-    row = re.sub(r"`[^`]*`|\b\d\d:|\(\d\d\)|\d+\.\d+\.\d+", "", prose)
-    missing = []
-    for figure in re.findall(r"\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+|\d+(?=%)", row):
-        if "," in figure and "." not in figure:
-            found = figure in text or float(figure.replace(",", "")) in numbers  # a count or a length
-        else:
-            places = len(figure.split(".")[1]) if "." in figure else 0
-            value = float(figure.replace(",", ""))
-            found = any(abs(round(n, places) - value) < 1e-9 for n in numbers)
-        if not found:
-            missing.append(figure)
-    return missing
+    """``test_notebook_files``' matching, on any source's numbers and text."""
+    return missing_from(prose, numbers, text)
 
 
 def _at_precision(figure: str, values: list[float]) -> bool:
@@ -151,9 +139,3 @@ def test_every_external_figure_stands_beside_its_source():
             f"docs/{page} quotes {figure} without naming its source ({source}) within a few lines")
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_the_matching_is_the_notebook_tests(notebook):
-    """On a lesson's own prose, ``_untraced`` and test_notebook_files' ``_unchecked_figures`` find the
-    same figures missing from its checked outputs."""
-    prose = " ".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "markdown")
-    assert _untraced(prose, *_checked_numbers(notebook)) == _unchecked_figures(prose, notebook)

@@ -83,7 +83,12 @@ def _readme_rows() -> dict[str, str]:
 def _unchecked_figures(prose: str, notebook: Path) -> list[str]:
     """The figures in ``prose`` (GiB, percentages, counts) that no checked output of ``notebook``
     shows, to the precision the prose gives them."""
-    numbers, text = _checked_numbers(notebook)
+    return missing_from(prose, *_checked_numbers(notebook))
+
+
+def missing_from(prose: str, numbers: list[float], text: str) -> list[str]:
+    """The figures in ``prose`` that neither ``numbers`` (to the precision the prose gives them) nor,
+    for a count, ``text`` holds: the one matching every figure test uses."""
     # not figures: flags (`--sub_batch_size 1`), lesson numbers, versions (FlagEmbedding 1.4.2)
     row = re.sub(r"`[^`]*`|\b\d\d:|\(\d\d\)|\d+\.\d+\.\d+", "", prose)
     missing = []
