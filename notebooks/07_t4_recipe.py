@@ -343,12 +343,15 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 #
 # **How a time is estimated.** The predictor counts the step's arithmetic (its floating-point
 # operations, FLOPs) with every text at its max length; FlagEmbedding pads a batch only to its longest
-# text, so the count is scaled to the lengths batches drawn from your data really pad to. A T4 does
-# that work at some share of its datasheet's 65 TFLOPS. The share comes from a published *training* run
-# on a free Colab T4 (Unsloth's BGE-M3 notebook: short texts, a small adapter trained, so a rough guide
-# to a full fine-tune of long texts), and its top is capped by published *inference* on a T4, which a
-# training step does not beat. On Kaggle's two T4s each step also sends every gradient from one GPU to
-# the other. The figures behind the range:
+# text, so the count is scaled to the lengths batches drawn from your data really pad to (the more
+# passages a batch holds, the likelier one of them is long, and the whole batch pads to it: the answer
+# cards say what share of the full-length work is left). A T4 does that work at some share of its
+# datasheet's 65 TFLOPS. The share comes from a published *training* run on a free Colab T4 (Unsloth's
+# BGE-M3 notebook: short texts, a small adapter trained, so a rough guide to a full fine-tune of long
+# texts; it prints no token counts, so its texts are taken as short as a one-line query and a one-sentence
+# passage can be, and as long, which gives the range), and its top is capped by published *inference*
+# on a T4, which a training step does not beat. On Kaggle's two T4s each step also sends every
+# gradient from one GPU to the other. The figures behind the range:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -378,7 +381,7 @@ for answer in stock_answers.values():
     print("\n".join(changes(example, answer.config)), end="\n\n")
 
 # %% [markdown]
-# ## Context: every text at its full length, per-length batches
+# ## Context: per-length batches, every text as long as the card holds it
 #
 # The answer above cuts passages at the length that keeps most of your data's tokens (`--coverage 0.95`). BGE-M3's authors
 # cut nothing: they split their data by length into files and gave each file the largest batch their

@@ -400,8 +400,9 @@ for platform, plan in bucket_plans.items():
 # text whole; FlagEmbedding as it is cannot make it (lesson 07). The next section makes it, by a rule.
 #
 # **How busy, measured.** A real epoch of the stand-in through FlagEmbedding's trainer, on this
-# project's CPU, on the buckets up to 1,024 tokens: once at the planned per-length batches, once with
-# one batch for every line (`python -m m3lab.evidence.bench_buckets`, its committed result):
+# project's CPU, on free Colab's buckets up to 1,024 tokens: once at the planned per-length batches,
+# once with one batch for every line (`python -m m3lab.evidence.bench_buckets`, its committed result;
+# its tokens a second count every passage at the length its batch pads it to):
 
 # %%
 # NBVAL_CHECK_OUTPUT
