@@ -371,6 +371,25 @@ for answer in stock_answers.values():
     print(f"## {answer.title}")
     print("\n".join(answer.figures()), end="\n\n")
 
+# %% [markdown]
+# **On Colab's and Kaggle's own packages.** The figures above were predicted with the packages this
+# notebook runs on. Colab ships transformers 5.15 and Kaggle a 5.x; transformers 5 builds the model
+# and allocates its tensors in another order than transformers 4, which can move what a step needs by
+# a little. The same answers, predicted with a copy of each platform's packages (on a CPU, kept in
+# `data/predictions/`; `python -m m3lab.evidence.platform_stack` made them):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.evidence import platform_stack
+
+for platform, answer in stock_answers.items():
+    print("\n".join(platform_stack.load(platform).beside(answer)), end="\n\n")
+
+# %% [markdown]
+# Here the platforms' own packages leave this answer's spare memory where it is; lesson 08 shows how
+# they move the levers' answer. A run whose spare memory is under the planner's margin is called a
+# close call and never chosen, and the margin is what absorbs a difference like these.
+
 # %%
 # What each answer changes from FlagEmbedding's example (lesson 01), flag by flag. The series ends with
 # one answer per platform, printed in full to copy, at the end of lesson 08, which weighs this one

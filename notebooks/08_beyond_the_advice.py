@@ -354,6 +354,21 @@ for answer in lever_answers.values():
     print("\n".join(answer.figures()), end="\n\n")
 
 # %% [markdown]
+# The same answers predicted with each platform's own packages (transformers 5 on Colab and Kaggle;
+# lesson 07 says why they can differ):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.evidence import platform_stack
+
+for platform, answer in lever_answers.items():
+    print("\n".join(platform_stack.load(platform).beside(answer)), end="\n\n")
+
+# %% [markdown]
+# On both platforms' packages the levers' answer keeps far more than the planner's margin to spare: the
+# same run is the answer there.
+
+# %% [markdown]
 # ## Context: every text at its full length, per-length batches
 #
 # Lesson 07 ended with per-length batches, the way BGE-M3's authors trained: the data split by length

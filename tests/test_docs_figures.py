@@ -139,3 +139,17 @@ def test_every_external_figure_stands_beside_its_source():
             f"docs/{page} quotes {figure} without naming its source ({source}) within a few lines")
 
 
+
+
+_MODULE = re.compile(r"python3? -m (m3lab(?:\.\w+)*)")
+READ = [REPO / "README.md", *PAGES, *sorted((REPO / "data").rglob("*.md")), *sorted((REPO / "notebooks").glob("*.py"))]
+
+
+def test_every_module_a_page_tells_to_run_exists():
+    """``python -m m3lab.X`` in the README, docs/, data/'s pages and the lessons names a module there is."""
+    import importlib.util
+
+    named = {(path.relative_to(REPO).as_posix(), module) for path in READ
+             for module in _MODULE.findall(path.read_text(encoding="utf-8"))}
+    assert len(named) > 10
+    assert [(page, module) for page, module in sorted(named) if importlib.util.find_spec(module) is None] == []
