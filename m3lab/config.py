@@ -47,6 +47,11 @@ class Precision(StrEnum):
 TRAINERS = tuple(trainer.value for trainer in Trainer)
 
 
+# The XLM-R layers' projections LoRA wraps, matched by peft as name suffixes: attention's query, key, value
+# and output (``attention.output.dense``), the feed-forward's two (``intermediate.dense``, ``output.dense``).
+# A bare "dense" would also catch ``pooler.dense``, which BGE-M3's vectors never pass through.
+LORA_TARGETS = ("query", "key", "value", "intermediate.dense", "output.dense")
+
 # m3lab.run_m3's --resume_from_checkpoint value for the newest checkpoint it finds (m3lab.train.resume)
 RESUME_LATEST = "latest"
 
@@ -60,6 +65,16 @@ class M3LabArguments:
         "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
     grad_cache_chunk_size: int = field(default=0, metadata={
         "help": "m3lab.train.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
+    use_lora: bool = field(default=False, metadata={
+        "help": "m3lab.train.lora: train a low-rank adapter on the encoder instead of its weights; the dense, sparse "
+                "and ColBERT heads train in full (FlagEmbedding's decoder-only flag names)"})
+    lora_rank: int = field(default=64, metadata={"help": "the adapter's rank (FlagEmbedding's default)"})
+    lora_alpha: float = field(default=16, metadata={"help": "the adapter's scale numerator: updates x alpha / rank"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "the encoder's layers the adapter wraps, as name suffixes (default: attention and feed-forward)"})
+    save_merged_lora_model: bool = field(default=False, metadata={
+        "help": "at the end, also write OUTPUT_DIR/merged_model: the adapter folded into the encoder, with both heads"})
     previous_output_dirs: list[str] = field(default_factory=list, metadata={
         "help": "with --resume_from_checkpoint latest, also look for the output folder's checkpoints in a folder "
                 "of the same name under these (Kaggle: /kaggle/input, where a saved version's output comes back)"})
@@ -124,6 +139,12 @@ class TrainConfig:
     efficient_sparse_head: bool = False  # m3lab.train.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     grad_cache_chunk_size: int = 0  # m3lab.train.grad_cache: encode this many texts at a time (0: off)
+    use_lora: bool = False  # m3lab.train.lora: a low-rank adapter on the encoder; the three heads train in full
+    lora_rank: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    save_merged_lora_model: bool = False  # also write OUTPUT_DIR/merged_model at the end
     optim: str = "adamw_torch"  # HF Trainer's --optim, used without DeepSpeed (e.g. adamw_bnb_8bit)
     sub_batch_size: int | None = None  # FlagEmbedding's --sub_batch_size: encode N texts at a time (None: all)
     torch_adam: bool = True  # the rendered JSON's AdamW: torch's (True) or DeepSpeed's CUDA FusedAdam (False)
@@ -263,9 +284,30 @@ class TrainConfig:
             found.append("grad_cache_chunk_size with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
                          "partition\"): gradient caching back-propagates once per chunk, and ZeRO-2 reduces each "
                          "gradient the first time it arrives. Use deepspeed_stage=1 or 0, or no DeepSpeed.")
+        found += self._lora_problems()
         if self.sub_batch_size is not None and self.grad_cache_chunk_size:
             found.append("sub_batch_size and grad_cache_chunk_size both split the batch; gradient caching replaces "
                          "FlagEmbedding's encoding loop, so sub_batch_size would be ignored. Use one of them.")
+        return found
+
+    def _lora_problems(self) -> list[str]:
+        if not self.use_lora:
+            return ["save_merged_lora_model merges a LoRA adapter, and use_lora is off: there is none. Turn use_lora "
+                    "on, or save_merged_lora_model off."] if self.save_merged_lora_model else []
+        found = []
+        if self.fix_encoder:
+            found.append("use_lora trains an adapter on the encoder, and fix_encoder freezes the encoder: the adapter "
+                         "would not train. Turn one of them off.")
+        if self.freeze_word_embeddings:
+            found.append("freeze_word_embeddings has no effect with use_lora, which keeps every encoder weight fixed "
+                         "already; turn freeze_word_embeddings off.")
+        if self.lora_rank < 1:
+            found.append(f"lora_rank is {self.lora_rank}; give the adapter's rank, 1 or more (FlagEmbedding's "
+                         "default is 64).")
+        if not 0 <= self.lora_dropout < 1:
+            found.append(f"lora_dropout is {self.lora_dropout}; give a probability from 0 up to (not including) 1.")
+        if not self.target_modules:
+            found.append("target_modules is empty; name the encoder layers the adapter wraps (e.g. query key value).")
         return found
 
     def _predictor_problems(self) -> list[str]:
@@ -423,7 +465,8 @@ class TrainConfig:
     @property
     def uses_m3lab_levers(self) -> bool:
         """Whether the run needs m3lab.run_m3 (FlagEmbedding's runner does not know these arguments)."""
-        return bool(self.efficient_sparse_head or self.freeze_word_embeddings or self.grad_cache_chunk_size)
+        return bool(self.efficient_sparse_head or self.freeze_word_embeddings or self.grad_cache_chunk_size
+                    or self.use_lora)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -41,3 +41,22 @@ def write_jsonl_atomic(path: Path | str, rows: Iterable[dict]) -> None:
 
 def write_json_atomic(path: Path | str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def replace_folder_atomic(path: Path | str, write) -> Path:
+    """Have ``write(folder)`` fill a temporary folder beside ``path``, then put it at ``path`` (replacing
+    what was there); if ``write`` fails, nothing is left behind and ``path`` is as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(scratch)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(scratch, path)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return path

@@ -66,6 +66,10 @@ def spec_for(config, model_config=None) -> TraceSpec:
     """The TraceSpec of a ``TrainConfig``; the model's geometry is ``model_config`` or read from
     ``config.model`` (BGE-M3's built in, a local folder's config.json otherwise)."""
     config.check()
+    if config.use_lora:
+        raise ConfigError(["use_lora: m3lab's predictor does not model LoRA yet (the frozen encoder, the adapter's "
+                           "gradients and optimizer state); it can train it (python -m m3lab.run_m3 --use_lora True), "
+                           "not predict its memory. Without --use_lora it predicts the full fine-tune."])
     deepspeed, stage, offloads = config.deepspeed_config(), config.deepspeed_stage, config.offload_optimizer
     if config.deepspeed_stage is not None and config.deepspeed_config_file is not None:
         from m3lab import deepspeed_json

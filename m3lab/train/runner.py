@@ -8,7 +8,7 @@ from FlagEmbedding's own M3 checkpoints (``resuming``: FlagEmbedding 1.4.2's run
 DeepSpeed), finds the newest one itself (``--resume_from_checkpoint latest``, ``m3lab.train.resume``),
 writes sentence-transformers' module files beside the saved model (``m3lab.train.saved_model``), and
 takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
-``--grad_cache_chunk_size 1``).
+``--grad_cache_chunk_size 1``, ``--use_lora True``: ``m3lab.train.lora``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def apply_levers(model, m3lab_args: M3LabArguments):
         use_grad_cache(model, m3lab_args.grad_cache_chunk_size)
     if m3lab_args.freeze_word_embeddings:
         model.model.get_input_embeddings().weight.requires_grad_(False)
+    if m3lab_args.use_lora:
+        from m3lab.train.lora import use_lora
+
+        use_lora(model, m3lab_args.lora_rank, m3lab_args.lora_alpha, m3lab_args.lora_dropout, m3lab_args.target_modules)
     return model
 
 
@@ -40,13 +44,18 @@ def load_m3_checkpoint(model, folder: str) -> None:
     """A checkpoint of FlagEmbedding's M3 model, loaded where FlagEmbedding saved each part: the encoder
     as a transformers model (``save_pretrained``, read back with ``from_pretrained``, which knows how
     the installed transformers names what it saved, sharded or not), the ColBERT and sparse heads as
-    .pt files beside it."""
+    .pt files beside it; under LoRA, the encoder's adapter as peft saved it."""
     import os
 
     import torch
 
+    from m3lab.train import lora
+
     encoder = model.model
-    encoder.load_state_dict(type(encoder).from_pretrained(folder).state_dict())
+    if lora.is_adapter(encoder):
+        lora.load_adapter_weights(encoder, folder)
+    else:
+        encoder.load_state_dict(type(encoder).from_pretrained(folder).state_dict())
     for head in ("colbert_linear", "sparse_linear"):
         path = os.path.join(folder, f"{head}.pt")
         if getattr(model, head, None) is not None and os.path.isfile(path):
@@ -111,6 +120,8 @@ def _for_other_tools(output_dir: str) -> None:
 
 
 def main() -> int:
+    import os
+
     import torch
     from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
         EncoderOnlyEmbedderM3DataArguments,
@@ -140,6 +151,11 @@ def main() -> int:
             runner.trainer.add_callback(recorder)
         runner.run()
         _for_other_tools(training_args.output_dir)
+        if m3lab_args.save_merged_lora_model and os.environ.get("RANK", "0") == "0":
+            from m3lab.train.lora import merge
+
+            merged = merge(training_args.output_dir, base_model=model_args.model_name_or_path)
+            print(f"m3lab: {merged} holds the merged model (the adapter folded into the encoder, both heads beside)")
     except torch.OutOfMemoryError as error:
         if recorder is None:
             raise

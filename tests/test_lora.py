@@ -1,0 +1,127 @@
+"""LoRA on the encoder with BGE-M3's three heads trained in full (``--use_lora True``): the command, the
+refusals, and real runs of the tiny stand-in: what trains, what is saved, resuming, the merged model."""
+
+import json
+
+import pytest
+import torch
+
+from m3lab import command
+from m3lab.config import LORA_TARGETS, ConfigError, TrainConfig
+from m3lab.predict.spec import spec_for
+
+LORA = TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,
+                   per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, deepspeed_stage=None,
+                   gradient_checkpointing=True,
+                   use_self_distill=True, use_lora=True, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+
+
+def test_the_command_takes_flagembeddings_lora_flag_names_and_reads_back():
+    config = LORA.replace(model="BAAI/bge-m3", save_merged_lora_model=True)
+    words = command.render(config)
+    assert words[words.index("-m") + 1] == "m3lab.run_m3"
+    text = " ".join(words)
+    assert "--use_lora True --lora_rank 8 --lora_alpha 16 --lora_dropout 0" in text
+    assert "--target_modules query key value intermediate.dense output.dense --save_merged_lora_model True" in text
+    read = command.parse(words).config
+    assert (read.use_lora, read.lora_rank, read.lora_alpha, read.lora_dropout, read.target_modules,
+            read.save_merged_lora_model) == (True, 8, 16, 0.0, list(LORA_TARGETS), True)
+    assert "--use_lora" not in " ".join(command.render(config.replace(use_lora=False, save_merged_lora_model=False)))
+
+
+@pytest.mark.parametrize("changes, sentence", [
+    (dict(fix_encoder=True), "fix_encoder freezes the encoder: the adapter would not train"),
+    (dict(freeze_word_embeddings=True), "freeze_word_embeddings has no effect with use_lora"),
+    (dict(lora_rank=0), "lora_rank is 0"),
+    (dict(lora_dropout=1.0), "lora_dropout is 1.0"),
+    (dict(target_modules=[]), "target_modules is empty"),
+    (dict(use_lora=False, save_merged_lora_model=True), "use_lora is off: there is none"),
+])
+def test_what_cannot_work_is_refused_in_a_sentence(changes, sentence):
+    with pytest.raises(ConfigError, match=sentence):
+        LORA.replace(**changes).check()
+
+
+def test_the_predictor_says_it_does_not_model_lora_yet():
+    with pytest.raises(ConfigError, match="does not model LoRA yet"):
+        spec_for(LORA)
+
+
+def _lora_parameters(rank: int, hidden: int, intermediate: int, layers: int) -> int:
+    """LoRA's A (rank x in) and B (out x rank) for each wrapped projection of each layer."""
+    square = 4 * rank * (hidden + hidden)  # query, key, value, attention.output.dense
+    feed_forward = 2 * rank * (hidden + intermediate)  # intermediate.dense, output.dense
+    return layers * (square + feed_forward)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, standin_dir):
+    from m3lab.train.launch import train
+
+    return train(LORA.replace(save_steps=1, save_merged_lora_model=True), runs_root=tmp_path_factory.mktemp("runs"))
+
+
+@pytest.mark.slow
+def test_only_the_adapter_and_the_heads_train(lora_run, standin_dir):
+    assert lora_run.status == "ok"
+    geometry = json.loads((standin_dir / "config.json").read_text())
+    hidden, intermediate = geometry["hidden_size"], geometry["intermediate_size"]
+    heads = (hidden * hidden + hidden) + (hidden + 1)  # colbert_linear, sparse_linear
+    assert lora_run.ranks[0].trainable_params == _lora_parameters(8, hidden, intermediate,
+                                                                  geometry["num_hidden_layers"]) + heads
+    for step in lora_run.ranks[0].steps:
+        assert torch.isfinite(torch.tensor(step.loss))
+
+
+@pytest.mark.slow
+def test_the_saved_folder_is_an_adapter_with_both_heads_and_the_heads_trained(lora_run, standin_dir):
+    from safetensors.torch import load_file
+
+    saved = lora_run.run_dir / "model"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "colbert_linear.pt", "sparse_linear.pt"):
+        assert (saved / name).is_file(), name
+    assert not (saved / "model.safetensors").exists()  # megabytes, not the whole encoder
+    adapter = load_file(saved / "adapter_model.safetensors")
+    assert not any("pooler" in key for key in adapter)
+    assert {key.split(".lora_")[0].split("layer.0.")[1] for key in adapter if "layer.0." in key} == {
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense"}
+    assert any(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)  # B starts at zero
+    before = torch.load(standin_dir / "colbert_linear.pt", weights_only=True)
+    after = torch.load(saved / "colbert_linear.pt", weights_only=True)
+    assert not torch.equal(before["weight"], after["weight"])
+
+
+@pytest.mark.slow
+def test_the_adapter_and_the_merged_model_encode_and_score_the_same(lora_run, standin_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from m3lab import use
+
+    saved = lora_run.run_dir / "model"
+    merged = saved / "merged_model"
+    for name in ("config.json", "colbert_linear.pt", "sparse_linear.pt", "modules.json", "tokenizer_config.json"):
+        assert (merged / name).exists(), name
+    assert not (merged / "adapter_config.json").exists()
+    query, passages = "What does the assert statement do?", ["The assert statement checks a condition.",
+                                                             "Lists hold items in order."]
+    # the encoder as a learner's tools load it (transformers finds the base model the adapter names)
+    batch = AutoTokenizer.from_pretrained(saved)([query, *passages], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        base, adapter, folded = (AutoModel.from_pretrained(path).eval()(**batch).last_hidden_state
+                                 for path in (standin_dir, saved, merged))
+    assert (adapter - base).abs().max() > 1e-3  # the adapter is loaded and changes the encoder
+    torch.testing.assert_close(folded, adapter, rtol=0, atol=1e-5)  # fp32 weights: equal up to rounding
+    for a, b in zip(use.score(saved, query, passages), use.score(merged, query, passages)):
+        assert (a.dense, a.sparse, a.colbert) == pytest.approx((b.dense, b.sparse, b.colbert), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_from_its_checkpoint(lora_run, tmp_path):
+    from m3lab.train.launch import train
+
+    checkpoint = lora_run.run_dir / "model" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    resumed = train(LORA.replace(max_steps=2, resume_from_checkpoint=str(checkpoint)), runs_root=tmp_path)
+    assert resumed.status == "ok"
+    assert [step.step for step in resumed.ranks[0].steps] == [2]  # step 1 came from the checkpoint
