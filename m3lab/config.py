@@ -66,8 +66,8 @@ class M3LabArguments:
     grad_cache_chunk_size: int = field(default=0, metadata={
         "help": "m3lab.train.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
     use_lora: bool = field(default=False, metadata={
-        "help": "m3lab.train.lora: train a low-rank adapter on the encoder instead of its weights; the dense, sparse "
-                "and ColBERT heads train in full (FlagEmbedding's decoder-only flag names)"})
+        "help": "m3lab.train.lora: train a low-rank adapter on the encoder instead of its weights; the sparse and "
+                "ColBERT heads train in full (FlagEmbedding's decoder-only flag names)"})
     lora_rank: int = field(default=64, metadata={"help": "the adapter's rank (FlagEmbedding's default)"})
     lora_alpha: float = field(default=16, metadata={"help": "the adapter's scale numerator: updates x alpha / rank"})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
@@ -139,7 +139,7 @@ class TrainConfig:
     efficient_sparse_head: bool = False  # m3lab.train.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     grad_cache_chunk_size: int = 0  # m3lab.train.grad_cache: encode this many texts at a time (0: off)
-    use_lora: bool = False  # m3lab.train.lora: a low-rank adapter on the encoder; the three heads train in full
+    use_lora: bool = False  # m3lab.train.lora: a low-rank adapter on the encoder; sparse and ColBERT heads in full
     lora_rank: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.1

@@ -1,4 +1,4 @@
-"""LoRA on the encoder with BGE-M3's three heads trained in full (``--use_lora True``): the command, the
+"""LoRA on the encoder with BGE-M3's sparse and ColBERT heads trained in full (``--use_lora True``): the command, the
 refusals, and real runs of the tiny stand-in: what trains, what is saved, resuming, the merged model."""
 
 import json
@@ -125,3 +125,42 @@ def test_a_lora_run_resumes_from_its_checkpoint(lora_run, tmp_path):
     resumed = train(LORA.replace(max_steps=2, resume_from_checkpoint=str(checkpoint)), runs_root=tmp_path)
     assert resumed.status == "ok"
     assert [step.step for step in resumed.ranks[0].steps] == [2]  # step 1 came from the checkpoint
+
+
+def _wrapped_standin(standin_dir, targets=LORA_TARGETS, base_model=None):
+    from types import SimpleNamespace
+
+    from transformers import AutoModel
+
+    from m3lab.train.lora import use_lora
+
+    holder = SimpleNamespace(model=AutoModel.from_pretrained(standin_dir))  # FlagEmbedding's M3 model keeps it here
+    use_lora(holder, 8, 16, 0.0, targets, base_model=base_model)
+    return holder.model
+
+
+def test_the_adapter_names_the_model_the_command_gave_not_the_folder_it_was_read_from(standin_dir, tmp_path):
+    """FlagEmbedding reads BAAI/bge-m3 from its download cache; a new session has no such folder."""
+    _wrapped_standin(standin_dir, base_model="BAAI/bge-m3").save_pretrained(tmp_path / "named")
+    _wrapped_standin(standin_dir).save_pretrained(tmp_path / "unnamed")
+    base = {name: json.loads((tmp_path / name / "adapter_config.json").read_text())["base_model_name_or_path"]
+            for name in ("named", "unnamed")}
+    assert base == {"named": "BAAI/bge-m3", "unnamed": str(standin_dir)}  # peft's own choice: the folder
+
+
+@pytest.mark.slow
+def test_resuming_loads_the_checkpoints_adapter_and_refuses_another(lora_run, standin_dir):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from m3lab.train.lora import load_adapter_weights
+
+    checkpoint = lora_run.run_dir / "model" / "checkpoint-1"
+    encoder = _wrapped_standin(standin_dir)
+    load_adapter_weights(encoder, checkpoint)
+    saved, loaded = load_file(checkpoint / "adapter_model.safetensors"), get_peft_model_state_dict(encoder)
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="holds an adapter on other layers than this run wraps"):
+        load_adapter_weights(_wrapped_standin(standin_dir, targets=("query",)), checkpoint)

@@ -1,4 +1,7 @@
-"""LoRA on BGE-M3's encoder, with its dense, sparse and ColBERT heads trained in full.
+"""LoRA on BGE-M3's encoder, its sparse and ColBERT heads trained in full; all three vectors trained.
+
+BGE-M3's dense vector is the encoder's first ([CLS]) output, with no weights of its own: under LoRA it
+changes through the adapter. The sparse and ColBERT vectors have their own layers, trained in full.
 
 ``--use_lora True`` (FlagEmbedding's own flag names for decoder-only models, which its M3 runner does
 not take) wraps the XLM-R encoder with peft: each targeted weight is frozen and a low-rank update
@@ -28,13 +31,21 @@ MERGED_FOLDER = "merged_model"  # where FlagEmbedding's decoder-only runner writ
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def use_lora(model, rank: int, alpha: float, dropout: float, targets: list[str] | tuple[str, ...]) -> None:
-    """Wrap ``model.model`` (FlagEmbedding's M3 encoder) with a LoRA adapter; the heads stay trainable."""
+def use_lora(model, rank: int, alpha: float, dropout: float, targets: list[str] | tuple[str, ...],
+             base_model: str | None = None) -> None:
+    """Wrap ``model.model`` (FlagEmbedding's M3 encoder) with a LoRA adapter; the two heads stay trainable.
+
+    ``base_model``: the name the command gave (``--model_name_or_path``), written into the saved
+    adapter's config. Without it peft writes the folder the encoder was read from, which for a hub id
+    is FlagEmbedding's download cache (its runner swaps ``BAAI/bge-m3`` for the snapshot folder): a path
+    that a new Colab or Kaggle session, or another machine, does not have."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(targets))
+                        target_modules=list(targets), base_model_name_or_path=base_model)
     model.model = get_peft_model(model.model, config)
+    if base_model:  # peft fills the field from the encoder only where it is empty
+        model.model.peft_config["default"].base_model_name_or_path = base_model
 
 
 def is_adapter(encoder) -> bool:
@@ -44,11 +55,19 @@ def is_adapter(encoder) -> bool:
 
 
 def load_adapter_weights(encoder, folder: str | Path) -> None:
-    """A saved adapter's weights into a wrapped encoder (resuming from a checkpoint)."""
+    """A saved adapter's weights into a wrapped encoder (resuming from a checkpoint); refused in a
+    sentence when they are not the same adapter (peft's own load skips what does not match)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(encoder, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    from m3lab.errors import ConfigError
+
+    result = set_peft_model_state_dict(encoder, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise ConfigError([f"{folder} holds an adapter on other layers than this run wraps ({len(missing)} of its "
+                           f"tensors missing, {len(result.unexpected_keys)} not this run's): resume with the "
+                           "--target_modules and --lora_rank the checkpoint was trained with, or start a new run."])
 
 
 def merge(folder: str | Path, base_model: str | None = None) -> Path:

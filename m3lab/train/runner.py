@@ -16,13 +16,15 @@ from __future__ import annotations
 import sys
 
 from m3lab.config import RESUME_LATEST, M3LabArguments
+from m3lab.errors import ConfigError
 from m3lab.train import resume
 
 OOM_EXIT_CODE = 86
 
 
-def apply_levers(model, m3lab_args: M3LabArguments):
-    """m3lab's levers on a built FlagEmbedding M3 model (the runner and the predictor both use this)."""
+def apply_levers(model, m3lab_args: M3LabArguments, base_model: str | None = None):
+    """m3lab's levers on a built FlagEmbedding M3 model (the runner and the predictor both use this);
+    ``base_model``: the command's --model_name_or_path, which a LoRA adapter names as its base."""
     if m3lab_args.efficient_sparse_head:
         from m3lab.train.sparse_head import use_efficient_sparse_head
 
@@ -36,7 +38,8 @@ def apply_levers(model, m3lab_args: M3LabArguments):
     if m3lab_args.use_lora:
         from m3lab.train.lora import use_lora
 
-        use_lora(model, m3lab_args.lora_rank, m3lab_args.lora_alpha, m3lab_args.lora_dropout, m3lab_args.target_modules)
+        use_lora(model, m3lab_args.lora_rank, m3lab_args.lora_alpha, m3lab_args.lora_dropout, m3lab_args.target_modules,
+                 base_model)
     return model
 
 
@@ -87,7 +90,7 @@ def _runner_class(m3lab_args: M3LabArguments):
     class M3LabRunner(EncoderOnlyEmbedderM3Runner):
         def load_tokenizer_and_model(self):
             tokenizer, model = super().load_tokenizer_and_model()
-            return tokenizer, apply_levers(model, m3lab_args)
+            return tokenizer, apply_levers(model, m3lab_args, base_model=self.model_args.model_name_or_path)
 
     return M3LabRunner
 
@@ -156,6 +159,9 @@ def main() -> int:
 
             merged = merge(training_args.output_dir, base_model=model_args.model_name_or_path)
             print(f"m3lab: {merged} holds the merged model (the adapter folded into the encoder, both heads beside)")
+    except ConfigError as error:  # what the run found it cannot do as asked (e.g. a checkpoint of another adapter)
+        print("\n".join(f"m3lab: {problem}" for problem in error.problems), file=sys.stderr, flush=True)
+        return 2
     except torch.OutOfMemoryError as error:
         if recorder is None:
             raise
