@@ -51,6 +51,8 @@ TRAINERS = tuple(trainer.value for trainer in Trainer)
 # and output (``attention.output.dense``), the feed-forward's two (``intermediate.dense``, ``output.dense``).
 # A bare "dense" would also catch ``pooler.dense``, which BGE-M3's vectors never pass through.
 LORA_TARGETS = ("query", "key", "value", "intermediate.dense", "output.dense")
+# FlagEmbedding's defaults for its decoder-only --lora_rank, --lora_alpha, --lora_dropout
+LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 64, 16.0, 0.1
 
 # m3lab.run_m3's --resume_from_checkpoint value for the newest checkpoint it finds (m3lab.train.resume)
 RESUME_LATEST = "latest"
@@ -68,9 +70,9 @@ class M3LabArguments:
     use_lora: bool = field(default=False, metadata={
         "help": "m3lab.train.lora: train a low-rank adapter on the encoder instead of its weights; the sparse and "
                 "ColBERT heads train in full (FlagEmbedding's decoder-only flag names)"})
-    lora_rank: int = field(default=64, metadata={"help": "the adapter's rank (FlagEmbedding's default)"})
-    lora_alpha: float = field(default=16, metadata={"help": "the adapter's scale numerator: updates x alpha / rank"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
+    lora_rank: int = field(default=LORA_RANK, metadata={"help": "the adapter's rank (FlagEmbedding's default)"})
+    lora_alpha: float = field(default=LORA_ALPHA, metadata={"help": "the adapter's scale numerator: updates x alpha / rank"})
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "dropout on the adapter's input"})
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
         "help": "the encoder's layers the adapter wraps, as name suffixes (default: attention and feed-forward)"})
     save_merged_lora_model: bool = field(default=False, metadata={
@@ -140,9 +142,9 @@ class TrainConfig:
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     grad_cache_chunk_size: int = 0  # m3lab.train.grad_cache: encode this many texts at a time (0: off)
     use_lora: bool = False  # m3lab.train.lora: a low-rank adapter on the encoder; sparse and ColBERT heads in full
-    lora_rank: int = 64
-    lora_alpha: float = 16
-    lora_dropout: float = 0.1
+    lora_rank: int = LORA_RANK
+    lora_alpha: float = LORA_ALPHA
+    lora_dropout: float = LORA_DROPOUT
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     save_merged_lora_model: bool = False  # also write OUTPUT_DIR/merged_model at the end
     optim: str = "adamw_torch"  # HF Trainer's --optim, used without DeepSpeed (e.g. adamw_bnb_8bit)
@@ -303,7 +305,7 @@ class TrainConfig:
                          "already; turn freeze_word_embeddings off.")
         if self.lora_rank < 1:
             found.append(f"lora_rank is {self.lora_rank}; give the adapter's rank, 1 or more (FlagEmbedding's "
-                         "default is 64).")
+                         f"default is {LORA_RANK}).")
         if not 0 <= self.lora_dropout < 1:
             found.append(f"lora_dropout is {self.lora_dropout}; give a probability from 0 up to (not including) 1.")
         if not self.target_modules:

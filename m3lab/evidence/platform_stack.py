@@ -19,9 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 from m3lab.config import DEFAULT_TRAIN_DATA
+from m3lab.gpus import GIB
 from m3lab.io import write_json_atomic
 
-GIB = 1024**3
 RESULTS = Path(__file__).resolve().parents[2] / "data" / "predictions"  # the committed runs
 PACKAGES = ("transformers", "torch", "deepspeed", "FlagEmbedding", "accelerate", "peft")
 
