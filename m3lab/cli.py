@@ -177,7 +177,7 @@ def _fit(args) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress; stdout is for the result
         result = fit(args.data, gpu=args.gpu, margin_gib=args.margin_gib, coverage=args.coverage,
                      max_group=args.max_group, log=lambda line: print(line, file=sys.stderr),
-                     platform=args.platform, host_ram_gib=args.host_ram_gib, stock=args.stock)
+                     platform=args.platform, host_ram_gib=args.host_ram_gib, stock=args.stock, lora=args.lora)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0 if result.best is not None else 1
@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--host-ram-gib", type=float, help="with --gpu: the host's RAM in GiB (not checked without it)")
     fit.add_argument("--stock", action="store_true",
                      help="FlagEmbedding as it is: none of m3lab's levers (its own sparse head, no gradient cache)")
+    fit.add_argument("--lora", action="store_true",
+                     help="train a LoRA adapter on the encoder (rank 64) with the sparse and ColBERT heads in full")
     fit.add_argument("--json", action="store_true", help="print the chosen configuration and its report as JSON")
     fit.add_argument("--data", nargs="+", default=["data/train.jsonl"],
                      help="FlagEmbedding JSONL training file(s), as this folder sees them (they go into the command so)")

@@ -30,7 +30,6 @@ MODULES = (FLAGEMBEDDING_M3_MODULE, M3LAB_M3_MODULE)
 
 class Memory(Enum):
     MODELLED = "changes GPU memory; the predictor models it"
-    NOT_MODELLED = "changes GPU memory; the predictor does not model it yet and refuses the run"
     NONE = "changes no GPU memory"
 
 
@@ -171,12 +170,12 @@ FLAGS: tuple[Flag, ...] = (
          write=lambda config, rendering: ["True"] if config.freeze_word_embeddings else None),
     Flag("grad_cache_chunk_size", "grad_cache_chunk_size", lever=True,
          write=lambda config, rendering: [str(config.grad_cache_chunk_size)] if config.grad_cache_chunk_size else None),
-    Flag("use_lora", "use_lora", Memory.NOT_MODELLED, lever=True,
+    Flag("use_lora", "use_lora", Memory.MODELLED, lever=True,
          write=lambda config, rendering: ["True"] if config.use_lora else None),
-    Flag("lora_rank", "lora_rank", Memory.NOT_MODELLED, lever=True, write=_when(_lora, "lora_rank")),
-    Flag("lora_alpha", "lora_alpha", Memory.NOT_MODELLED, lever=True, write=_when(_lora, "lora_alpha")),
-    Flag("lora_dropout", "lora_dropout", Memory.NOT_MODELLED, lever=True, write=_when(_lora, "lora_dropout")),
-    Flag("target_modules", "target_modules", Memory.NOT_MODELLED, lever=True, write=_when(_lora, "target_modules")),
+    Flag("lora_rank", "lora_rank", Memory.MODELLED, lever=True, write=_when(_lora, "lora_rank")),
+    Flag("lora_alpha", "lora_alpha", Memory.MODELLED, lever=True, write=_when(_lora, "lora_alpha")),
+    Flag("lora_dropout", "lora_dropout", Memory.MODELLED, lever=True, write=_when(_lora, "lora_dropout")),
+    Flag("target_modules", "target_modules", Memory.MODELLED, lever=True, write=_when(_lora, "target_modules")),
     Flag("save_merged_lora_model", "save_merged_lora_model", Memory.NONE, lever=True,
          write=lambda config, rendering: ["True"] if config.save_merged_lora_model else None),
 ) + tuple(Flag(name, memory=Memory.NONE) for name in (

@@ -46,6 +46,7 @@ class Target:
 _FAKE = "torch._subclasses.fake_tensor"
 _M3 = "FlagEmbedding.finetune.embedder.encoder_only.m3.modeling"
 _ZERO = "deepspeed.runtime.zero.stage_1_and_2"
+_PEFT = "peft.tuners.tuners_utils"
 TARGETS: tuple[Target, ...] = (
     Target("transformers.modeling_utils", "PreTrainedModel.warn_if_padding_and_no_attention_mask", Reach.PATCHED,
            "compat"),
@@ -82,6 +83,8 @@ TARGETS: tuple[Target, ...] = (
     Target(_M3, "EncoderOnlyEmbedderM3Model._encode", Reach.READ, "train.grad_cache"),
     Target(_M3, "EncoderOnlyEmbedderM3Model.encode", Reach.OVERRIDDEN, "train.grad_cache"),
     Target(_M3, "EncoderOnlyEmbedderM3Model.forward", Reach.OVERRIDDEN, "train.grad_cache"),
+    Target("torch.nn.modules.module", "Module.to", Reach.PATCHED, "predict.models"),
+    Target(_PEFT, "BaseTuner._cast_adapter_dtype", Reach.PATCHED, "predict.models"),
     # private modules and names read rather than patched: a rename would break an import or a key
     Target("torch._C", "StorageBase._cdata", Reach.READ, "tensors"),  # a storage's identity
     Target("torch.utils._python_dispatch", "TorchDispatchMode", Reach.READ, "tensors"),
@@ -343,6 +346,33 @@ def allreduce_chunk(engine, elements: int) -> None:
         raise CompatError("DeepSpeedEngine.allreduce_gradients no longer exists; m3lab cannot shrink ZeRO-0's "
                           "all-reduce chunks for shallow copies. Install DeepSpeed 0.19.8.")
     engine.allreduce_gradients = functools.partial(method, engine, bucket_size=elements)
+
+
+# ---- peft -----------------------------------------------------------------------------------------
+def _moves_nothing(module, args, kwargs) -> bool:
+    import torch
+
+    device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+    return all((device is None or t.device == device) and (dtype is None or t.dtype == dtype or not t.is_floating_point())
+               for t in [*module.parameters(), *module.buffers()])
+
+
+@contextlib.contextmanager
+def lora_adapters_as_built():
+    """peft's LoRA layers left as the predictor builds them, on fake tensors, where ``Module.to`` cannot
+    swap a parameter. peft moves each new adapter to its base layer's device and dtype, which it is
+    built on already (the same default device and dtype): such a ``.to`` moves nothing and returns the
+    module. And peft casts a half-precision adapter to fp32, which a real run never meets: it wraps the
+    fp32 model, and DeepSpeed's engine then casts the adapter to half with everything else, as the
+    predictor's half default dtype already did."""
+    module_to = original("torch.nn.modules.module", "Module.to")
+
+    def to(self, *args, **kwargs):
+        return self if _moves_nothing(self, args, kwargs) else module_to(self, *args, **kwargs)
+
+    with _patch("torch.nn.modules.module", "Module.to", to), \
+            _patch(_PEFT, "BaseTuner._cast_adapter_dtype", lambda self, *args, **kwargs: None):
+        yield
 
 
 # ---- bitsandbytes ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ itself is tested. ``m3lab.evidence.measurements`` reads the files and pairs each
 ``--model full-cpu`` is full-size truth without a GPU (opt-in, about 15 minutes and 16 GB of RAM):
 the full-size stand-in trained for real on this CPU in a handful of configurations that fit 24 GiB
 (short texts, ZeRO-0, ZeRO-1 and no DeepSpeed, ``adamw_torch`` and ``adamw_torch_fused``,
-checkpointing on and off, ``sub_batch_size``; fp32 only, see ``checks``), one run at a time, measured with the same live-tensor meter as the tiny runs.
+checkpointing on and off, ``sub_batch_size``, LoRA; fp32 only, see ``checks``), one run at a time, measured with the same live-tensor meter as the tiny runs.
 Committed under ``data/measurements/``, the normal suite holds fresh CPU predictions within 2% of it.
 """
 
@@ -86,7 +86,11 @@ def checks(model: str = "full") -> list[Check]:
                 # No bf16 autocast run: on a CPU the live-tensor meter (a TorchDispatchMode) makes autocast
                 # keep one fp32 copy of every parameter that an unmetered run does not hold (found with gc
                 # on the tiny stand-in), so it cannot measure autocast; GPU runs use the CUDA counters.
-                Check("full size, no DeepSpeed, fp32, sub_batch_size 1", plain.replace(sub_batch_size=1))]
+                Check("full size, no DeepSpeed, fp32, sub_batch_size 1", plain.replace(sub_batch_size=1)),
+                # LoRA (m3lab.train.lora) at FlagEmbedding's rank 64: the encoder frozen, the adapter and both heads trained
+                Check("full size, ZeRO-1, fp32, LoRA, gradient checkpointing",
+                      base.replace(deepspeed_stage=1, use_lora=True, gradient_checkpointing=True)),
+                Check("full size, no DeepSpeed, fp32, LoRA", plain.replace(use_lora=True))]
     if model == "tiny":
         base = TrainConfig(model="tiny-bge-m3", train_group_size=4, query_max_len=32, passage_max_len=64,
                            per_device_train_batch_size=2, learning_rate=1e-4, deepspeed_stage=1,

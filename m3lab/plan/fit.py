@@ -14,7 +14,9 @@ RAM (``m3lab.predict.host``); among the settings that hold it, the fastest (the 
 fastest first). A trial whose live tensors alone leave less than the margin (a quick trace of
 shallow copies tells) is not traced at full depth.
 ``stock=True`` keeps to what FlagEmbedding has (its own sparse head, no gradient cache); otherwise
-m3lab's levers join in (the efficient sparse head, gradient caching). Every figure is predicted,
+m3lab's levers join in (the efficient sparse head, gradient caching). ``lora=True`` trains a LoRA
+adapter on the encoder instead of its weights (``LORA_SETTINGS``): the learner's choice, never the
+search's, since it changes what trains, not only what it costs. Every figure is predicted,
 and said to be.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from m3lab.command import render
 from m3lab.config import TrainConfig
+from m3lab.errors import ConfigError
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.plan.platforms import Platform, platform_for
 from m3lab.standin import REAL_MODEL
@@ -48,6 +51,15 @@ MEMORY_SETTINGS = _STOCK_FIRST + (
                                                     grad_cache_chunk_size=4)),
     ("8-bit AdamW + grad cache (chunks of 1)", dict(deepspeed_stage=None, optim="adamw_bnb_8bit",
                                                     grad_cache_chunk_size=1)),
+)
+# LoRA (``--lora``; m3lab.train.lora at FlagEmbedding's rank 64): the encoder's weights frozen, so the
+# optimizer holds only the adapter and the two heads, and 8-bit AdamW or ZeRO would save next to nothing;
+# what is left to save is the activations, which the gradient cache cuts.
+_LORA = dict(deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True)
+LORA_SETTINGS = (
+    ("LoRA, fused AdamW, no DeepSpeed", _LORA),
+    ("LoRA + grad cache (chunks of 4)", dict(_LORA, grad_cache_chunk_size=4)),
+    ("LoRA + grad cache (chunks of 1)", dict(_LORA, grad_cache_chunk_size=1)),
 )
 MODEL_MAX_LEN = 8192  # BGE-M3's longest input
 SHORTEST_PASSAGES = 64  # the shortest passage_max_len the search cuts to when nothing fits the data's
@@ -80,6 +92,7 @@ class FitResult:
     coverage: float
     max_group: int
     stock: bool = False
+    lora: bool = False
     longest_query: int = 0  # the data's longest query, in tokens (rounded up to 8)
     # when nothing fitted at the data's passage length: that length, and the share of the passages'
     # tokens the shorter one (passage_max_len) keeps
@@ -117,7 +130,7 @@ class FitResult:
 
         best = self.best
         return {"platform": self.platform.key, "gpu": self.gpu, "host_ram_bytes": self.platform.host_ram_bytes,
-                "margin_bytes": self.margin_bytes, "stock": self.stock, "coverage": self.coverage,
+                "margin_bytes": self.margin_bytes, "stock": self.stock, "lora": self.lora, "coverage": self.coverage,
                 "tokenizer": self.tokenizer, "longest_query": self.longest_query,
                 "passage_max_len": self.passage_max_len, "cut_from": self.cut_from, "tokens_kept": self.tokens_kept,
                 "best": None if best is None else {"setting": best.setting, "config": dataclasses.asdict(best.config),
@@ -269,9 +282,12 @@ class _Search:
 
 def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE_CALL_BYTES / GIB,
         coverage: float = 0.95, tokenizer=None, max_group: int = 16, log=print, *, platform: str | None = None,
-        host_ram_gib: float | None = None, stock: bool = False) -> FitResult:
+        host_ram_gib: float | None = None, stock: bool = False, lora: bool = False) -> FitResult:
     """Search memory settings and group sizes with the predictor; see the module docstring.
     ``platform`` ("colab-t4", "kaggle-t4x2") or ``gpu`` (default "t4") with ``host_ram_gib``."""
+    if stock and lora:
+        raise ConfigError(["LoRA is m3lab's lever (FlagEmbedding's M3 runner has none): leave out --stock to fit "
+                           "with --lora, or --lora to fit FlagEmbedding as it is."])
     where = platform_for(platform, gpu, host_ram_gib)
     data = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     lengths = data_lengths(data, coverage, tokenizer)
@@ -279,11 +295,11 @@ def fit(data: list[str] | str, gpu: str | None = None, margin_gib: float = CLOSE
     # too few, which adds memory and no information, so the data's fewest negatives cap the group
     cap = max(2, min(max_group, lengths.fewest_negatives + 1))
     result = FitResult(where, int(margin_gib * GIB), lengths.query_max_len, lengths.passage_max_len, lengths.tokenizer,
-                       coverage, cap, stock, lengths.longest_query, lines=lengths.lines)
+                       coverage, cap, stock, lora, lengths.longest_query, lines=lengths.lines)
     log(f"{where.describe()}; lengths keeping {coverage:.0%} of the data's tokens ({lengths.tokenizer}): "
         f"query_max_len {lengths.query_max_len}, passage_max_len {lengths.passage_max_len}; train_group_size up to "
         f"{cap} (every line has {lengths.fewest_negatives} negatives)")
-    settings = STOCK_SETTINGS if stock else MEMORY_SETTINGS
+    settings = LORA_SETTINGS if lora else STOCK_SETTINGS if stock else MEMORY_SETTINGS
     base = base_config(data, where, lengths.query_max_len, lengths.passage_max_len, stock)
     search = _Search(base, result, settings, log)
     best = search.largest_group(cap)

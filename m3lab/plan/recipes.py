@@ -83,6 +83,14 @@ class Answer:
     def write_deepspeed_json(self, folder: str | os.PathLike = ".") -> Path | None:
         return write_deepspeed_json(self.config, folder)
 
+    def what_trains(self) -> str:
+        if not self.config.use_lora:
+            return "every parameter trained"
+        model = self.report.per_rank[0].model_state_bytes
+        return (f"a rank-{self.config.lora_rank} LoRA adapter on the encoder and the sparse and ColBERT heads trained "
+                f"({model.trainable_params / 1e6:.1f}M of {model.params / 1e6:.0f}M parameters), the encoder's own "
+                "weights frozen")
+
     def figures(self) -> list[str]:
         """What the run costs, every figure labelled predicted or estimated."""
         config, report, platform = self.config, self.report, self.platform
@@ -91,7 +99,7 @@ class Answer:
         return [
             f"{self.fitted.best.setting}; train_group_size {config.train_group_size}, query_max_len "
             f"{config.query_max_len}, passage_max_len {config.passage_max_len}, per GPU batch "
-            f"{config.per_device_train_batch_size}, {config.num_processes} GPU(s); every parameter trained",
+            f"{config.per_device_train_batch_size}, {config.num_processes} GPU(s); {self.what_trains()}",
             *([cut] if (cut := self.fitted.cut()) else []),
             f"GPU, {report.provenance}: peak {report.peak_allocated_bytes / GIB:.2f} GiB, needs "
             f"{report.total_bytes / GIB:.2f} GiB of {report.usable_bytes / GIB:.2f}: {report.short_verdict}",
@@ -135,18 +143,18 @@ def answer(fitted: FitResult, records: int, output_dir: str | None = None, epoch
 
 
 def answer_for(platform: str, stock: bool, data=None, output_dir: str | None = None, log=lambda line: None,
-               margin_gib: float = CLOSE_CALL_BYTES / GIB) -> Answer | None:
-    """``m3lab fit --platform PLATFORM [--stock] --data DATA``, made into a run (None: nothing fits)."""
+               margin_gib: float = CLOSE_CALL_BYTES / GIB, lora: bool = False) -> Answer | None:
+    """``m3lab fit --platform PLATFORM [--stock | --lora] --data DATA``, made into a run (None: nothing fits)."""
     from m3lab.config import DEFAULT_TRAIN_DATA
     from m3lab.data.jsonl import load_jsonl
 
     data = [str(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data or [DEFAULT_TRAIN_DATA])]
-    fitted = fit(data, platform=platform, margin_gib=margin_gib, stock=stock, log=log)
+    fitted = fit(data, platform=platform, margin_gib=margin_gib, stock=stock, log=log, lora=lora)
     if fitted.best is None:
         return None
     return answer(fitted, len(load_jsonl(data)), output_dir)
 
 
-def answers(stock: bool, data=None) -> dict[str, Answer | None]:
+def answers(stock: bool, data=None, lora: bool = False) -> dict[str, Answer | None]:
     """One answer per platform (free Colab, Kaggle) for ``data`` (default: the series' training file)."""
-    return {key: answer_for(key, stock, data) for key in PLATFORMS}
+    return {key: answer_for(key, stock, data, lora=lora) for key in PLATFORMS}

@@ -100,12 +100,15 @@ def duration_range(fast: float, slow: float) -> str:
 def checkpoint_bytes(report) -> int:
     """One checkpoint, estimated from the prediction: the weights as the run holds them, and the
     optimizer's states of every rank that holds a part of them (ZeRO partitions them; without it
-    rank 0 saves the one copy)."""
+    rank 0 saves the one copy). Under LoRA FlagEmbedding's save writes the adapter and the two heads,
+    not the frozen encoder: the weights' share that trains."""
     ranks = report.per_rank
     states = [r.model_state_bytes.optimizer_states + r.model_state_bytes.offloaded_optimizer_states
               for r in ranks]
     partitioned = (report.spec.get("zero_stage") or 0) >= 1
-    return ranks[0].model_state_bytes.weights + (sum(states) if partitioned else states[0])
+    model = ranks[0].model_state_bytes
+    weights = model.weights * model.trainable_params // model.params if report.spec.get("lora") else model.weights
+    return weights + (sum(states) if partitioned else states[0])
 
 
 def plan(config, report, records: int, platform: Platform, time: StepTime | None) -> SessionPlan:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from m3lab import compat
 from m3lab.config import Trainer
 
 if TYPE_CHECKING:
@@ -45,9 +46,14 @@ def build_m3_model(spec: TraceSpec):
     from m3lab.config import M3LabArguments
     from m3lab.train.runner import apply_levers
 
-    apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
-                                       freeze_word_embeddings=spec.freeze_word_embeddings,
-                                       grad_cache_chunk_size=spec.grad_cache_chunk_size))
+    lora = spec.lora
+    with compat.lora_adapters_as_built():
+        apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
+                                           freeze_word_embeddings=spec.freeze_word_embeddings,
+                                           grad_cache_chunk_size=spec.grad_cache_chunk_size,
+                                           use_lora=lora is not None, **({} if lora is None else dict(
+                                               lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.targets)))))
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

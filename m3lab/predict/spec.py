@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3lab.config import Precision, Trainer
+from m3lab.config import LORA_TARGETS, Precision, Trainer
 from m3lab.errors import ConfigError
 from m3lab.predict.geometry import model_geometry
 
 # The optimizer steps DeepSpeed's scheduler is given when a run counts epochs ("auto" total steps):
 # they change no memory, and the predictor reads no data to count them
 STEPS_WHEN_COUNTED_IN_EPOCHS = 1000
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter on the encoder (``m3lab.train.lora``), as ``--use_lora True`` and its flags give it."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...] = LORA_TARGETS
 
 
 @dataclass
@@ -36,6 +46,7 @@ class TraceSpec:
     efficient_sparse_head: bool = False
     freeze_word_embeddings: bool = False
     grad_cache_chunk_size: int = 0  # 0: off
+    lora: LoraAdapter | None = None  # None: the encoder's own weights train
     # hf: a sequence classifier
     seq_len: int = 512
     num_labels: int = 2
@@ -66,10 +77,6 @@ def spec_for(config, model_config=None) -> TraceSpec:
     """The TraceSpec of a ``TrainConfig``; the model's geometry is ``model_config`` or read from
     ``config.model`` (BGE-M3's built in, a local folder's config.json otherwise)."""
     config.check()
-    if config.use_lora:
-        raise ConfigError(["use_lora: m3lab's predictor does not model LoRA yet (the frozen encoder, the adapter's "
-                           "gradients and optimizer state); it can train it (python -m m3lab.run_m3 --use_lora True), "
-                           "not predict its memory. Without --use_lora it predicts the full fine-tune."])
     deepspeed, stage, offloads = config.deepspeed_config(), config.deepspeed_stage, config.offload_optimizer
     if config.deepspeed_stage is not None and config.deepspeed_config_file is not None:
         from m3lab import deepspeed_json
@@ -90,6 +97,8 @@ def spec_for(config, model_config=None) -> TraceSpec:
         sub_batch_size=config.sub_batch_size,
         efficient_sparse_head=config.efficient_sparse_head, freeze_word_embeddings=config.freeze_word_embeddings,
         grad_cache_chunk_size=config.grad_cache_chunk_size, seq_len=config.seq_len,
+        lora=LoraAdapter(config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(config.target_modules))
+        if config.use_lora else None,
         optim=config.optim, learning_rate=config.learning_rate,
         attn_implementation=config.attn_implementation,
         precision=Precision.FP16 if config.fp16 else (Precision.BF16 if config.bf16 else Precision.FP32),
