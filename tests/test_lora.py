@@ -70,7 +70,8 @@ def test_a_lora_prediction_drops_the_encoders_gradients_and_optimizer_states():
     assert lora_states.optimizer_states == pytest.approx(8 * lora_states.trainable_params, rel=1e-3)
     assert full_states.optimizer_states == pytest.approx(8 * (full_states.trainable_params - 1024 * 1024 - 1024),
                                                          rel=1e-3)
-    assert lora.peak_allocated_bytes < full.peak_allocated_bytes - 6 * 2**30
+    # the peak drops by at least the moments LoRA does not keep (and the encoder's gradients besides)
+    assert full.peak_allocated_bytes - lora.peak_allocated_bytes > full_states.optimizer_states - lora_states.optimizer_states
 
 
 def _lora_parameters(rank: int, hidden: int, intermediate: int, layers: int) -> int:
