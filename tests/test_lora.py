@@ -74,6 +74,16 @@ def test_a_lora_prediction_drops_the_encoders_gradients_and_optimizer_states():
     assert full.peak_allocated_bytes - lora.peak_allocated_bytes > full_states.optimizer_states - lora_states.optimizer_states
 
 
+def test_m3lab_predict_takes_a_pasted_lora_command(capsys):
+    from m3lab import cli, predict
+
+    config = LORA.replace(model="BAAI/bge-m3", fp16=True, lora_rank=64, query_max_len=64, passage_max_len=256)
+    assert cli.main(["predict", "--gpu", "t4", "--json", "--", *command.render(config)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["peak_allocated_bytes"] == predict.predict(config, "t4").peak_allocated_bytes
+    assert printed["spec"]["lora"] == {"rank": 64, "alpha": 16, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+
+
 def _lora_parameters(rank: int, hidden: int, intermediate: int, layers: int) -> int:
     """LoRA's A (rank x in) and B (out x rank) for each wrapped projection of each layer."""
     square = 4 * rank * (hidden + hidden)  # query, key, value, attention.output.dense
