@@ -140,6 +140,19 @@ def test_a_broken_measurement_file_says_where_and_what(tmp_path):
         measurements.load(bad)
 
 
+@pytest.mark.slow
+def test_the_lora_check_is_the_lora_answer_for_free_colab():
+    from m3lab.plan import recipes
+    from m3lab.predict.spec import spec_for
+
+    answer = recipes.answer_for("colab-t4", stock=False, lora=True)
+
+    def as_traced(config):  # what changes memory; the step counts only set the scheduler
+        return dataclasses.replace(spec_for(config), training_steps=0, warmup_steps=0)
+
+    assert as_traced(gpu_check.LORA_ANSWER) == as_traced(answer.config)
+
+
 def test_the_full_size_checks_are_the_issue_s_configurations():
     checks = {c.name: c for c in gpu_check.checks("full")}
     assert checks["advice (ZeRO-1)"].config == checks["advice (ZeRO-1), T4 budget"].config

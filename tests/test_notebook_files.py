@@ -20,7 +20,7 @@ def _code(cells) -> list[str]:
 
 
 def test_every_lesson_is_a_pair():
-    assert len(LESSONS) == 9
+    assert len(LESSONS) == 10
     assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == [p.stem for p in LESSONS]
 
 

@@ -23,6 +23,7 @@ def test_the_committed_run_was_made_with_the_platforms_transformers(platform):
 class _Report:
     total_bytes: int
     usable_bytes: int
+    provenance: str = "predicted for Tesla T4 (Colab)"
 
     @property
     def spare_bytes(self):
@@ -50,6 +51,7 @@ def test_the_same_run_is_set_beside_with_how_far_its_spare_moves():
     assert "3.75 GiB to spare" in lines[1]
     assert lines[2].endswith("needs 12.00 GiB, 3.00 GiB to spare: the spare moves by -768 MiB")
     assert "free Colab's packages (transformers 5.15.0" in lines[2]
+    assert all(line.startswith("  predicted for Tesla T4 (Colab), with ") for line in lines[1:])  # each figure labelled
 
 
 def test_another_run_is_not_compared():

@@ -64,6 +64,11 @@ class Check:
     steps: int = STEPS
 
 
+# ``m3lab fit --platform colab-t4 --lora`` on the series' sample (tests/test_gpu_measurements.py holds it to the fit)
+LORA_ANSWER = TrainConfig(train_group_size=11, query_max_len=32, passage_max_len=2704, pad_to_multiple_of=8,
+                          fp16=True, gradient_checkpointing=True, use_self_distill=True, efficient_sparse_head=True,
+                          deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True)
+
 # What notebook 07 runs: two configurations, a few minutes on a T4; the tiny stand-in's two on a CPU
 NOTEBOOK_CHECKS = {"full": ["advice, fix_encoder on", "advice (ZeRO-1)"],
                    "tiny": ["tiny: ZeRO-1 + gradient checkpointing", "tiny: fix_encoder, ZeRO-0"]}
@@ -120,6 +125,8 @@ def checks(model: str = "full") -> list[Check]:
         # passages) and lesson 08's goal (8,192/512 tokens, group 8, m3lab's levers)
         Check("path after lesson 07, T4 budget", ledger.after("07"), t4_budget=True, steps=AMP_STEPS),
         Check("lesson 08's goal, T4 budget", ledger.after("08"), t4_budget=True, steps=AMP_STEPS),
+        # lesson 09's answer for free Colab on the series' sample: LoRA at rank 64, groups of 11 at 32/2,704 tokens
+        Check("LoRA answer, T4 budget", LORA_ANSWER, t4_budget=True, steps=AMP_STEPS),
     ]
 
 

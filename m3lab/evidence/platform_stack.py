@@ -62,13 +62,14 @@ class StackAnswers:
         theirs = next((a for a in self.answers if a.title == answer.title), None)
         name = PLATFORMS[self.platform].name
         lines = [f"## {answer.title}",
-                 f"  with this notebook's packages ({_version('transformers')}): needs "
+                 f"  {here.provenance}, with this notebook's packages ({_version('transformers')}): needs "
                  f"{here.total_bytes / GIB:.2f} GiB, {here.spare_bytes / GIB:.2f} GiB to spare"]
         if theirs is None or theirs.run != answer.figures()[0]:
             return lines + [f"  with {name}'s packages: not on record for this run (run `python -m "
                             f"m3lab.evidence.platform_stack --platform {self.platform}` in its lane's venv)"]
         moved = (theirs.spare_bytes - here.spare_bytes) / 2**20
-        return lines + [f"  with {name}'s packages (transformers {self.packages['transformers']}, {self.date}): "
+        return lines + [f"  {here.provenance}, with {name}'s packages (transformers {self.packages['transformers']}, "
+                        f"{self.date}): "
                         f"needs {theirs.needs_bytes / GIB:.2f} GiB, {theirs.spare_bytes / GIB:.2f} GiB to spare: "
                         f"the spare moves by {moved:+,.0f} MiB"]
 

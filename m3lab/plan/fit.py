@@ -236,10 +236,14 @@ class _Search:
 
     def largest_group(self, cap: int) -> Trial | None:
         """The largest group any setting holds (memory grows with the group: bisect), the frugal
-        settings first: they find it soonest, and each later one need only try above it. Which
+        settings first: they find it soonest, and each later one need only try above it. The cap is tried
+        first, with the last setting: where that holds it, no group can be larger. Which
         setting is the most frugal depends on the platform (on two GPUs ZeRO-1 halves the optimizer
         states per GPU; on one it saves nothing), so each one gets its try."""
         best = None
+        frugal = list(self.settings)[-1]
+        if self.at(frugal, cap).fits:  # the data's cap is often held outright (always, with LoRA on the sample)
+            return self.tried[(frugal, cap)]
         for setting in reversed(self.settings):
             low, high = (best.config.train_group_size + 1 if best else 2), cap
             while low <= high:

@@ -28,6 +28,9 @@ class Platform:
     weekly_gpu_hours: float | None = None  # the GPU time a week allows (None: not limited)
     output_dir: str = "bge-m3-finetuned"  # where checkpoints and the model outlive a session
     storage: str = ""  # how to make output_dir outlive the session, in a sentence
+    # what the place that outlives a session holds, and its name (None: not limited, or not known)
+    storage_bytes: int | None = None
+    storage_place: str = ""
     # where the last session's output comes back, if not in output_dir itself (the resume looks there too)
     previous_output_dirs: tuple[str, ...] = ()
 
@@ -40,13 +43,17 @@ PLATFORMS: dict[str, Platform] = {p.key: p for p in [
     Platform("colab-t4", "free Colab", gpu_profile("t4"), int(12.7 * GB), session_hours=12,
              output_dir="/content/drive/MyDrive/bge-m3-finetuned",
              storage="mount Google Drive first (from google.colab import drive; drive.mount('/content/drive')): "
-                     "/content is lost when the session ends"),
+                     "/content is lost when the session ends",
+             # a Google account's free storage, shared by Drive, Gmail and Photos (Google One's plans page)
+             storage_bytes=15 * GB, storage_place="a free Google account's Drive"),
     Platform("kaggle-t4x2", "Kaggle", gpu_profile("t4x2"), int(29 * GB), session_hours=12, weekly_gpu_hours=30,
              output_dir="/kaggle/working/bge-m3-finetuned",
              storage="run it as a saved version (Save Version, Save & Run All): /kaggle/working is then kept as "
                      "the version's output; in the next session add that output as input (Add Input, Your Work), "
                      "where it is read-only under /kaggle/input and the resume command finds its checkpoint",
-             previous_output_dirs=("/kaggle/input",)),
+             previous_output_dirs=("/kaggle/input",),
+             # what a saved version keeps of /kaggle/working (Kaggle's notebook documentation)
+             storage_bytes=20 * GB, storage_place="Kaggle's saved output"),
 ]}
 
 

@@ -36,6 +36,8 @@ class SessionPlan:
     checkpoint_bytes: int  # one checkpoint, estimated
     session_hours: float | None  # the platform's longest session (None: not limited)
     weekly_gpu_hours: float | None = None  # the GPU time the platform allows a week (None: none published)
+    storage_bytes: int | None = None  # what the place that outlives a session holds (None: not known)
+    storage_place: str = ""
 
     @property
     def seconds(self) -> tuple[float, float] | None:
@@ -83,8 +85,11 @@ class SessionPlan:
         cadence = (f"at most {CHECKPOINT_EVERY_S // 60} min of training at the slow estimate, and halfway at the latest"
                    if self.time is not None
                    else f"a {CHECKPOINTS_WITHOUT_ESTIMATE}th of the run: no step-time estimate for this card")
+        size = f"{self.checkpoint_bytes / GB:.1f}" if self.checkpoint_bytes >= GB / 10 else f"{self.checkpoint_bytes / GB:.2f}"
+        room = (f" ({2 * self.checkpoint_bytes / self.storage_bytes:.0%} of the {self.storage_bytes / GB:.0f} GB "
+                f"{self.storage_place} holds)" if self.storage_bytes else "")
         lines.append(f"a checkpoint every {self.save_steps} steps ({cadence}), the last {KEEP_CHECKPOINTS} kept: about "
-                     f"{self.checkpoint_bytes / GB:.1f} GB each, estimated, two on disk while the next is written")
+                     f"{size} GB each, estimated, two on disk while the next is written{room}")
         return lines
 
 
@@ -121,5 +126,5 @@ def plan(config, report, records: int, platform: Platform, time: StepTime | None
         # a run shorter than half an hour would otherwise save only at its end
         every = max(1, min(-(-steps // 2), int(CHECKPOINT_EVERY_S / time.slowest_seconds)))
     return SessionPlan(steps, per_epoch, config.num_train_epochs, time, every, checkpoint_bytes(report),
-                       platform.session_hours, platform.weekly_gpu_hours)
+                       platform.session_hours, platform.weekly_gpu_hours, platform.storage_bytes, platform.storage_place)
 

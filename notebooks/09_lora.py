@@ -1,0 +1,226 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · LoRA: the encoder frozen, a small adapter trained
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/m3lab/m3lab/blob/main/notebooks/09_lora.ipynb)
+#
+# Lesson 08 trains every parameter of BGE-M3. LoRA ("low-rank adaptation", Hu et al., 2021) trains far
+# fewer: each of the encoder's big weight matrices stays fixed, and beside it a pair of thin matrices
+# (rank 64 here, FlagEmbedding's default) learns a correction that is added to its output. With the
+# encoder's own weights frozen there are no gradients for them and no optimizer states (Adam's two
+# running averages per weight, kept in fp32), and a checkpoint holds only the adapter and the two heads.
+# BGE-M3's sparse and ColBERT vectors have small layers of their own, which keep training in full; its
+# dense vector is the encoder's first output, so it changes through the adapter.
+#
+# FlagEmbedding's M3 trainer has no LoRA; m3lab adds it to the same trainer with FlagEmbedding's own
+# flag names for its other models: `--use_lora True --lora_rank 64 --lora_alpha 16 --lora_dropout 0.1`,
+# run through `torchrun -m m3lab.run_m3`. This lesson shows what it saves, predicted for a T4 beside
+# full fine-tuning; the answer per platform with it; a real run through the same code, the adapter
+# loaded, scored and merged; and what is known, and not known, of its quality.
+#
+# *Every memory figure below says where it comes from: **measured on &lt;device&gt;** or **predicted for &lt;GPU&gt;**. On a CPU (and in CI) full-size figures are predicted by `m3lab.predict`, which runs FlagEmbedding's real training step on placeholder tensors (shapes and sizes, no numbers in them), and real runs use `tiny-bge-m3`, an offline stand-in with BGE-M3's architecture at toy size. On a Colab or Kaggle GPU the same cells measure the real `BAAI/bge-m3`. In the tables, *peak alloc* is the most memory the step's tensors hold at one moment. *needs* is what the step takes of the card, which is more: PyTorch keeps the memory of freed tensors in a cache to reuse it, and the cache ends up cut into pieces too small for some later, larger tensor, so the card must hold the tensors and those unusable pieces at once; *needs* is that sum at the step's tightest moment, plus the memory CUDA itself takes on the card (an estimate). The verdict's *spare* is the card's usable memory minus *needs*; lesson 01 says how the verdict is made and how far the measurements back it.*
+
+# %%
+# Colab / Kaggle: fetch m3lab (code and data) and install it on top of the runtime. m3lab asks for
+# ranges that hold the versions Colab and Kaggle ship (torch, transformers, numpy, protobuf, ...), so
+# pip only adds what is missing (FlagEmbedding, without its [finetune] extra, which builds flash-attn
+# and fails there; DeepSpeed, bitsandbytes and a few small packages) and changes nothing already
+# installed: no restart needed. Where m3lab is installed (make test), this does nothing.
+import importlib.util, os, socket, subprocess, sys
+REPOSITORY = "https://github.com/m3lab/m3lab"
+if importlib.util.find_spec("m3lab") is None:
+    source = os.environ.get("M3LAB_SOURCE", REPOSITORY)  # the Colab lane (make test-colab) clones a local copy
+    if source.startswith("https://"):
+        try:
+            socket.create_connection(("github.com", 443), timeout=5).close()
+        except OSError:
+            raise SystemExit("No internet. On Kaggle, open Settings in the notebook's side bar, switch "
+                             "Internet on (it needs a verified phone number), then run this cell again.")
+    if not os.path.isdir("m3lab-repo"):
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", source, "m3lab-repo"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", "m3lab-repo"], check=True)
+    sys.path.insert(0, os.path.abspath("m3lab-repo"))
+
+# %%
+import matplotlib
+matplotlib.rcParams["figure.dpi"] = 80
+from m3lab import lessons
+from m3lab.config import TrainConfig
+from m3lab.gpus import GIB
+from m3lab.lessons import plots
+
+env = lessons.environment()
+print(env.describe())
+print(", ".join(f"{name} {version}" for name, version in lessons.versions().items()))
+
+# %% [markdown]
+# ## What LoRA keeps and what it drops
+#
+# The model FlagEmbedding's trainer builds, with and without the adapter, counted on the "meta"
+# device (shapes without memory). The adapter wraps every layer's attention projections (query, key,
+# value, output) and its two feed-forward projections, and not the pooler, which BGE-M3 never uses.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.predict import model_for
+
+full_run = TrainConfig(fp16=True, gradient_checkpointing=True, use_self_distill=True)
+lora_run = full_run.replace(use_lora=True)
+for name, config in (("full fine-tuning", full_run), ("LoRA, rank 64", lora_run)):
+    model = model_for(config)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{name:17} {trained / 1e6:7.1f}M of {total / 1e6:.1f}M parameters trained ({trained / total:.1%})")
+adapter_layers = sorted({name.split(".lora_")[0].split("layer.0.")[1] for name, _ in model.named_parameters()
+                         if "layer.0." in name and "lora_A" in name})
+print("wrapped in each of the 24 layers:", ", ".join(adapter_layers))
+
+# %% [markdown]
+# ## Your data
+#
+# As in lessons 07 and 08: your training file as this notebook's folder sees it; left as it is, the
+# series' sample.
+
+# %%
+MY_DATA = "data/train.jsonl"  # your FlagEmbedding JSONL file, e.g. "/content/my_train.jsonl"
+
+# %%
+from m3lab.data import held_out
+
+judged = held_out.prepare(MY_DATA, None, None)
+TRAIN_DATA = judged.train
+print(judged.describe())
+
+# %% [markdown]
+# ## The same run, with and without LoRA
+#
+# Lesson 08's answer for free Colab on your data (every parameter trained), and the same run with the
+# adapter: the same group, lengths, optimizer and levers. Each bar is what the step needs of a T4 at
+# its tightest moment, split into what holds it.
+
+# %%
+from m3lab.predict import predict
+from m3lab.plan import recipes
+
+full_answer = recipes.answer_for("colab-t4", stock=False, data=TRAIN_DATA)
+same_with_lora = full_answer.config.replace(use_lora=True)
+side_by_side = {"08's answer, every parameter trained": full_answer.report,
+                "the same run with LoRA": predict(same_with_lora, "t4")}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(lessons.prediction_table(side_by_side))
+for name, report in side_by_side.items():
+    states = report.per_rank[0].model_state_bytes
+    print(f"{name}: weights {states.weights / GIB:.2f} GiB, optimizer states {states.optimizer_states / GIB:.2f} GiB")
+
+# %%
+plots.breakdown_bars(side_by_side, title="08's answer for free Colab, with and without LoRA");
+
+# %% [markdown]
+# ## The answer with LoRA, one per platform
+#
+# `m3lab fit --platform colab-t4 --lora --data FILE`: the largest group the card holds at your data's
+# lengths, then the fastest LoRA setting that holds it (fused AdamW without DeepSpeed first: with the
+# optimizer holding only the adapter and the heads, 8-bit AdamW or ZeRO would save next to nothing;
+# then the gradient cache, which cuts the activations). GPU and host figures are predicted; times are
+# estimated, as a range; the checkpoint's size is set against what the place that outlives a session
+# holds.
+
+# %%
+lora_answers = {platform: recipes.answer_for(platform, stock=False, data=TRAIN_DATA, lora=True)
+                for platform in ("colab-t4", "kaggle-t4x2")}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for answer in lora_answers.values():
+    print(f"## {answer.title}")
+    print("\n".join(answer.figures()), end="\n\n")
+
+# %%
+# The LoRA answer for free Colab, to copy (run it from this notebook's folder)
+print(lora_answers["colab-t4"].card())
+
+# %% [markdown]
+# ## A real run, through the same code
+#
+# A few steps of the LoRA answer, saving a checkpoint and, at the end, the merged model
+# (`--save_merged_lora_model True`). On a T4 that is the real BGE-M3; on a CPU the offline stand-in at
+# short lengths, in full precision, only to show that the cells run.
+
+# %%
+from m3lab.train.launch import train
+
+cpu_sizes = dict(query_max_len=32, passage_max_len=128, per_device_train_batch_size=2, learning_rate=1e-4,
+                 train_group_size=4)
+lora_steps = env.sized(lora_answers["colab-t4"].config.replace(
+    train_data=[TRAIN_DATA], max_steps=4, save_steps=2, save_merged_lora_model=True, warmup_steps=0), **cpu_sizes)
+lora_result = train(lora_steps, memory_limit_bytes=env.memory_limit_bytes)
+print(lora_result.summary())
+saved = lora_result.run_dir / "model"
+print("saved:", ", ".join(sorted(path.name for path in saved.iterdir())))
+
+# %% [markdown]
+# What the folder holds: peft's adapter (`adapter_config.json`, `adapter_model.safetensors`), the two
+# heads (`colbert_linear.pt`, `sparse_linear.pt`), the tokenizer, a checkpoint, and `merged_model`: the
+# adapter folded into the encoder's weights, for tools that know no adapters (sentence-transformers,
+# ONNX export, a server). `BGEM3FlagModel` loads the adapter folder itself: transformers finds the base
+# model the adapter names (the command's `--model_name_or_path`) and adds the adapter on top.
+
+# %%
+from m3lab import use
+
+query = "How do I read a file line by line in Python?"
+passages = ["Open the file with a with statement and loop over it: each iteration yields one line.",
+            "Lists keep their items in the order they were added."]
+by_folder = {"adapter": use.score(saved, query, passages), "merged": use.score(saved / "merged_model", query, passages)}
+for name, scores in by_folder.items():
+    print(name, [(round(s.dense, 4), round(s.sparse, 4), round(s.colbert, 4)) for s in scores])
+gap = max(abs(a - b) for x, y in zip(*by_folder.values())
+          for a, b in ((x.dense, y.dense), (x.sparse, y.sparse), (x.colbert, y.colbert)))
+print(f"largest difference between the adapter's and the merged model's scores: {gap:.1e} "
+      f"({'equal' if gap <= 1e-4 else 'NOT equal'} within 1e-4)")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"adapter and merged model score alike (dense, sparse, ColBERT; within 1e-4): {gap <= 1e-4}")
+
+# %% [markdown]
+# A run stopped by the end of a session goes on as every run in the series does: the same command with
+# `--resume_from_checkpoint latest` loads the adapter, the heads and the optimizer from the newest
+# checkpoint. A folder saved without `--save_merged_lora_model` is merged afterwards with
+# `python -m m3lab.train.lora FOLDER`.
+
+# %% [markdown]
+# ## Does LoRA lose quality?
+#
+# Not measured for BGE-M3: that needs the real model and a GPU. What is measured here is a real
+# pretrained encoder, sentence-transformers' all-MiniLM-L6-v2 (English, 6 layers), fine-tuned through
+# the same trainer on the series' training file on a CPU, once in full and twice with LoRA (rank 64,
+# at the full fine-tune's learning rate and at ten times it, since LoRA scales its updates down by
+# alpha / rank, a quarter here), each scored on the same 50 held-out queries after training (lesson 07 has the
+# scores before). `python -m m3lab.evidence.real_quality --lora --learning-rate R` reproduces a row.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from m3lab.evidence import real_quality
+
+measured_runs = {"full fine-tune, lr 5e-05": real_quality.committed(),
+                 "LoRA, lr 5e-05": real_quality.committed(real_quality.lora_out(5e-5)),
+                 "LoRA, lr 0.0005": real_quality.committed(real_quality.lora_out(5e-4))}
+print(f"after one epoch; {next(iter(measured_runs.values())).label}")
+print(real_quality.after_table(measured_runs))
