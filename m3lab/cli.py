@@ -207,6 +207,9 @@ def _fit_buckets(args) -> int:
     from m3lab.plan import buckets
     from m3lab.plan.recipes import as_seen_from_here
 
+    if args.lora:
+        raise ConfigError(["--buckets plans per-length batches with every parameter trained; it does not plan LoRA "
+                           "yet. Leave out --lora for per-length batches, or --buckets for LoRA's answer."])
     if args.gpu or args.json or args.write_json:
         raise ConfigError(["--buckets plans for a platform (--platform colab-t4 or kaggle-t4x2) and prints a table "
                            "and a command; leave out --gpu, --json and --write-json."])

@@ -58,6 +58,7 @@ MISTAKES = {
     "fit: unknown GPU": (["fit", "--gpu", "tpu"], "unknown GPU"),
     "fit: coverage out of range": (["fit", "--coverage", "3"], "--coverage between 0 and 1"),
     "fit: LoRA is not stock": (["fit", "--stock", "--lora"], "LoRA is m3lab's lever"),
+    "fit: LoRA per length not planned": (["fit", "--lora", "--buckets", "{tmp}/b"], "does not plan LoRA yet"),
     "fit: missing data": (["fit", "--data", "{tmp}/none.jsonl"], "none.jsonl"),
     "fit: unknown platform": (["fit", "--platform", "colab"], "unknown platform; choose one of colab-t4"),
     "fit: platform and GPU": (["fit", "--platform", "kaggle-t4x2", "--gpu", "t4"], "leave out --gpu"),

@@ -22,17 +22,23 @@ def test_the_encoder_is_the_pinned_weights_with_an_end_of_sequence_token(tmp_pat
         real_quality.pretrained_encoder(cache=tmp_path)
 
 
-def test_the_committed_result_is_labelled_and_was_made_with_todays_recipe():
-    measured = real_quality.committed()
+COMMITTED = {real_quality.OUT: real_quality.RECIPE,
+             real_quality.lora_out(5e-5): real_quality.lora_recipe(5e-5),
+             real_quality.lora_out(5e-4): real_quality.lora_recipe(5e-4)}
+
+
+@pytest.mark.parametrize("path", list(COMMITTED), ids=lambda path: path.stem)
+def test_the_committed_result_is_labelled_and_was_made_with_todays_recipe(path):
+    measured = real_quality.committed(path)
     assert measured.provenance.startswith("measured on CPU") and "all-MiniLM-L6-v2" in measured.provenance
     assert measured.provenance.endswith("not BGE-M3")
-    saved = json.loads(real_quality.resolve_data_path(real_quality.OUT).read_text())
-    recipe = json.loads(json.dumps({k: v for k, v in real_quality.RECIPE.to_dict().items()
+    saved = json.loads(real_quality.resolve_data_path(path).read_text())
+    recipe = json.loads(json.dumps({k: v for k, v in COMMITTED[path].to_dict().items()
                                     if k not in ("model", "train_data")}))
+    rerun = f"the recipe changed: run {saved['command']}"
     # a setting added since the run was made is at its default in the recipe (it changes nothing that ran)
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     assert {k: v for k, v in recipe.items() if k not in saved["recipe"]} == \
-        {k: defaults[k] for k in recipe if k not in saved["recipe"]}, "the recipe changed: run python -m m3lab.evidence.real_quality"
-    assert {k: v for k, v in recipe.items() if k in saved["recipe"]} == saved["recipe"], \
-        "the recipe changed: run python -m m3lab.evidence.real_quality"
+        {k: defaults[k] for k in recipe if k not in saved["recipe"]}, rerun
+    assert {k: v for k, v in recipe.items() if k in saved["recipe"]} == saved["recipe"], rerun
     assert measured.before.queries == measured.after.queries == 50 and measured.steps > 0 and saved["losses"]
