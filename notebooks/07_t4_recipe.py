@@ -338,7 +338,10 @@ print(f"{len(my_records)} training lines, all valid; the fewest negatives on a l
 # --data FILE`): the lengths that keep most of the data's tokens (`--coverage 0.95`), the largest group the platform holds
 # (GPU and host RAM), the fastest memory setting that holds it, never a close call; then the run: two
 # epochs, the warm-up counted on your data, a checkpoint at least every half hour of training, in the
-# folder that outlives the session. Every figure is labelled: the GPU's and the host's are predicted,
+# folder that outlives the session. A full checkpoint holds the whole model and its optimizer: with the one
+# being written beside the last one kept, two of them take 91% of the free 15 GB of a Google account's
+# Drive (keep nothing else there during the run); lesson 09's LoRA checkpoints are a few percent of it.
+# Every figure is labelled: the GPU's and the host's are predicted,
 # the times estimated (nothing here ran on a T4), as a range.
 #
 # **How a time is estimated.** The predictor counts the step's arithmetic (its floating-point

@@ -55,7 +55,10 @@ MEMORY_SETTINGS = _STOCK_FIRST + (
 # LoRA (``--lora``; m3lab.train.lora at FlagEmbedding's rank 64): the encoder's weights frozen, so the
 # optimizer holds only the adapter and the two heads, and 8-bit AdamW or ZeRO would save next to nothing;
 # what is left to save is the activations, which the gradient cache cuts.
-_LORA = dict(deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True)
+# Its learning rate is ten times full fine-tuning's: LoRA scales its updates by alpha / rank (a quarter at
+# FlagEmbedding's 16 / 64), and at full fine-tuning's rate a real pretrained encoder barely moved where ten
+# times it came close to its full fine-tune (data/quality/, lesson 09).
+_LORA = dict(deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True, learning_rate=1e-4)
 LORA_SETTINGS = (
     ("LoRA, fused AdamW, no DeepSpeed", _LORA),
     ("LoRA + grad cache (chunks of 4)", dict(_LORA, grad_cache_chunk_size=4)),

@@ -67,7 +67,8 @@ class Answer:
 
     @property
     def title(self) -> str:
-        how = "FlagEmbedding as it is" if self.fitted.stock else "with m3lab's levers"
+        how = ("FlagEmbedding as it is" if self.fitted.stock else "LoRA, with m3lab's levers" if self.config.use_lora
+               else "with m3lab's levers")
         return f"{self.platform.describe()}; {how}"
 
     @property
