@@ -84,6 +84,7 @@ def _config_from_options(args):
         fix_encoder=args.fix_encoder, negatives_cross_device=args.negatives_cross_device,
         sub_batch_size=args.sub_batch_size, efficient_sparse_head=args.efficient_sparse_head,
         freeze_word_embeddings=args.freeze_word_embeddings, grad_cache_chunk_size=args.grad_cache_chunk_size,
+        grad_cache_chunk_tokens=args.grad_cache_chunk_tokens,
         fp16=args.precision == "fp16", bf16=args.precision == "bf16", optim=optim,
         gradient_accumulation_steps=args.gradient_accumulation_steps, gradient_checkpointing=args.gradient_checkpointing,
         num_processes=args.num_gpus, attn_implementation=args.attn_implementation,
@@ -270,6 +271,9 @@ def _add_predict_options(parser) -> None:
                      help="keep the word-embedding matrix fixed while the rest trains")
     run.add_argument("--grad-cache-chunk-size", type=int, default=0, metavar="N",
                      help="gradient caching: encode N texts at a time (0: off; training runs use m3lab.run_m3)")
+    run.add_argument("--grad-cache-chunk-tokens", type=int, default=0, metavar="N",
+                     help="gradient caching: encode about N tokens at a time, texts per chunk N // their length "
+                          "(0: off; instead of --grad-cache-chunk-size)")
     parser.set_defaults(run_options=[action.dest for action in run._group_actions])
 
 

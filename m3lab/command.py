@@ -170,6 +170,8 @@ FLAGS: tuple[Flag, ...] = (
          write=lambda config, rendering: ["True"] if config.freeze_word_embeddings else None),
     Flag("grad_cache_chunk_size", "grad_cache_chunk_size", lever=True,
          write=lambda config, rendering: [str(config.grad_cache_chunk_size)] if config.grad_cache_chunk_size else None),
+    Flag("grad_cache_chunk_tokens", "grad_cache_chunk_tokens", lever=True,
+         write=lambda config, rendering: [str(config.grad_cache_chunk_tokens)] if config.grad_cache_chunk_tokens else None),
     Flag("use_lora", "use_lora", Memory.MODELLED, lever=True,
          write=lambda config, rendering: ["True"] if config.use_lora else None),
     Flag("lora_rank", "lora_rank", Memory.MODELLED, lever=True, write=_when(_lora, "lora_rank")),

@@ -65,6 +65,9 @@ class M3LabArguments:
         "help": "m3lab.train.sparse_head: the sparse embedding in O(batch x vocab) memory instead of O(batch x seq x vocab)"})
     freeze_word_embeddings: bool = field(default=False, metadata={
         "help": "keep the word-embedding matrix fixed (no gradient, no optimizer state for it)"})
+    grad_cache_chunk_tokens: int = field(default=0, metadata={
+        "help": "m3lab.train.grad_cache: chunks of about N tokens instead of N texts (texts per chunk: N // the "
+                "batch's padded length, at least 1), so short and long batches alike fill the chunk (0: off)"})
     grad_cache_chunk_size: int = field(default=0, metadata={
         "help": "m3lab.train.grad_cache: encode N texts at a time and cache the loss's gradients (0: off)"})
     use_lora: bool = field(default=False, metadata={
@@ -141,6 +144,7 @@ class TrainConfig:
     efficient_sparse_head: bool = False  # m3lab.train.sparse_head: O(batch x vocab) instead of O(batch x seq x vocab)
     freeze_word_embeddings: bool = False  # keep the 250,002 x 1024 word-embedding matrix fixed
     grad_cache_chunk_size: int = 0  # m3lab.train.grad_cache: encode this many texts at a time (0: off)
+    grad_cache_chunk_tokens: int = 0  # m3lab.train.grad_cache: or about this many tokens at a time (0: off)
     use_lora: bool = False  # m3lab.train.lora: a low-rank adapter on the encoder; sparse and ColBERT heads in full
     lora_rank: int = LORA_RANK
     lora_alpha: float = LORA_ALPHA
@@ -282,13 +286,19 @@ class TrainConfig:
         if self.grad_cache_chunk_size < 0:
             found.append(f"grad_cache_chunk_size is {self.grad_cache_chunk_size}; give the texts per chunk "
                          "(1 or more), or 0 to turn gradient caching off.")
-        if self.grad_cache_chunk_size and self.deepspeed_stage == 2:
-            found.append("grad_cache_chunk_size with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
+        if self.grad_cache_chunk_tokens < 0:
+            found.append(f"grad_cache_chunk_tokens is {self.grad_cache_chunk_tokens}; give the tokens per chunk "
+                         "(e.g. 8192), or 0 to turn gradient caching off.")
+        if self.grad_cache_chunk_size and self.grad_cache_chunk_tokens:
+            found.append("grad_cache_chunk_size and grad_cache_chunk_tokens both size the gradient cache's chunks; "
+                         "give one: texts per chunk, or tokens per chunk.")
+        if self.uses_grad_cache and self.deepspeed_stage == 2:
+            found.append("the gradient cache with ZeRO-2 fails in DeepSpeed (\"Gradient computed twice for this "
                          "partition\"): gradient caching back-propagates once per chunk, and ZeRO-2 reduces each "
                          "gradient the first time it arrives. Use deepspeed_stage=1 or 0, or no DeepSpeed.")
         found += self._lora_problems()
-        if self.sub_batch_size is not None and self.grad_cache_chunk_size:
-            found.append("sub_batch_size and grad_cache_chunk_size both split the batch; gradient caching replaces "
+        if self.sub_batch_size is not None and self.uses_grad_cache:
+            found.append("sub_batch_size and the gradient cache both split the batch; gradient caching replaces "
                          "FlagEmbedding's encoding loop, so sub_batch_size would be ignored. Use one of them.")
         return found
 
@@ -467,8 +477,11 @@ class TrainConfig:
     @property
     def uses_m3lab_levers(self) -> bool:
         """Whether the run needs m3lab.run_m3 (FlagEmbedding's runner does not know these arguments)."""
-        return bool(self.efficient_sparse_head or self.freeze_word_embeddings or self.grad_cache_chunk_size
-                    or self.use_lora)
+        return bool(self.efficient_sparse_head or self.freeze_word_embeddings or self.uses_grad_cache or self.use_lora)
+
+    @property
+    def uses_grad_cache(self) -> bool:
+        return bool(self.grad_cache_chunk_size or self.grad_cache_chunk_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

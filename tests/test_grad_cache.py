@@ -10,7 +10,7 @@ import torch
 from m3lab import predict as predictor
 from m3lab.command import render
 from m3lab.config import M3LAB_M3_MODULE, ConfigError, TrainConfig
-from m3lab.train.grad_cache import GradCacheM3Model, _RandomState, use_grad_cache
+from m3lab.train.grad_cache import GradCacheM3Model, _RandomState, chunk_rows, use_grad_cache
 from m3lab.train.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
 
 QUERIES = ["what is a decorator", "wie bindet Python Namen an Objekte?"]
@@ -97,6 +97,27 @@ def test_sub_batches_from_flagembeddings_collator_are_chunked_as_given(stand_in)
     _assert_same(reference, _step(use_grad_cache(_flagembedding_model(stand_in), 4), split), rel=1e-5)
 
 
+def _pieces(features: dict, rows: int) -> list[dict]:
+    total = features["attention_mask"].size(0)
+    return [{k: v[start:start + rows] for k, v in features.items()} for start in range(0, total, rows)]
+
+
+@pytest.mark.parametrize("lengths_per_chunk", [0.5, 2, 100])
+def test_token_chunks_give_the_loss_and_gradients_of_the_same_pieces_uncached(stand_in, lengths_per_chunk):
+    """Chunks of about N tokens: N // the padded length texts a chunk, so queries (shorter) go more to a chunk
+    than passages. The uncached reference is FlagEmbedding's own step on the batch handed over in those
+    pieces (as its collator hands sub-batches), each piece encoded with its graph, in the same order."""
+    batch = stand_in[2]
+    query_length, passage_length = (batch[side]["input_ids"].size(1) for side in ("queries", "passages"))
+    tokens = int(lengths_per_chunk * passage_length)
+    rows = {side: chunk_rows(0, tokens, batch[side]["input_ids"].size(1)) for side in batch}
+    if lengths_per_chunk == 2:
+        assert query_length < passage_length and rows["queries"] > rows["passages"] == 2  # the point of tokens
+    reference = _step(_flagembedding_model(stand_in), {side: _pieces(batch[side], rows[side]) for side in batch})
+    cached = use_grad_cache(_flagembedding_model(stand_in), chunk_tokens=tokens)
+    _assert_same(reference, _step(cached, batch), rel=1e-5)
+
+
 def test_without_replaying_the_random_state_the_gradients_differ(stand_in, monkeypatch):
     """The control: the test above would fail if the re-encoding drew new dropout masks."""
     batch = stand_in[2]
@@ -152,8 +173,14 @@ def test_bad_chunk_sizes_are_refused(stand_in):
         use_grad_cache(_flagembedding_model(stand_in), 0)
     with pytest.raises(TypeError, match="EncoderOnlyEmbedderM3Model"):
         use_grad_cache(torch.nn.Linear(2, 2), 1)
+    with pytest.raises(ValueError, match="give one of them"):
+        use_grad_cache(_flagembedding_model(stand_in), 2, 512)
     with pytest.raises(ConfigError, match="grad_cache_chunk_size is -1"):
         TrainConfig.common_t4_advice(grad_cache_chunk_size=-1).check()
+    with pytest.raises(ConfigError, match="grad_cache_chunk_tokens is -8"):
+        TrainConfig.common_t4_advice(grad_cache_chunk_tokens=-8).check()
+    with pytest.raises(ConfigError, match="both size the gradient cache's chunks"):
+        TrainConfig.common_t4_advice(grad_cache_chunk_size=1, grad_cache_chunk_tokens=512).check()
     with pytest.raises(ConfigError, match="with ZeRO-2 fails"):
         TrainConfig.common_t4_advice(grad_cache_chunk_size=1, deepspeed_stage=2,
                                      gradient_checkpointing=False).check()
@@ -163,6 +190,9 @@ def test_the_command_runs_m3labs_runner_with_the_flag():
     argv = render(TrainConfig.common_t4_advice(grad_cache_chunk_size=2))
     assert argv[argv.index("-m") + 1] == M3LAB_M3_MODULE
     assert argv[argv.index("--grad_cache_chunk_size") + 1] == "2"
+    argv = render(TrainConfig.common_t4_advice(grad_cache_chunk_tokens=8192))
+    assert argv[argv.index("-m") + 1] == M3LAB_M3_MODULE
+    assert argv[argv.index("--grad_cache_chunk_tokens") + 1] == "8192" and "--grad_cache_chunk_size" not in argv
 
 
 def _peak(**changes) -> int:

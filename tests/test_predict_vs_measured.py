@@ -29,6 +29,8 @@ CONFIGS = {
         grad_cache_chunk_size=2, gradient_checkpointing=True, efficient_sparse_head=True),
     "no DeepSpeed, 8-bit AdamW, grad cache": BASE.replace(deepspeed_stage=None, optim="adamw_bnb_8bit",
                                                           grad_cache_chunk_size=3),
+    # issue 33's gradient cache by tokens: 4 queries (32 tokens) or 2 passages (64) a chunk
+    "no DeepSpeed, grad cache by tokens": BASE.replace(deepspeed_stage=None, grad_cache_chunk_tokens=128),
     # issue 33's LoRA: the encoder frozen, the adapter (with its dropout) and both heads trained
     "ZeRO-1 + LoRA + checkpointing": BASE.replace(use_lora=True, lora_rank=8, gradient_checkpointing=True),
     "no DeepSpeed, LoRA with dropout, grad cache": BASE.replace(deepspeed_stage=None, use_lora=True, lora_rank=4,

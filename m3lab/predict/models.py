@@ -51,6 +51,7 @@ def build_m3_model(spec: TraceSpec):
         apply_levers(model, M3LabArguments(efficient_sparse_head=spec.efficient_sparse_head,
                                            freeze_word_embeddings=spec.freeze_word_embeddings,
                                            grad_cache_chunk_size=spec.grad_cache_chunk_size,
+                                           grad_cache_chunk_tokens=spec.grad_cache_chunk_tokens,
                                            use_lora=lora is not None, **({} if lora is None else dict(
                                                lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                target_modules=list(lora.targets)))))

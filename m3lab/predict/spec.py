@@ -46,6 +46,7 @@ class TraceSpec:
     efficient_sparse_head: bool = False
     freeze_word_embeddings: bool = False
     grad_cache_chunk_size: int = 0  # 0: off
+    grad_cache_chunk_tokens: int = 0  # 0: off (chunks by texts, or no cache)
     lora: LoraAdapter | None = None  # None: the encoder's own weights train
     # hf: a sequence classifier
     seq_len: int = 512
@@ -96,7 +97,8 @@ def spec_for(config, model_config=None) -> TraceSpec:
         fix_encoder=config.fix_encoder, negatives_cross_device=config.negatives_cross_device,
         sub_batch_size=config.sub_batch_size,
         efficient_sparse_head=config.efficient_sparse_head, freeze_word_embeddings=config.freeze_word_embeddings,
-        grad_cache_chunk_size=config.grad_cache_chunk_size, seq_len=config.seq_len,
+        grad_cache_chunk_size=config.grad_cache_chunk_size, grad_cache_chunk_tokens=config.grad_cache_chunk_tokens,
+        seq_len=config.seq_len,
         lora=LoraAdapter(config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(config.target_modules))
         if config.use_lora else None,
         optim=config.optim, learning_rate=config.learning_rate,

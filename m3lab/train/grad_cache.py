@@ -4,8 +4,10 @@ The idea is GradCache's (Gao et al., 2021, "Scaling Deep Contrastive Learning Ba
 Memory Limited Setup"), the one sentence-transformers' CachedMultipleNegativesRankingLoss uses,
 applied to the M3 loss (dense, sparse, ColBERT, their ensemble and self-distillation):
 
-1. encode queries and passages in chunks of ``grad_cache_chunk_size`` texts without a graph,
-   remembering the random state each chunk ran with (for dropout);
+1. encode queries and passages in chunks of ``grad_cache_chunk_size`` texts (or, with
+   ``grad_cache_chunk_tokens``, of as many texts as make about that many tokens at the batch's padded
+   length: one count of tokens serves short and long batches alike) without a graph, remembering the
+   random state each chunk ran with (for dropout);
 2. compute FlagEmbedding's own loss on those representations, detached, and the gradient of the
    loss with respect to them, once;
 3. when the trainer calls ``backward()`` on the loss, re-encode chunk by chunk with the same random
@@ -38,13 +40,20 @@ from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import (
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 
-def _chunks(features, size: int) -> list[dict]:
-    """Rows of a tokenized batch (or of each sub-batch FlagEmbedding's collator made) in chunks of ``size``."""
+def chunk_rows(size: int, tokens: int, length: int) -> int:
+    """Texts per chunk: ``size``, or as many texts of ``length`` tokens (padded) as ``tokens`` holds, at least 1."""
+    return size if size else max(1, tokens // length)
+
+
+def _chunks(features, size: int, tokens: int = 0) -> list[dict]:
+    """Rows of a tokenized batch (or of each sub-batch FlagEmbedding's collator made) in chunks of ``size``
+    texts, or of about ``tokens`` tokens at the part's padded length."""
     parts = features if isinstance(features, list) else [features]
     chunks = []
     for part in parts:
-        rows = part["attention_mask"].size(0)
-        chunks += [{key: value[start:start + size] for key, value in part.items()} for start in range(0, rows, size)]
+        rows, length = part["attention_mask"].shape
+        step = chunk_rows(size, tokens, length)
+        chunks += [{key: value[start:start + step] for key, value in part.items()} for start in range(0, rows, step)]
     return chunks
 
 
@@ -82,6 +91,7 @@ class _ReEncodeOnBackward(torch.autograd.Function):
 class GradCacheM3Model(EncoderOnlyEmbedderM3Model):
     """FlagEmbedding's M3 model whose training forward caches gradients (the loss and heads are FlagEmbedding's)."""
     grad_cache_chunk_size: int = 0
+    grad_cache_chunk_tokens: int = 0
     _cached_representations: list | None = None
 
     def encode(self, features):
@@ -90,7 +100,8 @@ class GradCacheM3Model(EncoderOnlyEmbedderM3Model):
         return super().encode(features)
 
     def forward(self, queries=None, passages=None, teacher_scores=None, no_in_batch_neg_flag: bool = False):
-        if not (self.training and torch.is_grad_enabled()) or self.grad_cache_chunk_size < 1:
+        if not (self.training and torch.is_grad_enabled()) or (self.grad_cache_chunk_size < 1
+                                                                and self.grad_cache_chunk_tokens < 1):
             return super().forward(queries, passages, teacher_scores, no_in_batch_neg_flag)
 
         # 1. every chunk encoded without a graph, with its random state remembered
@@ -100,7 +111,7 @@ class GradCacheM3Model(EncoderOnlyEmbedderM3Model):
             # needs a gradient, which is the point here
             warnings.filterwarnings("ignore", "None of the inputs have requires_grad=True")
             for features in (queries, passages):
-                side = _chunks(features, self.grad_cache_chunk_size)
+                side = _chunks(features, self.grad_cache_chunk_size, self.grad_cache_chunk_tokens)
                 chunks.append(side)
                 states.append([])
                 representations.append([])
@@ -163,12 +174,15 @@ def _with_grad_cache(model_class: type) -> type:
     return type(f"GradCache{model_class.__name__}", (GradCacheM3Model, model_class), {"__module__": __name__})
 
 
-def use_grad_cache(model: EncoderOnlyEmbedderM3Model, chunk_size: int) -> EncoderOnlyEmbedderM3Model:
-    """Switch a built FlagEmbedding M3 model to gradient caching with chunks of ``chunk_size`` texts."""
+def use_grad_cache(model: EncoderOnlyEmbedderM3Model, chunk_size: int = 0,
+                   chunk_tokens: int = 0) -> EncoderOnlyEmbedderM3Model:
+    """Switch a built FlagEmbedding M3 model to gradient caching with chunks of ``chunk_size`` texts, or of
+    about ``chunk_tokens`` tokens (one of the two)."""
     if not isinstance(model, EncoderOnlyEmbedderM3Model):
         raise TypeError(f"expected FlagEmbedding's EncoderOnlyEmbedderM3Model, got {type(model).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"grad_cache_chunk_size is {chunk_size}; give the number of texts per chunk (1 or more).")
+    if (chunk_size < 1) == (chunk_tokens < 1):
+        raise ValueError(f"grad_cache_chunk_size is {chunk_size} and grad_cache_chunk_tokens {chunk_tokens}; give "
+                         "one of them, 1 or more: texts per chunk, or tokens per chunk.")
     model.__class__ = _with_grad_cache(type(model))  # the subclass adds no parameters, only the forward
-    model.grad_cache_chunk_size = chunk_size
+    model.grad_cache_chunk_size, model.grad_cache_chunk_tokens = max(0, chunk_size), max(0, chunk_tokens)
     return model

@@ -8,7 +8,7 @@ from FlagEmbedding's own M3 checkpoints (``resuming``: FlagEmbedding 1.4.2's run
 DeepSpeed), finds the newest one itself (``--resume_from_checkpoint latest``, ``m3lab.train.resume``),
 writes sentence-transformers' module files beside the saved model (``m3lab.train.saved_model``), and
 takes m3lab's own levers as extra arguments (``--efficient_sparse_head True``,
-``--grad_cache_chunk_size 1``, ``--use_lora True``: ``m3lab.train.lora``).
+``--grad_cache_chunk_size 1`` or ``--grad_cache_chunk_tokens 8192``, ``--use_lora True``: ``m3lab.train.lora``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def apply_levers(model, m3lab_args: M3LabArguments, base_model: str | None = Non
         from m3lab.train.sparse_head import use_efficient_sparse_head
 
         use_efficient_sparse_head(model)
-    if m3lab_args.grad_cache_chunk_size:
+    if m3lab_args.grad_cache_chunk_size or m3lab_args.grad_cache_chunk_tokens:
         from m3lab.train.grad_cache import use_grad_cache
 
-        use_grad_cache(model, m3lab_args.grad_cache_chunk_size)
+        use_grad_cache(model, m3lab_args.grad_cache_chunk_size, m3lab_args.grad_cache_chunk_tokens)
     if m3lab_args.freeze_word_embeddings:
         model.model.get_input_embeddings().weight.requires_grad_(False)
     if m3lab_args.use_lora:
