@@ -10,7 +10,12 @@ import torch
 from m3lab import predict as predictor
 from m3lab.command import render
 from m3lab.config import M3LAB_M3_MODULE, ConfigError, TrainConfig
-from m3lab.train.grad_cache import GradCacheM3Model, _RandomState, chunk_rows, use_grad_cache
+from m3lab.train.grad_cache import (
+    GradCacheM3Model,
+    _RandomState,
+    chunk_rows,
+    use_grad_cache,
+)
 from m3lab.train.sparse_head import EfficientSparseM3Model, use_efficient_sparse_head
 
 QUERIES = ["what is a decorator", "wie bindet Python Namen an Objekte?"]

@@ -66,6 +66,7 @@ class Check:
 
 # ``m3lab fit --platform colab-t4 --lora`` on the series' sample (tests/test_gpu_measurements.py holds it to the fit)
 LORA_ANSWER = TrainConfig(train_group_size=11, query_max_len=32, passage_max_len=2704, pad_to_multiple_of=8,
+                          per_device_train_batch_size=1,
                           fp16=True, gradient_checkpointing=True, use_self_distill=True, efficient_sparse_head=True,
                           deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True, learning_rate=1e-4)
 
