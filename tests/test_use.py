@@ -19,3 +19,18 @@ def test_a_saved_model_is_loaded_and_scores_with_its_three_heads(standin_dir):
 def test_the_push_command_names_the_repository_and_the_folder():
     assert use.push_command("/content/drive/MyDrive/bge m3", "me/bge-m3-mine") == \
         "hf upload me/bge-m3-mine '/content/drive/MyDrive/bge m3' . --repo-type model"
+
+
+def test_full_precision_reaches_the_child_that_loads_the_model(tmp_path, monkeypatch):
+    """On a GPU, scores are in fp16 unless asked otherwise: a request's full_precision must reach the loader."""
+    import json
+
+    seen = []
+    monkeypatch.setattr(use, "_score_here", lambda *args: seen.append(args[-1]) or [])
+    for asked in (True, False):
+        request = tmp_path / "request.json"
+        request.write_text(json.dumps({"query": "q", "passages": ["p"], "full_precision": asked}))
+        assert use.main(["model", str(request), str(tmp_path / "out.json")]) == 0
+    request.write_text(json.dumps({"query": "q", "passages": ["p"]}))  # as written before the field existed
+    use.main(["model", str(request), str(tmp_path / "out.json")])
+    assert seen == [True, False, False]

@@ -135,10 +135,14 @@ class Measured:
 
 
 def after_table(runs: dict[str, Measured], columns=("MRR@10", "nDCG@10", "R@1", "R@10")) -> str:
-    """Each run's "after" scores side by side, one block of rows per run (the same held-out queries)."""
+    """The first run's scores before training, then each run's after it, one block of rows per run (the same
+    held-out queries). Before training the sparse and ColBERT heads are random, drawn afresh each run: their
+    "before" rows hold for the first run only."""
+    first = next(iter(runs.values()))
+    blocks = [("before training", first.before), *((name, measured.after) for name, measured in runs.items())]
     lines = [f"{'run':34} {'score':9} " + " ".join(f"{c:>7}" for c in columns)]
-    for name, measured in runs.items():
-        for row in measured.after.rows():
+    for name, scores in blocks:
+        for row in scores.rows():
             lines.append(f"{name:34} {row['mode']:9} " + " ".join(f"{row[c]:7.3f}" for c in columns))
     return "\n".join(lines)
 

@@ -48,14 +48,17 @@ def model_files(folder: str | Path) -> list[ModelFile]:
     return sorted((ModelFile(path.name, path.stat().st_size) for path in files), key=lambda f: (-f.bytes, f.name))
 
 
-def score(model: str | Path, query: str, passages: list[str], max_length: int = 512) -> list[PassageScores]:
+def score(model: str | Path, query: str, passages: list[str], max_length: int = 512,
+          full_precision: bool = False) -> list[PassageScores]:
     """``query`` against each passage, with the model at ``model`` loaded by FlagEmbedding's
-    BGEM3FlagModel in a child process (fp16 on a GPU)."""
+    BGEM3FlagModel in a child process (fp16 on a GPU unless ``full_precision``: fp32 everywhere, for
+    comparing two models' scores closely)."""
     from m3lab.standin import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="m3lab-use-") as scratch:
         request, answer = Path(scratch) / "request.json", Path(scratch) / "scores.json"
-        request.write_text(json.dumps({"query": query, "passages": passages, "max_length": max_length}))
+        request.write_text(json.dumps({"query": query, "passages": passages, "max_length": max_length,
+                                       "full_precision": full_precision}))
         child = subprocess.run([sys.executable, "-m", "m3lab.use", str(resolve_model(str(model))), str(request),
                                 str(answer)], capture_output=True, text=True)
         if child.returncode != 0:
@@ -63,12 +66,13 @@ def score(model: str | Path, query: str, passages: list[str], max_length: int = 
         return [PassageScores(**row) for row in json.loads(answer.read_text())]
 
 
-def _score_here(model_path: str, query: str, passages: list[str], max_length: int) -> list[PassageScores]:
+def _score_here(model_path: str, query: str, passages: list[str], max_length: int,
+                full_precision: bool = False) -> list[PassageScores]:
     import torch
     from FlagEmbedding import BGEM3FlagModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = BGEM3FlagModel(model_path, use_fp16=device == "cuda", devices=device)
+    model = BGEM3FlagModel(model_path, use_fp16=device == "cuda" and not full_precision, devices=device)
     heads = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, max_length=max_length)
     q, p = model.encode([query], **heads), model.encode(passages, **heads)
     return [PassageScores(text, float(q["dense_vecs"][0] @ p["dense_vecs"][i]),
@@ -91,11 +95,13 @@ def push_command(folder: str | Path, repo_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m3lab.use", description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("request", type=Path, help='a JSON file: {"query": ..., "passages": [...], "max_length": N}')
+    parser.add_argument("request", type=Path, help='a JSON file: {"query": ..., "passages": [...], "max_length": N, '
+                                                   '"full_precision": false}')
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     request = json.loads(args.request.read_text())
-    rows = _score_here(args.model, request["query"], request["passages"], request.get("max_length", 512))
+    rows = _score_here(args.model, request["query"], request["passages"], request.get("max_length", 512),
+                       request.get("full_precision", False))
     args.out.write_text(json.dumps([asdict(row) for row in rows]))
     return 0
 
