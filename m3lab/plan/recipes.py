@@ -67,7 +67,7 @@ class Answer:
 
     @property
     def title(self) -> str:
-        how = ("FlagEmbedding as it is" if self.fitted.stock else "LoRA, with m3lab's levers" if self.config.use_lora
+        how = ("FlagEmbedding as it is" if self.fitted.stock else "LoRA, with m3lab's levers" if self.fitted.lora
                else "with m3lab's levers")
         return f"{self.platform.describe()}; {how}"
 
