@@ -172,6 +172,9 @@ def _fit(args) -> int:
         raise ConfigError(["--margin-gib must be 0 or more, --coverage between 0 and 1 (e.g. 0.95), --max-group 2 or "
                        f"more; got {args.margin_gib:g}, {args.coverage:g}, {args.max_group}."])
 
+    if args.grad_cache_chunk_tokens is not None and not args.buckets:
+        raise ConfigError(["--grad-cache-chunk-tokens sizes the chunks of a per-length plan; the one-length search "
+                           "tries its own gradient cache settings. Add --buckets DIR, or leave it out."])
     _say_repository_copies(args.data)
     if args.buckets:
         return _fit_buckets(args)
@@ -208,14 +211,12 @@ def _fit_buckets(args) -> int:
     from m3lab.plan import buckets
     from m3lab.plan.recipes import as_seen_from_here
 
-    if args.lora:
-        raise ConfigError(["--buckets plans per-length batches with every parameter trained; it does not plan LoRA "
-                           "yet. Leave out --lora for per-length batches, or --buckets for LoRA's answer."])
     if args.gpu or args.json or args.write_json:
         raise ConfigError(["--buckets plans for a platform (--platform colab-t4 or kaggle-t4x2) and prints a table "
                            "and a command; leave out --gpu, --json and --write-json."])
     with contextlib.redirect_stdout(sys.stderr):
         plan = buckets.plan(args.data, args.platform or "colab-t4", stock=args.stock, margin_gib=args.margin_gib,
+                            chunk_tokens=args.grad_cache_chunk_tokens, lora=args.lora,
                             log=lambda line: print(line, file=sys.stderr))
         costs = buckets.epoch_costs(plan)
     written = plan.write(args.buckets)
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--buckets", metavar="DIR",
                      help="per-length batches instead: split the data by length into files in DIR, each batched at "
                           "the largest size the platform holds, nothing cut; print the table and the command")
+    fit.add_argument("--grad-cache-chunk-tokens", type=int, metavar="N",
+                     help="with --buckets: the gradient cache's tokens a chunk (default 8192 with m3lab's levers, "
+                          "none with --stock; 0: no gradient cache)")
     fit.add_argument("--coverage", type=float, default=0.95,
                      help="share of the data's tokens the max lengths keep (default 0.95)")
     fit.add_argument("--max-group", type=int, default=16, help="largest train_group_size to consider (default 16)")

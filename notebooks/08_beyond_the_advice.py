@@ -373,7 +373,11 @@ for platform, answer in lever_answers.items():
 #
 # Lesson 07 ended with per-length batches, the way BGE-M3's authors trained: the data split by length
 # into files, each batched at the largest size the card holds (`--same_dataset_within_batch True`,
-# each line carrying its `batch_size`). With m3lab's sparse head the card holds much longer passages.
+# each line carrying its `batch_size`). With m3lab's sparse head the card holds much longer passages,
+# and with the gradient cache the encoder reads each batch a chunk at a time: about 8,192 tokens a
+# chunk (`--grad_cache_chunk_tokens 8192`: one text at BGE-M3's longest, 32 texts at 256 tokens), its
+# outputs kept and the loss's gradients passed back through each chunk in turn, so that the longest
+# buckets are no longer held to what one pass over their whole batch keeps.
 # For each platform (`m3lab fit --buckets DIR --platform PLATFORM --data FILE`): the buckets and their
 # batches (per process), one epoch against the common advice's truncation and against one batch at full
 # length, the files written into this folder, and the command that trains on them. Memory predicted,
@@ -402,20 +406,64 @@ for platform, plan in bucket_plans.items():
     print(f"buckets-{platform}: {', '.join(path.name for path in written)}")
 
 # %% [markdown]
-# **What per-length batches buy.** With m3lab's sparse head a T4 holds every passage of this data
-# whole: six buckets, groups of 6 (group 8 does not hold the 4,097 to 8,192-token bucket one query at
-# a time), batches per process from 32 for the shortest passages down to 1 for the longest on free
-# Colab (16 down to 1 on each of Kaggle's two T4s). One epoch trains on 100% of the passages' tokens
-# in 94 steps on free Colab, where the common advice (64/392 tokens) trains on 58% of them. Its
-# estimated time is a little longer than one line at a time at full length (12 to 23 min against 10
-# to 18 an epoch on free Colab): the estimate counts the work at the lengths each batch pads to, and a
-# batch pads every text to its longest where one line alone pads only to its own. What the batches
-# change beyond that is how busy the card is, which a count of the work does not see. Against this
-# lesson's answer (groups of 11 at 2,704 tokens, the last bar) the choice is a larger group or every
+# **What per-length batches buy.** With m3lab's sparse head and the encoder read in chunks, a T4 holds
+# every passage of this data whole: six buckets, groups of 8, batches per process from 33 for the
+# shortest passages down to 2 for the longest on free Colab (16 down to 2 on each of Kaggle's two T4s).
+# One epoch trains on 100% of the passages' tokens in 48 steps on free Colab, where the common advice
+# (64/392 tokens) trains on 58% of them. Its estimated time is shorter than one batch of 2 for every line
+# at full length (26 to 48 min against 32 to 58 an epoch on free Colab): the estimate counts the work at
+# the lengths each batch pads to, a batch pads every text to its longest, and per-length batches put
+# texts of like length together. What the batches change beyond that is how busy the card is, which a
+# count of the work does not see. Against this lesson's answer (groups of 11 at 2,704 tokens, the last
+# bar) the choice is a larger group or every
 # text whole; FlagEmbedding as it is cannot make it (lesson 07). The next section makes it, by a rule.
+
+# %% [markdown]
+# ### What the token chunks buy, and what they cost
 #
+# The same plan for free Colab without the gradient cache (`--grad-cache-chunk-tokens 0`), beside the
+# plan above, bucket by bucket: the batch per process, and the text trained a second (estimated, at
+# the lengths each bucket's batches pad to; padding not counted).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+plain_plan = buckets.plan(TRAIN_DATA, "colab-t4", chunk_tokens=0, log=lambda line: None)
+print(buckets.before_after(plain_plan, bucket_plans["colab-t4"]))
+
+# %% [markdown]
+# **The token chunks buy a larger group and twice the batch from 513 tokens up, for about twice the
+# time an epoch.** Without the gradient cache the longest bucket holds groups of 6 and one line a step;
+# with chunks of about 8,192 tokens it holds groups of 8 (the group BGE-M3's authors fine-tuned with) and
+# 2 lines. The batches now stop at the plan's cap on a step's text (two lines of group 8 at 8,192
+# tokens, or as many lines as make the same tokens at shorter lengths), not at what memory holds: the
+# peak stays between 8.54 and 8.96 GiB in every bucket (the table above), and an epoch keeps 48 steps
+# (94 without the cache). The price: every bucket trains fewer tokens a second (1,970 to 3,602 against
+# 2,446 to 4,472 up to 256 tokens), since the cache runs each chunk's forward pass twice, once for the
+# outputs without keeping activations and once more, keeping them, to pass the gradients back; and each
+# line trains 8 passages instead of 6. An epoch takes 26 to 48 min instead of 12 to 23 (estimated).
+# Whether the larger group and batches train a better model on your data is not measured here; for the
+# faster plan, add `--grad-cache-chunk-tokens 0` to `m3lab fit --buckets`.
+#
+# A few steps of the plan with token chunks, through the same code: on a T4 the real BGE-M3 at the
+# plan's sizes; on a CPU the offline stand-in with passages cut at 128 tokens, in full precision, only to
+# show that the files, their batches and the chunked pass run.
+
+# %%
+per_length_steps = env.sized(bucket_plans["colab-t4"].config("buckets-colab-t4").replace(
+    max_steps=4, save_steps=None, save_total_limit=None, warmup_steps=0),
+    query_max_len=32, passage_max_len=128, optim="adamw_torch")  # 8-bit AdamW runs on a GPU only
+per_length_result = train(per_length_steps, memory_limit_bytes=env.memory_limit_bytes)
+print(per_length_result.summary())
+
+# %%
+# NBVAL_CHECK_OUTPUT
+took_them = per_length_result.status == "ok" and len(per_length_result.steps) == 4
+print(f"the per-length run with token chunks took its 4 steps: {took_them}")
+
+# %% [markdown]
 # **How busy, measured.** A real epoch of the stand-in through FlagEmbedding's trainer, on this
-# project's CPU, on free Colab's buckets up to 1,024 tokens: once at the planned per-length batches,
+# project's CPU, on free Colab's buckets up to 1,024 tokens as planned without the gradient cache (the
+# plan it measured): once at the per-length batches,
 # once with one batch for every line (`python -m m3lab.evidence.bench_buckets`, its committed result;
 # its tokens a second count every passage at the length its batch pads it to):
 

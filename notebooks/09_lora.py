@@ -184,6 +184,13 @@ for answer in lora_answers.values():
     print(answer.resume_command(), end="\n\n")
 
 # %% [markdown]
+# Lesson 08's per-length batches take LoRA too: `m3lab fit --buckets DIR --platform colab-t4 --lora --data
+# FILE` plans the files with the adapter (the encoder read in chunks of about 8,192 tokens, as there). On
+# this series' sample those batches are set by the plan's cap on a step's tokens, not by memory, so with
+# LoRA they stay the same, with less memory and somewhat shorter steps. The plan is not run here: with an
+# adapter on every projection its search takes several minutes on a CPU.
+
+# %% [markdown]
 # ## A real run, through the same code
 #
 # A few steps of the LoRA answer, saving a checkpoint and, at the end, the merged model

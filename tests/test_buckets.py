@@ -111,6 +111,45 @@ def test_the_per_length_command_pasted_into_predict_is_predicted_at_its_tightest
     assert f"{found.report.total_bytes / 2**30:.2f} GiB" in printed.stdout
 
 
+@pytest.fixture(scope="module")
+def long_lines(tmp_path_factory):
+    """40 lines whose positives run 600 to 900 tokens (one bucket, up to 1,024), three short negatives each."""
+    path = tmp_path_factory.mktemp("long") / "long.jsonl"
+    lines = [{"query": _text(4, i), "pos": [_text(200 + (i % 4) * 30, i)], "neg": [_text(20 + j, i + j) for j in range(3)]}
+             for i in range(40)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_token_chunks_hold_batches_memory_alone_would_not_up_to_a_steps_tokens(long_lines):
+    """On a T4 the batch over the whole encoder pass is held by its activations; in chunks of 8,192 tokens
+    it reaches the step's token budget (32 lines of group 4 at 1,024 tokens), and both fit with the margin."""
+    quiet = dict(log=lambda line: None)
+    before = buckets.plan(long_lines, "colab-t4", chunk_tokens=0, **quiet)
+    after = buckets.plan(long_lines, "colab-t4", **quiet)
+    assert [b.bound for b in before.buckets] == [b.bound for b in after.buckets] == [1024]
+    assert before.chunk_tokens == 0 and after.chunk_tokens == buckets.CHUNK_TOKENS == after.config("b").grad_cache_chunk_tokens
+    assert after.base.train_group_size == before.base.train_group_size == 4
+    cap = buckets.STEP_TOKENS // (4 * 1024)
+    assert after.buckets[0].batch == cap == 32 and 1 <= before.buckets[0].batch < cap
+    for plan in (before, after):
+        report = plan.buckets[0].report
+        assert report.fits and report.spare_bytes >= buckets.CLOSE_CALL_BYTES
+    assert "--grad_cache_chunk_tokens 8192" in after.command("b") and "grad_cache" not in before.command("b")
+    table = buckets.before_after(before, after)
+    assert f"{before.buckets[0].batch:>6} -> 32" in table and "group: 4 -> 4" in table
+    slow, fast = after.tokens_a_second(after.buckets[0])
+    assert 0 < slow < fast
+
+
+def test_a_lora_plan_trains_the_adapter_with_fused_adamw_in_every_file(outside):
+    plan = buckets.plan(outside, "colab-t4", max_batch=4, lora=True, log=lambda line: None)
+    config = plan.config("b")
+    assert config.use_lora and config.optim == "adamw_torch_fused" and config.learning_rate == 1e-4
+    assert config.grad_cache_chunk_tokens == buckets.CHUNK_TOKENS
+    assert "--use_lora True" in plan.command("b") and "LoRA (rank 64)" in plan.table()
+
+
 def test_a_card_without_a_step_time_estimate_still_checkpoints_every_tenth_of_the_run(small_plan):
     """A card with no datasheet peak here (an H100) has no step-time estimate: the run still saves."""
     import dataclasses
@@ -132,6 +171,7 @@ def test_the_stand_ins_epoch_over_the_files_takes_the_planned_batches(small_plan
     config = small_plan.config(str(folder)).replace(model=str(standin_dir), fp16=False, optim="adamw_torch",
                                                     num_train_epochs=1, save_steps=None, save_total_limit=None,
                                                     learning_rate=1e-4)
+    assert config.grad_cache_chunk_tokens == buckets.CHUNK_TOKENS  # the encoder in chunks of tokens, as planned
     result = train(config, runs_root=tmp_path / "runs")
     assert result.status == "ok", result.log_path.read_text()[-3000:]
     seen = Counter(step.queries for step in result.steps)

@@ -9,6 +9,13 @@ longest length: the predictor's verdict on a full-depth trace, never a close cal
 below 8,192 tokens unless the card cannot hold a bucket's passages one query at a time (then they are
 cut at the longest length it holds, and the plan says so). ``BucketPlan.write`` puts the files and
 prints the command FlagEmbedding reads as they are.
+
+With m3lab's levers the encoder runs through the gradient cache in chunks of about ``CHUNK_TOKENS``
+tokens (``--grad_cache_chunk_tokens``): one text at 8,192 tokens, 32 at 256, so every bucket's chunk
+holds about the same activations and the longest buckets are no longer held to what one pass over
+their whole batch keeps. The batch is then no longer set by memory alone: every plan holds a step to
+``STEP_TOKENS`` passage tokens, so that an epoch keeps many optimizer steps and a step stays short
+beside the half-hour checkpoints. ``chunk_tokens=0`` plans without the cache (the plan before it).
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ MODEL_MAX_LEN = 8192
 MAX_BATCH = 512  # per process: where the search stops
 LENGTH_STEP = 256  # the resolution of a cut, where the card holds no bucket's passages
 SEARCH_ROUNDS = 4  # full-depth rounds; the quick traces' candidate is usually the answer
+# The gradient cache's chunk with the levers: one text at BGE-M3's longest, shorter texts several at a
+# time (8,192 // the batch's padded length), as the authors sub-batched long passages by length.
+CHUNK_TOKENS = 8192
+# The most passage tokens one step takes (batch x group x the bucket's length): two lines of group 8
+# at 8,192 tokens. Without it a chunked step would take a bucket's every line (the cache leaves memory
+# nearly flat in the batch): an epoch of a few steps, and at 8,192 tokens steps longer than the
+# half-hour between checkpoints. Without the cache a T4 holds less than this anyway.
+STEP_TOKENS = 2 * 8 * 8192
 
 
 @dataclass
@@ -79,12 +94,41 @@ class BucketPlan:
 
         return steptime.step_time(bucket.report, lines=self.line_lengths(bucket.records)) if bucket.report else None
 
+    def tokens_a_second(self, bucket: Bucket) -> tuple[float, float] | None:
+        """The text a bucket's steps train, in tokens a second (slowest, fastest; estimated; None: no
+        estimate): a line's query, a positive and group - 1 negatives (as FlagEmbedding draws them, on
+        average), each cut at the plan's longest passage, its padding not counted."""
+        time = self.step_time(bucket)
+        if time is None or not bucket.lines:
+            return None
+        cut, negatives = self.cut or MODEL_MAX_LEN, self.base.train_group_size - 1
+
+        def mean(texts: list[str]) -> float:
+            return sum(min(self.lengths[t], cut) for t in texts) / len(texts) if texts else 0.0
+
+        per_line = sum(self.query_lengths[r["query"]] + mean(r["pos"]) + negatives * mean(r.get("neg", []))
+                       for r in bucket.records) / bucket.lines
+        step = per_line * bucket.batch * self.processes
+        return step / time.slowest_seconds, step / time.fastest_seconds
+
     @property
     def processes(self) -> int:
         return self.base.num_processes
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The gradient cache's tokens a chunk (0: no cache)."""
+        return self.base.grad_cache_chunk_tokens
+
     def epoch_steps(self) -> int:
         return sum(bucket.steps(self.processes) for bucket in self.buckets)
+
+    def epoch_seconds(self) -> tuple[float, float] | None:
+        """An epoch's steps, estimated (fastest, slowest; None: no estimate)."""
+        times = [(b.steps(self.processes), self.step_time(b)) for b in self.buckets if b.batch]
+        if any(time is None for _, time in times):
+            return None
+        return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
 
     def lines_left_out(self) -> int:
         """Lines an epoch does not train: each file's last short batch, which FlagEmbedding drops (it
@@ -92,17 +136,25 @@ class BucketPlan:
         return sum(b.lines - b.steps(self.processes) * b.batch * self.processes for b in self.buckets)
 
     def table(self) -> str:
-        header = f"{'bucket (tokens)':>16} {'lines':>6} {'batch':>6} {'steps':>6} {'peak':>8} {'needs':>8}  step time"
+        header = (f"{'bucket (tokens)':>16} {'lines':>6} {'batch':>6} {'steps':>6} {'peak':>8} {'needs':>8}  "
+                  f"{'step time':15} tokens/s")
         lines = [header, "-" * len(header)]
         for bucket in self.buckets:
             report = bucket.report
-            time = self.step_time(bucket)
+            time, rate = self.step_time(bucket), self.tokens_a_second(bucket)
             lines.append(f"{bucket.low + 1:>7}-{bucket.bound:<8} {bucket.lines:6d} {bucket.batch:6d} "
                          f"{bucket.steps(self.processes):6d} {report.peak_allocated_bytes / GIB:6.2f} G "
                          f"{report.total_bytes / GIB:6.2f} G  "
-                         + (f"{time.fastest_seconds:.1f} to {time.slowest_seconds:.1f} s" if time else "no estimate"))
-        lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times estimated at the lengths "
-                     f"each bucket's batches pad to; tokens counted with {self.tokenizer}")
+                         + (f"{f'{time.fastest_seconds:.1f} to {time.slowest_seconds:.1f} s':15} "
+                            f"{rate[0]:,.0f} to {rate[1]:,.0f}" if time else "no estimate"))
+        lines.append(f"group {self.base.train_group_size}; "
+                     + (f"the encoder in chunks of about {self.chunk_tokens:,} tokens (the gradient cache)"
+                        if self.chunk_tokens else "the encoder over the whole batch at once (no gradient cache)")
+                     + (f"; LoRA (rank {self.base.lora_rank}) on the encoder, the adapter and the two heads trained"
+                        if self.base.use_lora else ""))
+        lines.append(f"per process; GiB {self.buckets[0].report.provenance}; step times and tokens a second (the "
+                     f"text trained, padding not counted) estimated at the lengths each bucket's batches pad to; "
+                     f"tokens counted with {self.tokenizer}")
         total = sum(b.lines for b in self.buckets)
         lines.append(f"lines left out of each epoch: {self.lines_left_out()} of {total} (FlagEmbedding drops each "
                      "file's last short batch, other lines each epoch; a bucket's extra lines go up to the next one)")
@@ -235,7 +287,7 @@ def _largest_group(longest: TrainConfig, most: int, gpu, margin: int) -> int | N
 
 def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int, int]:
     """The largest batch (0 if none) whose live tensors, from quick traces of shallow copies, leave
-    the margin and the CUDA context; and the bytes a line adds there. Bisection: the peak is the
+    the margin and the CUDA context; and the bytes a line adds there. The cap first; then bisection: the peak is the
     larger of a fixed cost (the embeddings' backward) and one that grows with the batch, so no line
     through two small batches finds it."""
     from m3lab.predict import predict
@@ -248,7 +300,9 @@ def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int,
         return _live_room(report, margin) >= 0
 
     low, high = 0, cap + 1
-    if holds(1):
+    if holds(cap):  # the usual case with the gradient cache, whose memory hardly grows with the batch
+        low = cap
+    elif holds(1):
         low = 1
         while high - low > 1:
             middle = (low + high) // 2
@@ -271,7 +325,8 @@ def _largest_batches(buckets: list[Bucket], base: TrainConfig, gpu, margin: int,
 
     todo, per_line = {}, {}
     for index, bucket in enumerate(buckets):
-        cap = max(1, min(max_batch, bucket.lines // base.num_processes))
+        cap = max(1, min(max_batch, bucket.lines // base.num_processes,
+                         STEP_TOKENS // (base.train_group_size * bucket.bound)))
         found, per_line[index] = _quick_largest(bucket, at, cap, gpu, margin)
         if found:
             todo[index] = found
@@ -310,13 +365,24 @@ def _longest_that_fits(base: TrainConfig, gpu, margin: int, low: int, high: int)
 
 def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | None = None, epochs: float = 2,
          tokenizer=None, margin_gib: float = CLOSE_CALL_BYTES / GIB, max_batch: int = MAX_BATCH,
-         log=print) -> BucketPlan:
+         chunk_tokens: int | None = None, lora: bool = False, log=print) -> BucketPlan:
     """Per-length batches for ``data`` on ``platform``: see the module's docstring. ``group``: the
     train_group_size of every batch (default: the data's fewest negatives plus one, at most 8, as
-    BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take."""
+    BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take;
+    ``chunk_tokens``: the gradient cache's tokens a chunk (default ``CHUNK_TOKENS`` with the levers,
+    none for ``stock``; 0: no cache); ``lora``: an adapter on the encoder instead of its weights
+    (``m3lab.plan.fit.LORA_SETTINGS``' first setting)."""
     from m3lab.data.jsonl import length_covering_tokens, load_jsonl, token_lengths
-    from m3lab.plan.fit import base_config
+    from m3lab.plan.fit import LORA_SETTINGS, base_config
 
+    if chunk_tokens is None:
+        chunk_tokens = 0 if stock else CHUNK_TOKENS
+    if stock and (chunk_tokens or lora):
+        raise ConfigError([f"FlagEmbedding as it is (--stock) has no {'LoRA for M3' if lora else 'gradient cache'}: "
+                           f"leave out {'--lora' if lora else '--grad-cache-chunk-tokens'}, or --stock."])
+    if chunk_tokens < 0:
+        raise ConfigError([f"--grad-cache-chunk-tokens is {chunk_tokens}; give the tokens a chunk (e.g. "
+                           f"{CHUNK_TOKENS}), or 0 for no gradient cache."])
     where = platform_for(platform)
     data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
     records = load_jsonl(data)
@@ -333,12 +399,12 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     query_lengths = dict(zip(queries, token_lengths(queries, tokenizer).tolist()))
     longest_query = min(length_covering_tokens(list(query_lengths.values()), 1.0), MODEL_MAX_LEN)
     group = group or max(2, min(8, min(len(r.get("neg", [])) for r in records) + 1))
-    # 8-bit AdamW, no DeepSpeed (FlagEmbedding's same-dataset path sets the micro-batch itself, which a
-    # DeepSpeed JSON fixes); with the levers, m3lab's sparse head. Not the gradient cache: one run takes
-    # one chunk size, and the short buckets' large batches would then pass through the encoder a few
-    # texts at a time (a slower step, and a trace too slow to search with)
+    # 8-bit AdamW (LoRA: fused AdamW), no DeepSpeed (FlagEmbedding's same-dataset path sets the
+    # micro-batch itself, which a DeepSpeed JSON fixes); with the levers, m3lab's sparse head and the
+    # gradient cache by tokens (a chunk's texts follow each batch's length, so one run serves every bucket)
+    memory = {**dict(deepspeed_stage=None, optim="adamw_bnb_8bit"), **(LORA_SETTINGS[0][1] if lora else {})}
     base = base_config(data, where, longest_query, MODEL_MAX_LEN, stock).replace(
-        train_group_size=group, num_train_epochs=epochs, deepspeed_stage=None, optim="adamw_bnb_8bit")
+        train_group_size=group, num_train_epochs=epochs, grad_cache_chunk_tokens=chunk_tokens, **memory)
     buckets = split(records, lengths, min_lines=2 * where.gpu.count)
     margin = int(margin_gib * GIB)
     held_group = _largest_group(base.replace(passage_max_len=buckets[-1].bound), group, where.gpu, margin)
@@ -436,7 +502,7 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
     # the passages' tokens an epoch trains: cut at ``cut``, times the share of the lines it trains
     trained = sum(b.steps(processes) * b.batch * processes for b in held) / max(1, lines)
     bucketed = EpochCost("per-length batches", cut, kept(result.lengths, cut) * trained, result.epoch_steps(),
-                         seconds([(b.steps(processes), b.report, result.line_lengths(b.records)) for b in held]),
+                         result.epoch_seconds(),
                          max((b.report for b in held), key=lambda r: r.total_bytes).short_verdict)
     advice = TrainConfig.common_t4_advice(train_data=result.base.train_data, num_processes=processes,
                                           negatives_cross_device=processes > 1)
@@ -473,4 +539,35 @@ def cost_table(costs: list[EpochCost]) -> str:
         time = (f"cannot run: {cost.verdict}" if not cost.seconds else f"about {low} min" if low == high
                 else f"{low} to {high} min")
         rows.append(f"{cost.name:55} {cost.passage_max_len:>11,} {cost.tokens_kept:>10.0%} {cost.steps:>6}  {time}")
+    return "\n".join(rows)
+
+
+def before_after(before: BucketPlan, after: BucketPlan) -> str:
+    """Two plans for the same data side by side, bucket by bucket: batch and tokens a second (estimated),
+    then the group, the steps and the time of an epoch."""
+
+    def rate(plan: BucketPlan, bound: int) -> str:
+        bucket = next((b for b in plan.buckets if b.bound == bound and b.batch), None)
+        found = plan.tokens_a_second(bucket) if bucket else None
+        return f"{found[0]:,.0f} to {found[1]:,.0f}" if found else "-"
+
+    def batch(plan: BucketPlan, bound: int) -> str:
+        return str(next((b.batch for b in plan.buckets if b.bound == bound), "-"))
+
+    def minutes(plan: BucketPlan) -> str:
+        seconds = plan.epoch_seconds()
+        return "no estimate" if seconds is None else f"{seconds[0] / 60:.0f} to {seconds[1] / 60:.0f} min"
+
+    bounds = sorted({b.bound for b in before.buckets} | {b.bound for b in after.buckets})
+    lows = {b.bound: b.low for b in before.buckets + after.buckets}
+    header = f"{'bucket (tokens)':>16} {'batch':>14}   tokens/s, estimated"
+    rows = [header, "-" * (len(header) + 12)]
+    for bound in bounds:
+        rows.append(f"{lows[bound] + 1:>7}-{bound:<8} {batch(before, bound):>6} -> {batch(after, bound):<5}  "
+                    f"{rate(before, bound)} -> {rate(after, bound)}")
+    rows += [f"group: {before.base.train_group_size} -> {after.base.train_group_size}; steps an epoch: "
+             f"{before.epoch_steps()} -> {after.epoch_steps()}; an epoch: {minutes(before)} -> {minutes(after)} "
+             "(estimated)",
+             f"batches per process; tokens a second: the text trained, padding not counted; "
+             f"{after.buckets[0].report.provenance}"]
     return "\n".join(rows)
