@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"GiB to leave free on the card (default {CLOSE_CALL_BYTES / GIB:g}: no close call)")
     fit.add_argument("--buckets", metavar="DIR",
                      help="per-length batches instead: split the data by length into files in DIR, each batched at "
-                          "the largest size the platform holds, nothing cut; print the table and the command")
+                          "the largest size the platform holds (up to a cap on a step's tokens), nothing cut; print the table and the command")
     fit.add_argument("--grad-cache-chunk-tokens", type=int, metavar="N",
                      help="with --buckets: the gradient cache's tokens a chunk (default 8192 with m3lab's levers, "
                           "none with --stock; 0: no gradient cache)")

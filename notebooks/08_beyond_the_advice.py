@@ -434,15 +434,17 @@ print(buckets.before_after(plain_plan, bucket_plans["colab-t4"]))
 # **The token chunks buy a larger group and twice the batch from 513 tokens up, for about twice the
 # time an epoch.** Without the gradient cache the longest bucket holds groups of 6 and one line a step;
 # with chunks of about 8,192 tokens it holds groups of 8 (the group BGE-M3's authors fine-tuned with) and
-# 2 lines. The batches now stop at the plan's cap on a step's text (two lines of group 8 at 8,192
-# tokens, or as many lines as make the same tokens at shorter lengths), not at what memory holds: the
-# peak stays between 8.54 and 8.96 GiB in every bucket (the table above), and an epoch keeps 48 steps
-# (94 without the cache). The price: every bucket trains fewer tokens a second (1,970 to 3,602 against
-# 2,446 to 4,472 up to 256 tokens), since the cache runs each chunk's forward pass twice, once for the
-# outputs without keeping activations and once more, keeping them, to pass the gradients back; and each
-# line trains 8 passages instead of 6. An epoch takes 26 to 48 min instead of 12 to 23 (estimated).
-# Whether the larger group and batches train a better model on your data is not measured here; for the
-# faster plan, add `--grad-cache-chunk-tokens 0` to `m3lab fit --buckets`.
+# 2 lines. From 513 tokens up the batches now stop at the plan's cap on a step's text (two lines of
+# group 8 at 8,192 tokens, or as many lines as make the same tokens at shorter lengths), not at what
+# memory holds: the peak stays between 8.54 and 8.96 GiB in every bucket (the table above); the two
+# shortest buckets take all their lines in one step either way. The price, three ways. Fewer tokens a
+# second in every bucket (1,970 to 3,602 against 2,446 to 4,472 up to 256 tokens): the cache runs each
+# chunk's forward pass twice, once for the outputs without keeping activations and once more, keeping
+# them, to pass the gradients back, and larger batches and groups pad more texts to their longest. More
+# text an epoch: each line trains 8 passages instead of 6. And half the optimizer steps, 48 an epoch
+# instead of 94, each one larger. An epoch takes 26 to 48 min instead of 12 to 23 (estimated). Whether
+# the larger group and batches train a better model on your data is not measured here; for the faster
+# plan, add `--grad-cache-chunk-tokens 0` to `m3lab fit --buckets`.
 #
 # A few steps of the plan with token chunks, through the same code: on a T4 the real BGE-M3 at the
 # plan's sizes; on a CPU the offline stand-in with passages cut at 128 tokens, in full precision, only to

@@ -185,10 +185,9 @@ for answer in lora_answers.values():
 
 # %% [markdown]
 # Lesson 08's per-length batches take LoRA too: `m3lab fit --buckets DIR --platform colab-t4 --lora --data
-# FILE` plans the files with the adapter (the encoder read in chunks of about 8,192 tokens, as there). On
-# this series' sample those batches are set by the plan's cap on a step's tokens, not by memory, so with
-# LoRA they stay the same, with less memory and somewhat shorter steps. The plan is not run here: with an
-# adapter on every projection its search takes several minutes on a CPU.
+# FILE` plans the files with the adapter (the encoder read in chunks of tokens, as there),
+# and prints its batches, memory and times beside the common advice's, as lesson 08's plan does. It is not
+# run here: with an adapter on every projection its search takes several minutes on a CPU.
 
 # %% [markdown]
 # ## A real run, through the same code

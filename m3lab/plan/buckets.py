@@ -1,5 +1,6 @@
 """Per-length batches, the way BGE-M3's authors trained: the data split by length into files, each
-batched at the largest size the card holds, found by the predictor before the run starts.
+batched at the largest size the card holds (with the gradient cache, up to a step's token cap), found by
+the predictor before the run starts.
 
 FlagEmbedding's same-dataset path (``--same_dataset_within_batch True``) draws every batch from one
 file, at the ``batch_size`` its records carry. ``plan`` counts each line's longest passage (a batch
@@ -13,7 +14,7 @@ prints the command FlagEmbedding reads as they are.
 With m3lab's levers the encoder runs through the gradient cache in chunks of about ``CHUNK_TOKENS``
 tokens (``--grad_cache_chunk_tokens``): one text at 8,192 tokens, 32 at 256, so every bucket's chunk
 holds about the same activations and the longest buckets are no longer held to what one pass over
-their whole batch keeps. The batch is then no longer set by memory alone: every plan holds a step to
+their whole batch keeps. The batch is then no longer set by memory alone: such a plan holds a step to
 ``STEP_TOKENS`` passage tokens, so that an epoch keeps many optimizer steps and a step stays short
 beside the half-hour checkpoints. ``chunk_tokens=0`` plans without the cache (the plan before it).
 """
@@ -44,7 +45,7 @@ CHUNK_TOKENS = 8192
 # The most passage tokens one step takes (batch x group x the bucket's length): two lines of group 8
 # at 8,192 tokens. Without it a chunked step would take a bucket's every line (the cache leaves memory
 # nearly flat in the batch): an epoch of a few steps, and at 8,192 tokens steps longer than the
-# half-hour between checkpoints. Without the cache a T4 holds less than this anyway.
+# half-hour between checkpoints. Plans without the cache are held by memory alone, as they were measured.
 STEP_TOKENS = 2 * 8 * 8192
 
 
@@ -99,7 +100,7 @@ class BucketPlan:
         estimate): a line's query, a positive and group - 1 negatives (as FlagEmbedding draws them, on
         average), each cut at the plan's longest passage, its padding not counted."""
         time = self.step_time(bucket)
-        if time is None or not bucket.lines:
+        if time is None or not bucket.lines or not time.fastest_seconds:
             return None
         cut, negatives = self.cut or MODEL_MAX_LEN, self.base.train_group_size - 1
 
@@ -285,9 +286,10 @@ def _largest_group(longest: TrainConfig, most: int, gpu, margin: int) -> int | N
     return 2
 
 
-def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int, int]:
+def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int, first_cap: bool = False) -> tuple[int, int]:
     """The largest batch (0 if none) whose live tensors, from quick traces of shallow copies, leave
-    the margin and the CUDA context; and the bytes a line adds there. The cap first; then bisection: the peak is the
+    the margin and the CUDA context; and the bytes a line adds there. The cap first where ``first_cap``
+    (with the gradient cache, which usually holds it); else bisection: the peak is the
     larger of a fixed cost (the embeddings' backward) and one that grows with the batch, so no line
     through two small batches finds it."""
     from m3lab.predict import predict
@@ -300,8 +302,10 @@ def _quick_largest(bucket: Bucket, at, cap: int, gpu, margin: int) -> tuple[int,
         return _live_room(report, margin) >= 0
 
     low, high = 0, cap + 1
-    if holds(cap):  # the usual case with the gradient cache, whose memory hardly grows with the batch
+    if first_cap and holds(cap):  # the usual case with the gradient cache, whose memory hardly grows with the batch
         low = cap
+        if cap > 1:
+            holds(1)  # a second point: the bytes a line adds, should the full trace refuse the cap
     elif holds(1):
         low = 1
         while high - low > 1:
@@ -325,9 +329,10 @@ def _largest_batches(buckets: list[Bucket], base: TrainConfig, gpu, margin: int,
 
     todo, per_line = {}, {}
     for index, bucket in enumerate(buckets):
-        cap = max(1, min(max_batch, bucket.lines // base.num_processes,
-                         STEP_TOKENS // (base.train_group_size * bucket.bound)))
-        found, per_line[index] = _quick_largest(bucket, at, cap, gpu, margin)
+        cap = max(1, min(max_batch, bucket.lines // base.num_processes))
+        if base.uses_grad_cache:  # memory no longer sets the batch: the step's tokens do
+            cap = max(1, min(cap, STEP_TOKENS // (base.train_group_size * bucket.bound)))
+        found, per_line[index] = _quick_largest(bucket, at, cap, gpu, margin, first_cap=base.uses_grad_cache)
         if found:
             todo[index] = found
     for _ in range(SEARCH_ROUNDS):
@@ -378,8 +383,10 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     if chunk_tokens is None:
         chunk_tokens = 0 if stock else CHUNK_TOKENS
     if stock and (chunk_tokens or lora):
-        raise ConfigError([f"FlagEmbedding as it is (--stock) has no {'LoRA for M3' if lora else 'gradient cache'}: "
-                           f"leave out {'--lora' if lora else '--grad-cache-chunk-tokens'}, or --stock."])
+        lacks = [what for what, given in (("LoRA for M3", lora), ("gradient cache", chunk_tokens)) if given]
+        flags = [flag for flag, given in (("--lora", lora), ("--grad-cache-chunk-tokens", chunk_tokens)) if given]
+        raise ConfigError([f"FlagEmbedding as it is (--stock) has no {' and no '.join(lacks)}: leave out "
+                           f"{' and '.join(flags)}, or --stock."])
     if chunk_tokens < 0:
         raise ConfigError([f"--grad-cache-chunk-tokens is {chunk_tokens}; give the tokens a chunk (e.g. "
                            f"{CHUNK_TOKENS}), or 0 for no gradient cache."])
@@ -552,7 +559,7 @@ def before_after(before: BucketPlan, after: BucketPlan) -> str:
         return f"{found[0]:,.0f} to {found[1]:,.0f}" if found else "-"
 
     def batch(plan: BucketPlan, bound: int) -> str:
-        return str(next((b.batch for b in plan.buckets if b.bound == bound), "-"))
+        return str(next((b.batch for b in plan.buckets if b.bound == bound and b.batch), "-"))
 
     def minutes(plan: BucketPlan) -> str:
         seconds = plan.epoch_seconds()
