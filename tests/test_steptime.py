@@ -112,8 +112,8 @@ def test_one_long_negative_makes_the_whole_group_pad_to_it():
 def test_the_data_lowers_the_step_time_and_says_so():
     report = predictor.predict(hf_run(batch_size=2, seq_len=128, precision="fp16"), "t4")
     full = steptime.step_time(report)
-    m3 = dataclasses.replace(report, spec={**report.spec, "batch_size": 1, "train_group_size": 2,
-                                           "query_max_len": 64, "passage_max_len": 512})
+    m3 = dataclasses.replace(report, spec=dataclasses.replace(report.spec, batch_size=1, train_group_size=2,
+                                                               query_max_len=64, passage_max_len=512))
     padded = steptime.step_time(m3, lines=[_line(10, [100], [100])])
     assert padded.padded_share < 0.3 and padded.slowest_seconds == pytest.approx(full.slowest_seconds * padded.padded_share)
     assert "at the lengths your data's batches pad to" in padded.describe()
@@ -123,7 +123,7 @@ def test_two_gpus_add_the_gradients_exchange_at_the_slow_end_only():
     """568M trainable parameters' fp32 gradients (2.27 GB) over two T4s at 5 GB/s: 0.45 s a step."""
     report = predictor.predict(hf_run(batch_size=2, seq_len=128, precision="fp16"), "t4")
     states = dataclasses.replace(report.per_rank[0].model_state_bytes, trainable_params=568_000_000)
-    two = dataclasses.replace(report, spec={**report.spec, "num_gpus": 2},
+    two = dataclasses.replace(report, spec=dataclasses.replace(report.spec, num_gpus=2),
                               per_rank=[dataclasses.replace(report.per_rank[0], model_state_bytes=states)])
     one, both = steptime.step_time(report), steptime.step_time(two)
     assert both.exchange_seconds == pytest.approx(568e6 * 4 / 5e9)

@@ -110,9 +110,9 @@ def checkpoint_bytes(report) -> int:
     ranks = report.per_rank
     states = [r.model_state_bytes.optimizer_states + r.model_state_bytes.offloaded_optimizer_states
               for r in ranks]
-    partitioned = (report.spec.get("zero_stage") or 0) >= 1
+    partitioned = report.spec is not None and (report.spec.zero_stage or 0) >= 1
     model = ranks[0].model_state_bytes
-    weights = model.weights * model.trainable_params // model.params if report.spec.get("lora") else model.weights
+    weights = model.weights * model.trainable_params // model.params if report.spec is not None and report.spec.lora else model.weights
     return weights + (sum(states) if partitioned else states[0])
 
 

@@ -172,4 +172,4 @@ def _report(spec: TraceSpec, profile: GPU | None, results: dict[int, RankSteps],
         first_step_peak_bytes=top.first_step.peak_allocated_bytes,
         steady_step_peak_bytes=top.steady_step.peak_allocated_bytes, per_rank=per_rank, attention_kernel=kernel,
         seconds=seconds, extrapolated=used is not None, method=_method(spec, used),
-        spec={k: v for k, v in dataclasses.asdict(spec).items() if k != "model_config"}, snapshot=snapshot)
+        spec=dataclasses.replace(spec, model_config=None), snapshot=snapshot)

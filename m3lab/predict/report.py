@@ -14,6 +14,7 @@ from pathlib import Path
 from m3lab.gpus import CLOSE_CALL_BYTES, GIB
 from m3lab.predict.allocator import OutOfMemory
 from m3lab.predict.host import HostMemory, host_memory
+from m3lab.predict.spec import TraceSpec
 
 
 @dataclass
@@ -140,7 +141,7 @@ class MemoryReport(PeakFigures):
     seconds: float = 0.0
     extrapolated: bool = False  # traced at 2 and 3 layers and extrapolated (see predict)
     method: str = "full trace"  # how the figures were obtained, in words
-    spec: dict = field(default_factory=dict)
+    spec: TraceSpec | None = None  # the run as traced, without its model's config
     snapshot: dict | None = field(default=None, repr=False)  # rank 0's trace, memory_viz format
 
     @property
@@ -193,6 +194,8 @@ class MemoryReport(PeakFigures):
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("snapshot")
+        if data["spec"]:
+            data["spec"].pop("model_config")
         data["verdict"] = self.verdict
         data["spare_bytes"] = self.spare_bytes
         data["host_peak_bytes"] = self.host_peak_bytes

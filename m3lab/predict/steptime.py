@@ -197,11 +197,10 @@ def exchange_seconds(report) -> float:
     """One step's gradient all-reduce between the report's GPUs at the slow end's rate: every trainable
     parameter's gradient (fp32 under HF's AMP, fp16 under DeepSpeed's fp16), each GPU sending and
     receiving about its size (a ring over two). 0 on one GPU."""
-    gpus = report.spec.get("num_gpus") or 1
+    gpus = report.spec.num_gpus if report.spec else 1
     if gpus < 2 or not report.per_rank:
         return 0.0
-    half = report.spec.get("zero_stage") is not None and report.spec.get("precision") in (Precision.FP16,
-                                                                                           Precision.BF16)
+    half = report.spec.zero_stage is not None and report.spec.precision in (Precision.FP16, Precision.BF16)
     gradient_bytes = report.per_rank[0].model_state_bytes.trainable_params * (2 if half else 4)
     return gradient_bytes * 2 * (gpus - 1) / gpus / PCIE_ALLREDUCE_BYTES_PER_S
 
@@ -214,15 +213,15 @@ def step_time(report, gpu: str | None = None, lines: Sequence[LineLengths] | Non
     if key == "cpu":
         return None
     profile = gpu_profile(key)
-    half = report.spec.get("precision") in (Precision.FP16, Precision.BF16)
+    half = report.spec is not None and report.spec.precision in (Precision.FP16, Precision.BF16)
     peak = profile.peak_flops_half if half else profile.peak_flops_fp32
     found = shares(key)
     if not peak or found is None:
         return None
     low, high, borrowed_from = found
     spec = report.spec
-    share = None if lines is None or "passage_max_len" not in spec else padded_share(  # per micro-batch
-        lines, spec["batch_size"], spec["train_group_size"], spec["query_max_len"], spec["passage_max_len"])
+    share = None if lines is None or spec is None else padded_share(  # per micro-batch
+        lines, spec.batch_size, spec.train_group_size, spec.query_max_len, spec.passage_max_len)
     flops = step_flops(report)
     work = flops * (1.0 if share is None else share)
     exchange = exchange_seconds(report)
