@@ -378,10 +378,10 @@ for platform, answer in lever_answers.items():
 # chunk (`--grad_cache_chunk_tokens 8192`: one text at BGE-M3's longest, 32 texts at 256 tokens), its
 # outputs kept and the loss's gradients passed back through each chunk in turn, so that the longest
 # buckets are no longer held to what one pass over their whole batch keeps.
-# For each platform (`m3lab fit --buckets DIR --platform PLATFORM --data FILE`): the buckets and their
-# batches (per process), one epoch against the common advice's truncation and against one batch at full
-# length, the files written into this folder, and the command that trains on them. Memory predicted,
-# times estimated.
+# For each platform (`m3lab fit --buckets DIR --platform PLATFORM --data FILE`, DIR the folder the files
+# are written to): the buckets and their batches (per process), one epoch against the common advice's
+# truncation and against one batch size at full length for every line, and the files written into this
+# folder; the command that trains on them comes with the answer below. Memory predicted, times estimated.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -436,15 +436,18 @@ print(buckets.before_after(plain_plan, bucket_plans["colab-t4"]))
 # with chunks of about 8,192 tokens it holds groups of 8 (the group BGE-M3's authors fine-tuned with) and
 # 2 lines. From 513 tokens up the batches now stop at the plan's cap on a step's text (two lines of
 # group 8 at 8,192 tokens, or as many lines as make the same tokens at shorter lengths), not at what
-# memory holds: the peak stays between 8.54 and 8.96 GiB in every bucket (the table above); the two
-# shortest buckets take all their lines in one step either way. The price, three ways. Fewer tokens a
+# memory holds: the peak stays between 8.54 and 8.96 GiB in every bucket (the table above). The cap is
+# there because memory no longer stops the batch: without it a step would take a bucket's every line,
+# leaving an epoch a handful of optimizer steps, each longer at 8,192 tokens than the half hour between
+# checkpoints. The two shortest buckets take one step each either way. The price, three ways. Fewer tokens a
 # second in every bucket (1,970 to 3,602 against 2,446 to 4,472 up to 256 tokens): the cache runs each
 # chunk's forward pass twice, once for the outputs without keeping activations and once more, keeping
 # them, to pass the gradients back, and larger batches and groups pad more texts to their longest. More
 # text an epoch: each line trains 8 passages instead of 6. And half the optimizer steps, 48 an epoch
 # instead of 94, each one larger. An epoch takes 26 to 48 min instead of 12 to 23 (estimated). Whether
 # the larger group and batches train a better model on your data is not measured here; for the faster
-# plan, add `--grad-cache-chunk-tokens 0` to `m3lab fit --buckets`.
+# plan, add `--grad-cache-chunk-tokens 0` to `m3lab fit --buckets` (m3lab's option; the training command
+# it prints then leaves out `--grad_cache_chunk_tokens 8192`).
 #
 # A few steps of the plan with token chunks, through the same code: on a T4 the real BGE-M3 at the
 # plan's sizes; on a CPU the offline stand-in with passages cut at 128 tokens, in full precision, only to
