@@ -95,11 +95,12 @@ class BucketPlan:
 
         return steptime.step_time(bucket.report, lines=self.line_lengths(bucket.records)) if bucket.report else None
 
-    def tokens_a_second(self, bucket: Bucket) -> tuple[float, float] | None:
+    def tokens_a_second(self, bucket: Bucket, time=None) -> tuple[float, float] | None:
         """The text a bucket's steps train, in tokens a second (slowest, fastest; estimated; None: no
         estimate): a line's query, a positive and group - 1 negatives (as FlagEmbedding draws them, on
-        average), each cut at the plan's longest passage, its padding not counted."""
-        time = self.step_time(bucket)
+        average), each cut at the plan's longest passage, its padding not counted. ``time``: the
+        bucket's step time where already estimated."""
+        time = time or self.step_time(bucket)
         if time is None or not bucket.lines or not time.fastest_seconds:
             return None
         cut, negatives = self.cut or MODEL_MAX_LEN, self.base.train_group_size - 1
@@ -126,10 +127,7 @@ class BucketPlan:
 
     def epoch_seconds(self) -> tuple[float, float] | None:
         """An epoch's steps, estimated (fastest, slowest; None: no estimate)."""
-        times = [(b.steps(self.processes), self.step_time(b)) for b in self.buckets if b.batch]
-        if any(time is None for _, time in times):
-            return None
-        return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
+        return _total_seconds([(b.steps(self.processes), self.step_time(b)) for b in self.buckets if b.batch])
 
     def lines_left_out(self) -> int:
         """Lines an epoch does not train: each file's last short batch, which FlagEmbedding drops (it
@@ -142,7 +140,8 @@ class BucketPlan:
         lines = [header, "-" * len(header)]
         for bucket in self.buckets:
             report = bucket.report
-            time, rate = self.step_time(bucket), self.tokens_a_second(bucket)
+            time = self.step_time(bucket)
+            rate = self.tokens_a_second(bucket, time)
             lines.append(f"{bucket.low + 1:>7}-{bucket.bound:<8} {bucket.lines:6d} {bucket.batch:6d} "
                          f"{bucket.steps(self.processes):6d} {report.peak_allocated_bytes / GIB:6.2f} G "
                          f"{report.total_bytes / GIB:6.2f} G  "
@@ -376,9 +375,9 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     BGE-M3's authors fine-tuned); ``max_batch``: the largest batch a process may take;
     ``chunk_tokens``: the gradient cache's tokens a chunk (default ``CHUNK_TOKENS`` with the levers,
     none for ``stock``; 0: no cache); ``lora``: an adapter on the encoder instead of its weights
-    (``m3lab.plan.fit.LORA_SETTINGS``' first setting)."""
+    (``m3lab.plan.fit.LORA``: fused AdamW, no DeepSpeed)."""
     from m3lab.data.jsonl import length_covering_tokens, load_jsonl, token_lengths
-    from m3lab.plan.fit import LORA_SETTINGS, base_config
+    from m3lab.plan.fit import LORA, base_config
 
     if chunk_tokens is None:
         chunk_tokens = 0 if stock else CHUNK_TOKENS
@@ -409,7 +408,7 @@ def plan(data, platform: str = "colab-t4", stock: bool = False, group: int | Non
     # 8-bit AdamW (LoRA: fused AdamW), no DeepSpeed (FlagEmbedding's same-dataset path sets the
     # micro-batch itself, which a DeepSpeed JSON fixes); with the levers, m3lab's sparse head and the
     # gradient cache by tokens (a chunk's texts follow each batch's length, so one run serves every bucket)
-    memory = {**dict(deepspeed_stage=None, optim="adamw_bnb_8bit"), **(LORA_SETTINGS[0][1] if lora else {})}
+    memory = {**dict(deepspeed_stage=None, optim="adamw_bnb_8bit"), **(LORA if lora else {})}
     base = base_config(data, where, longest_query, MODEL_MAX_LEN, stock).replace(
         train_group_size=group, num_train_epochs=epochs, grad_cache_chunk_tokens=chunk_tokens, **memory)
     buckets = split(records, lengths, min_lines=2 * where.gpu.count)
@@ -483,6 +482,13 @@ class EpochCost:
     verdict: str  # the predictor's, for the run's largest step
 
 
+def _total_seconds(times: list[tuple[int, object]]) -> tuple[float, float] | None:
+    """(steps, StepTime) pairs summed: the fastest and the slowest total (None if any has no estimate)."""
+    if any(time is None for _, time in times):
+        return None
+    return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
+
+
 def kept(lengths: dict[str, int], cut: int) -> float:
     """The share of the passages' tokens (each passage once) that ``cut`` keeps."""
     return sum(min(n, cut) for n in lengths.values()) / max(1, sum(lengths.values()))
@@ -500,10 +506,7 @@ def epoch_costs(result: BucketPlan) -> list[EpochCost]:
     every_line = result.line_lengths([r for b in result.buckets for r in b.records])
 
     def seconds(parts: list[tuple[int, object, tuple]]) -> tuple[float, float] | None:
-        times = [(steps, steptime.step_time(report, lines=padded_to)) for steps, report, padded_to in parts]
-        if any(time is None for _, time in times):
-            return None
-        return (sum(steps * t.fastest_seconds for steps, t in times), sum(steps * t.slowest_seconds for steps, t in times))
+        return _total_seconds([(steps, steptime.step_time(report, lines=padded_to)) for steps, report, padded_to in parts])
 
     cut = result.cut or MODEL_MAX_LEN
     # the passages' tokens an epoch trains: cut at ``cut``, times the share of the lines it trains

@@ -58,11 +58,11 @@ MEMORY_SETTINGS = _STOCK_FIRST + (
 # Its learning rate is ten times full fine-tuning's: LoRA scales its updates by alpha / rank (a quarter at
 # FlagEmbedding's 16 / 64), and at full fine-tuning's rate a real pretrained encoder barely moved where ten
 # times it came close to its full fine-tune (data/quality/, lesson 09).
-_LORA = dict(deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True, learning_rate=1e-4)
+LORA = dict(deepspeed_stage=None, optim="adamw_torch_fused", use_lora=True, learning_rate=1e-4)
 LORA_SETTINGS = (
-    ("LoRA, fused AdamW, no DeepSpeed", _LORA),
-    ("LoRA + grad cache (chunks of 4)", dict(_LORA, grad_cache_chunk_size=4)),
-    ("LoRA + grad cache (chunks of 1)", dict(_LORA, grad_cache_chunk_size=1)),
+    ("LoRA, fused AdamW, no DeepSpeed", LORA),
+    ("LoRA + grad cache (chunks of 4)", dict(LORA, grad_cache_chunk_size=4)),
+    ("LoRA + grad cache (chunks of 1)", dict(LORA, grad_cache_chunk_size=1)),
 )
 MODEL_MAX_LEN = 8192  # BGE-M3's longest input
 SHORTEST_PASSAGES = 64  # the shortest passage_max_len the search cuts to when nothing fits the data's
